@@ -1,0 +1,202 @@
+"""Typed, validated configuration.
+
+`ModelConfig` keeps every field (and default) of the original UUE design so that code written against
+the seed API still works; the fields after the seed block extend it. `ExperimentConfig` is what a YAML
+file under `configs/` holds: the model plus data, training-loop and distributed settings. Unknown keys
+are rejected so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """The two towers, the loss and the optimisation hyper-parameters."""
+
+    # --- the seed design's fields, with its defaults -------------------------------------------
+    user_model_name: str = "Qwen/Qwen3-Embedding-0.6B"
+    item_model_name: str = "Qwen/Qwen3-Embedding-0.6B"
+    embedding_dim: int = Field(1024, gt=0)
+    max_chunk_length: int = Field(250, gt=2)
+    max_statement_length: int = Field(128, gt=2)
+    max_context_length: int = Field(64, ge=0)
+    batch_size: int = Field(32, gt=0)
+    learning_rate: float = Field(2e-5, gt=0)
+    temperature: float = Field(0.1, gt=0.01, le=1.0)
+    num_epochs: int = Field(10, gt=0)
+    num_chunks_per_user: int = Field(100, gt=0)
+    num_negative_samples: int = Field(15, ge=0)
+    use_attention_pooling: bool = True
+    attention_heads: int = Field(8, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    use_user_metadata: bool = False
+    use_item_metadata: bool = False
+    metadata_dim: int = Field(64, gt=0)
+    item_metadata_dim: int = Field(64, gt=0)
+
+    # --- extensions ---------------------------------------------------------------------------
+    negative_sampling: Literal["none", "random", "hard", "semi_hard"] = "random"
+    """How the num_negative_samples extra columns per user are picked (in-batch negatives always apply)."""
+    semi_hard_margin: float = Field(0.2, gt=0)
+    negative_refresh_steps: int = Field(50, gt=0)
+    """Re-encode the statement pool with the current item tower every this many steps (hard/semi-hard)."""
+    freeze_user_backbone: bool = False
+    freeze_item_backbone: bool = False
+    user_trainable_layers: int | None = Field(None, ge=0)
+    """Train only the top N transformer layers of the user backbone (None: all, unless frozen)."""
+    item_trainable_layers: int | None = Field(None, ge=0)
+    user_learning_rate: float | None = Field(None, gt=0)
+    """Learning rate of the user backbone (None: learning_rate)."""
+    item_learning_rate: float | None = Field(None, gt=0)
+    head_learning_rate: float | None = Field(None, gt=0)
+    """Learning rate of pooling, metadata fusion, projections and temperature (None: 10x learning_rate)."""
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    encode_micro_batch: int = Field(32, gt=0)
+    """Chunks encoded at once by the user backbone: bounds activation memory per user batch."""
+    gradient_checkpointing_chunks: bool = True
+    """Recompute chunk activations in backward so training memory does not grow with chunks per user."""
+    learn_temperature: bool = True
+    max_logit_scale: float = Field(100.0, gt=1)
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.use_attention_pooling and self.attention_heads < 1:
+            raise ValueError("attention_heads must be >= 1 with use_attention_pooling")
+        return self
+
+    @property
+    def effective_head_learning_rate(self) -> float:
+        return self.head_learning_rate if self.head_learning_rate is not None else 10 * self.learning_rate
+
+
+class DataConfig(_Strict):
+    """Where the data contract folder lives and how its labels become training pairs."""
+
+    path: str = "uue/sample_data"
+    train_split: str = "train"
+    validation_split: str = "validation"
+    shuffle_seed: int = 0
+
+
+class TrainingConfig(_Strict):
+    """The training loop around `train_step`."""
+
+    output_dir: str = "runs/default"
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps (None: num_epochs over the training pairs)."""
+    checkpoint_every_steps: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every_steps: int = Field(10, gt=0)
+    seed: int = 0
+    progress_bar: bool = True
+
+
+class DistributedConfig(_Strict):
+    """Ray Train / DeepSpeed settings (used by ray_jobs.train)."""
+
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+    zero_stage: int = Field(0, ge=0, le=3)
+    deepspeed_config: str | None = None
+    """Path to a DeepSpeed JSON/YAML; keys set here (zero_stage, batch sizes, lr) override it."""
+    storage_path: str | None = None
+    max_failures: int = Field(0, ge=-1)
+
+
+class ExperimentConfig(_Strict):
+    """One YAML file under configs/: everything a training run needs."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_not_none(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+def _parse_value(raw: str) -> Any:
+    """`key=value` values are YAML scalars: 3 -> int, 1e-4 -> float, true -> bool, null -> None."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    # YAML reads 1e-4 as a string; numbers written that way are common in learning rates.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (e.g. `model.batch_size=8`) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.batch_size=8)")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = _parse_value(raw)
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment config, apply `key=value` overrides and validate the result."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def model_config_from_json(text: str) -> ModelConfig:
+    return ModelConfig.model_validate(json.loads(text))

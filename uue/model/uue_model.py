@@ -1,0 +1,231 @@
+"""The two-tower UUE model: towers, a learnable temperature, and the on-disk format.
+
+On disk a model is a folder:
+    uue.json                  format version and the ModelConfig
+    logit_scale.safetensors   the learned temperature (log scale)
+    user_tower/, item_tower/  one folder per tower:
+        tower.json            which tower, the ModelConfig, the backbone's pooling
+        backbone/             a plain Hugging Face model + tokenizer (AutoModel/AutoTokenizer.from_pretrained)
+        head.safetensors      pooling, metadata fusion and projection weights
+Each tower folder loads on its own (`UserTower`/`ItemTower` via `load_tower`), without Ray, DeepSpeed or
+the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from uue.config import ModelConfig
+from uue.model.backbone import TextEncoder, freeze_backbone, load_backbone
+from uue.model.towers import ItemTower, UserTower
+
+if TYPE_CHECKING:
+    from uue.negatives import NegativeSampler
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class UUEOutput:
+    """What one forward pass returns; the loss reads it."""
+
+    user: torch.Tensor  # (B, D) unit vectors
+    item: torch.Tensor  # (B, D) unit vectors of each user's positive statement
+    logit_scale: torch.Tensor  # (1,) exp of the clamped log-scale
+    negatives: torch.Tensor | None = None  # (B, K, D) sampled negative statements per user
+    negative_ids: torch.Tensor | None = None  # (B, K) their statement indices
+
+
+class UUEModel(nn.Module):
+    """User tower + item tower (separate weights) + temperature owned by the model (as in open_clip)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        user_tower: UserTower,
+        item_tower: ItemTower,
+        user_tokenizer: PreTrainedTokenizerBase,
+        item_tokenizer: PreTrainedTokenizerBase,
+    ):
+        super().__init__()
+        self.config = config
+        self.user_tower = user_tower
+        self.item_tower = item_tower
+        self.user_tokenizer = user_tokenizer
+        self.item_tokenizer = item_tokenizer
+        # 1-D, not 0-dim: DeepSpeed cannot flatten 0-dim parameters.
+        self.logit_scale = nn.Parameter(
+            torch.full((1,), math.log(1.0 / config.temperature)), requires_grad=config.learn_temperature
+        )
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, seed: int = 0) -> UUEModel:
+        """Build from backbone names/presets (pretrained weights where the name has them)."""
+        user_backbone, user_tok = load_backbone(config.user_model_name, seed=seed)
+        item_backbone, item_tok = load_backbone(config.item_model_name, seed=seed + 1)
+        freeze_backbone(user_backbone, config.freeze_user_backbone, config.user_trainable_layers)
+        freeze_backbone(item_backbone, config.freeze_item_backbone, config.item_trainable_layers)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 2)  # heads identical on every worker
+            user_tower = UserTower(TextEncoder(user_backbone), config)
+            item_tower = ItemTower(TextEncoder(item_backbone), config)
+        return cls(config, user_tower, item_tower, user_tok, item_tok)
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """After an optimizer step, keep the parameter itself inside its bound (gradient dies at the clamp)."""
+        self.logit_scale.clamp_(max=math.log(self.config.max_logit_scale))
+
+    def encode_users(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.user_tower(
+            chunk_mask=batch["chunk_mask"],
+            input_ids=batch.get("user_input_ids"),
+            attention_mask=batch.get("user_attention_mask"),
+            metadata=batch.get("user_metadata"),
+            chunk_vectors=batch.get("chunk_vectors"),
+        )
+
+    def encode_statements(self, batch: dict[str, torch.Tensor], prefix: str = "item") -> torch.Tensor:
+        return self.item_tower(
+            batch[f"{prefix}_input_ids"], batch[f"{prefix}_attention_mask"], batch.get(f"{prefix}_metadata")
+        )
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], negative_sampler: NegativeSampler | None = None, task: str = "train"
+    ) -> UUEOutput | torch.Tensor:
+        """Everything the loss needs, computed inside one forward (ZeRO-3 gathers parameters only here).
+
+        `task="users"` / `task="items"` only encode users / statements: a DeepSpeed engine must run every
+        use of the weights through its forward, encoding included.
+        """
+        if task == "users":
+            return self.encode_users(batch)
+        if task == "items":
+            return self.encode_statements(batch)
+        users = self.encode_users(batch)
+        items = self.encode_statements(batch)
+        negatives = negative_ids = None
+        if negative_sampler is not None and negative_sampler.num_negatives > 0:
+            negative_ids, neg_batch = negative_sampler.sample(users.detach(), batch["user_index"], items.detach())
+            b, k = negative_ids.shape
+            flat = self.item_tower(
+                neg_batch["input_ids"].flatten(0, 1),
+                neg_batch["attention_mask"].flatten(0, 1),
+                None if neg_batch.get("metadata") is None else neg_batch["metadata"].flatten(0, 1),
+            )
+            negatives = flat.view(b, k, -1)
+        return UUEOutput(users, items, self.clamped_logit_scale(), negatives, negative_ids)
+
+    # ------------------------------------------------------------------ on-disk format
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the model folder. `state_dict` (full, gathered) may come from a sharded engine."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
+        (folder / "uue.json").write_text(
+            json.dumps({"format": "uue-model", "version": FORMAT_VERSION, "model_config": self.config.model_dump()},
+                       indent=2)
+        )
+        save_file({"logit_scale": state["logit_scale"]}, str(folder / "logit_scale.safetensors"))
+        for name, tower, tokenizer in (
+            ("user", self.user_tower, self.user_tokenizer),
+            ("item", self.item_tower, self.item_tokenizer),
+        ):
+            prefix = f"{name}_tower."
+            tower_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            _save_tower(folder / f"{name}_tower", name, tower, tokenizer, tower_state, self.config)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> UUEModel:
+        folder = Path(folder)
+        meta = _read_json(folder / "uue.json", "uue-model")
+        config = ModelConfig.model_validate(meta["model_config"])
+        user_tower, user_tok = load_tower(folder / "user_tower", map_location)
+        item_tower, item_tok = load_tower(folder / "item_tower", map_location)
+        model = cls(config, user_tower, item_tower, user_tok, item_tok)  # type: ignore[arg-type]
+        with torch.no_grad():
+            model.logit_scale.copy_(load_file(str(folder / "logit_scale.safetensors"))["logit_scale"])
+        freeze_backbone(model.user_tower.encoder.backbone, config.freeze_user_backbone, config.user_trainable_layers)
+        freeze_backbone(model.item_tower.encoder.backbone, config.freeze_item_backbone, config.item_trainable_layers)
+        return model.to(map_location)
+
+
+def _read_json(path: Path, expected_format: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {path.parent} is not a saved UUE {expected_format} folder")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != expected_format or meta.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: expected format {expected_format!r} version <= {FORMAT_VERSION}, got {meta}")
+    return meta
+
+
+def _save_tower(
+    folder: Path, name: str, tower: nn.Module, tokenizer: PreTrainedTokenizerBase,
+    state: dict[str, torch.Tensor], config: ModelConfig,
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    backbone_prefix = "encoder.backbone."
+    backbone_state = {k[len(backbone_prefix):]: v for k, v in state.items() if k.startswith(backbone_prefix)}
+    head_state = {k: v for k, v in state.items() if not k.startswith(backbone_prefix)}
+    backbone = tower.encoder.backbone  # type: ignore[union-attr]
+    with _quiet_transformers():
+        backbone.save_pretrained(folder / "backbone", state_dict=backbone_state, safe_serialization=True)
+    tokenizer.save_pretrained(folder / "backbone")
+    save_file(head_state, str(folder / "head.safetensors"))
+    (folder / "tower.json").write_text(json.dumps({
+        "format": "uue-tower", "version": FORMAT_VERSION, "tower": name,
+        "pooling": tower.encoder.pooling, "model_config": config.model_dump(),  # type: ignore[union-attr]
+    }, indent=2))
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' per-file progress bars and expected-weights notes while (un)packing towers."""
+    previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_tower(
+    folder: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[UserTower | ItemTower, PreTrainedTokenizerBase]:
+    """Load one tower folder on its own: (tower in eval mode, its tokenizer)."""
+    folder = Path(folder)
+    meta = _read_json(folder / "tower.json", "uue-tower")
+    config = ModelConfig.model_validate(meta["model_config"])
+    with _quiet_transformers():
+        backbone = AutoModel.from_pretrained(folder / "backbone")
+    if getattr(backbone, "pooler", None) is not None:
+        backbone.pooler = None
+    tokenizer = AutoTokenizer.from_pretrained(folder / "backbone")
+    encoder = TextEncoder(backbone)
+    encoder.pooling = meta["pooling"]
+    tower: UserTower | ItemTower = (UserTower if meta["tower"] == "user" else ItemTower)(encoder, config)
+    head = load_file(str(folder / "head.safetensors"))
+    missing, unexpected = tower.load_state_dict(head, strict=False)
+    missing = [k for k in missing if not k.startswith("encoder.backbone.")]
+    if missing or unexpected:
+        raise ValueError(f"{folder}: head weights do not match the tower (missing {missing}, unexpected {unexpected})")
+    return tower.to(map_location).eval(), tokenizer

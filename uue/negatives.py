@@ -1,0 +1,128 @@
+"""Sampled negatives: extra statements per user that enter the loss as extra columns.
+
+- random:    uniform over the statement pool, excluding the user's known positives;
+- hard:      the highest-scoring statements under the current towers, excluding positives;
+- semi_hard: statements scoring within `margin` below the user's positive (FaceNet's semi-hard
+             window), topped up with the next-hardest below the window, then random, when too few.
+Hard and semi-hard read the item-tower vectors of the whole pool, refreshed every `refresh_steps`
+steps, so they follow the model as it trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from uue.data.featurize import trim_batch, trim_token_columns
+
+Strategy = str
+STRATEGIES = ("none", "random", "hard", "semi_hard")
+
+
+class NegativeSampler:
+    """Picks `num_negatives` statement indices per user and hands their features to the item tower."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        num_negatives: int,
+        pool_features: Mapping[str, np.ndarray | torch.Tensor],
+        positives: Mapping[int, set[int]],
+        margin: float = 0.2,
+        refresh_steps: int = 50,
+        seed: int = 0,
+    ):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown negative_sampling {strategy!r}; choose from {STRATEGIES}")
+        self.strategy = strategy
+        self.num_negatives = 0 if strategy == "none" else num_negatives
+        self.pool = {k.removeprefix("item_"): torch.as_tensor(v) for k, v in pool_features.items()}
+        self.pool_size = int(self.pool["input_ids"].shape[0])
+        if self.num_negatives and self.pool_size <= self.num_negatives:
+            raise ValueError(
+                f"the statement pool ({self.pool_size}) must be larger than num_negative_samples ({self.num_negatives})"
+            )
+        self.positives = {int(k): set(v) for k, v in positives.items()}
+        self.margin = margin
+        self.refresh_steps = refresh_steps
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pool_vectors: torch.Tensor | None = None
+        self.refreshed_at: int | None = None
+
+    @property
+    def needs_vectors(self) -> bool:
+        return self.strategy in ("hard", "semi_hard") and self.num_negatives > 0
+
+    def needs_refresh(self, step: int) -> bool:
+        return self.needs_vectors and (self.refreshed_at is None or step - self.refreshed_at >= self.refresh_steps)
+
+    @torch.no_grad()
+    def refresh(self, encode_items: Callable[[dict[str, torch.Tensor]], torch.Tensor], step: int,
+                batch_size: int = 256) -> None:
+        """Re-encode the pool with the current item tower (`encode_items` takes item_* features)."""
+        vectors = []
+        for start in range(0, self.pool_size, batch_size):
+            part = {f"item_{k}": v[start : start + batch_size] for k, v in self.pool.items()}
+            vectors.append(encode_items(trim_batch(part)).float().cpu())
+        self.pool_vectors = torch.cat(vectors)
+        self.refreshed_at = step
+
+    def _excluded(self, user_index: torch.Tensor) -> torch.Tensor:
+        excluded = torch.zeros(len(user_index), self.pool_size, dtype=torch.bool)
+        for row, user in enumerate(user_index.tolist()):
+            idx = list(self.positives.get(int(user), ()))
+            if idx:
+                excluded[row, idx] = True
+        return excluded
+
+    def _random(self, excluded: torch.Tensor, count: int) -> torch.Tensor:
+        keys = torch.rand(excluded.shape, generator=self.generator).masked_fill(excluded, -1.0)
+        return keys.topk(count, dim=1).indices
+
+    def select(self, user_vectors: torch.Tensor, user_index: torch.Tensor,
+               positive_scores: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K) pool indices of negatives for each user; never one of the user's positives."""
+        excluded = self._excluded(user_index.cpu())
+        free = (~excluded).sum(1)
+        if bool((free < self.num_negatives).any()):
+            raise ValueError("a user has fewer non-positive statements in the pool than num_negative_samples")
+        if self.strategy == "random":
+            return self._random(excluded, self.num_negatives)
+        if self.pool_vectors is None:
+            raise RuntimeError(f"{self.strategy} negatives need refresh() with the item tower first")
+        scores = user_vectors.detach().float().cpu() @ self.pool_vectors.T
+        if self.strategy == "hard":
+            return scores.masked_fill(excluded, float("-inf")).topk(self.num_negatives, dim=1).indices
+        # semi-hard: rank in-window candidates first (randomly among them), then the hardest below the
+        # window, then anything else that is not a positive.
+        if positive_scores is None:
+            raise ValueError("semi_hard negatives need the users' positive scores")
+        pos = positive_scores.detach().float().cpu()[:, None]
+        in_window = (scores < pos) & (scores >= pos - self.margin) & ~excluded
+        below = (scores < pos - self.margin) & ~excluded
+        noise = torch.rand(scores.shape, generator=self.generator)
+        priority = torch.where(in_window, 3.0 + noise, torch.where(below, 1.0 + torch.sigmoid(scores), noise))
+        return priority.masked_fill(excluded, float("-inf")).topk(self.num_negatives, dim=1).indices
+
+    def sample(self, user_vectors: torch.Tensor, user_index: torch.Tensor,
+               positive_item_vectors: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Select negatives and gather their features, on the users' device, trimmed of shared padding."""
+        positive_scores = (user_vectors * positive_item_vectors).sum(-1)
+        indices = self.select(user_vectors, user_index, positive_scores)
+        device = user_vectors.device
+        features = {k: v[indices].to(device) for k, v in self.pool.items()}
+        features["input_ids"], features["attention_mask"] = trim_token_columns(
+            features["input_ids"], features["attention_mask"]
+        )
+        return indices.to(device), features
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "pool_vectors": self.pool_vectors,
+                "refreshed_at": self.refreshed_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.pool_vectors = state["pool_vectors"]
+        self.refreshed_at = state["refreshed_at"]

@@ -1,0 +1,311 @@
+"""The training step, the optimizer/schedule, and the single-process trainer with checkpoints.
+
+`train_step` is the whole of one optimisation step and is what a Ray Train worker calls as it is: it
+takes the model (a plain module or a DeepSpeed engine), a batch, the loss, and an `Optimization` that
+knows how to backward and step (torch here, DeepSpeed in uue.ray_train).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from uue.config import ExperimentConfig, ModelConfig
+from uue.data.featurize import Featurizer, trim_batch
+from uue.data.pairs import BatchPosition, PairBatches
+from uue.data.readers import UUEDataset, load_dataset
+from uue.loss import InfoNCELoss
+from uue.model.uue_model import UUEModel
+from uue.negatives import NegativeSampler
+
+TRAINING_STATE = "training_state.pt"
+
+
+# ---------------------------------------------------------------------------------- optimisation
+def param_groups(model: UUEModel, config: ModelConfig) -> list[dict]:
+    """Per-tower learning rates ("separate optimizers" of the original design) in one optimizer.
+
+    Backbones learn slowly (pretrained), heads (pooling, metadata fusion, projections, temperature)
+    faster; biases, norms, the pooling query and the temperature get no weight decay.
+    """
+    rates = {
+        "user_backbone": config.user_learning_rate or config.learning_rate,
+        "item_backbone": config.item_learning_rate or config.learning_rate,
+        "head": config.effective_head_learning_rate,
+    }
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("user_tower.encoder."):
+            kind = "user_backbone"
+        elif name.startswith("item_tower.encoder."):
+            kind = "item_backbone"
+        else:
+            kind = "head"
+        no_decay = param.ndim < 2 or name.endswith(".query") or name == "logit_scale"
+        groups.setdefault((kind, no_decay), []).append(param)
+    return [
+        {"params": params, "lr": rates[kind], "weight_decay": 0.0 if no_decay else config.weight_decay,
+         "name": f"{kind}{'_no_decay' if no_decay else ''}"}
+        for (kind, no_decay), params in sorted(groups.items())
+    ]
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float):
+    """LR multiplier: linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
+    warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class Optimization(Protocol):
+    """How a step's loss becomes an update: torch (below) or a DeepSpeed engine (uue.ray_train)."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float: ...
+
+    def learning_rates(self) -> dict[str, float]: ...
+
+
+class TorchOptimization:
+    """AdamW + warmup/cosine schedule + gradient clipping around a plain module."""
+
+    def __init__(self, model: UUEModel, config: ModelConfig, total_steps: int):
+        self.model = model
+        self.max_grad_norm = config.max_grad_norm
+        self.optimizer = torch.optim.AdamW(param_groups(model, config), betas=(0.9, 0.98), eps=1e-6)
+        schedule = warmup_cosine(total_steps, config.warmup_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        else:
+            norm = float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def learning_rates(self) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def unwrap(model: nn.Module) -> UUEModel:
+    """The UUEModel inside a DeepSpeed engine (or the model itself)."""
+    return getattr(model, "module", model)  # type: ignore[return-value]
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; full precision on CPU, where bf16 matmuls are slow and inexact."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def refresh_negatives(model: nn.Module, sampler: NegativeSampler | None, step: int, device: torch.device) -> None:
+    """Re-encode the statement pool for hard/semi-hard negatives when due (through the model's forward)."""
+    if sampler is None or not sampler.needs_refresh(step):
+        return
+    was_training = model.training
+    model.eval()
+    with autocast_for(device):
+        sampler.refresh(lambda b: model({k: v.to(device) for k, v in b.items()}, task="items"), step)
+    model.train(was_training)
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    loss_fn: InfoNCELoss,
+    optimization: Optimization,
+    negative_sampler: NegativeSampler | None = None,
+) -> dict[str, float]:
+    """One optimisation step on one batch: forward, symmetric InfoNCE, backward, clip, step."""
+    device = next(unwrap(model).parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in trim_batch(batch).items()}
+    model.train()
+    with autocast_for(device):
+        out = model(batch, negative_sampler=negative_sampler)
+        loss, metrics = loss_fn(out, batch["user_index"], batch["statement_index"])
+    optimization.backward(loss)
+    grad_norm = optimization.step()
+    unwrap(model).clamp_logit_scale_()
+    result = {"loss": float(loss.detach()), "grad_norm": grad_norm}
+    result.update({k: float(v) for k, v in metrics.items()})
+    result.update({f"lr/{k}": v for k, v in optimization.learning_rates().items()})
+    return result
+
+
+# ---------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    model_dir: Path | None = None
+    last_checkpoint: Path | None = None
+
+
+def build_negative_sampler(config: ModelConfig, batches: PairBatches, seed: int) -> NegativeSampler | None:
+    if config.negative_sampling == "none" or config.num_negative_samples == 0:
+        return None
+    return NegativeSampler(
+        config.negative_sampling, config.num_negative_samples, batches.statement_features,
+        batches.positives_by_user(), margin=config.semi_hard_margin, refresh_steps=config.negative_refresh_steps,
+        seed=seed,
+    )
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    folder = Path(output_dir) / "checkpoints"
+    found = sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if folder.is_dir() else []
+    found = [p for p in found if (p / TRAINING_STATE).is_file()]
+    return found[-1] if found else None
+
+
+class UUETrainer:
+    """Single-process training: the CPU default and the reference the Ray path must match.
+
+    `fit()` trains for `training.max_steps` (or `model.num_epochs` epochs), writes checkpoints
+    (model folder + training state) every `training.checkpoint_every_steps`, and exports the final
+    model to `output_dir/model`. `fit(resume_from=...)` continues a run exactly where it stopped.
+    """
+
+    def __init__(self, config: ExperimentConfig | ModelConfig, dataset: UUEDataset | None = None,
+                 model: UUEModel | None = None, device: str | torch.device | None = None):
+        self.config = config if isinstance(config, ExperimentConfig) else ExperimentConfig(model=config)
+        self.dataset = dataset if dataset is not None else load_dataset(self.config.data.path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        seed = self.config.training.seed
+        torch.manual_seed(seed)
+        self.model = (model or UUEModel.from_config(self.config.model, seed=seed)).to(self.device)
+        self.featurizer = Featurizer(self.config.model, self.model.user_tokenizer, self.model.item_tokenizer)
+        self.batches = PairBatches(self.dataset, self.featurizer, self.config.model.batch_size,
+                                   split=self.config.data.train_split, seed=self.config.data.shuffle_seed)
+        epochs_steps = self.config.model.num_epochs * self.batches.batches_per_epoch
+        self.total_steps = self.config.training.max_steps or epochs_steps
+        self.optimization = TorchOptimization(self.model, self.config.model, self.total_steps)
+        self.loss_fn = InfoNCELoss()
+        self.negative_sampler = build_negative_sampler(self.config.model, self.batches, seed)
+        self.output_dir = Path(self.config.training.output_dir)
+        self.step = 0
+        self.position = BatchPosition(0, 0)
+
+    # -- checkpoints
+    def save_checkpoint(self, folder: str | Path | None = None) -> Path:
+        folder = Path(folder) if folder else self.output_dir / "checkpoints" / f"step_{self.step:06d}"
+        self.model.save_pretrained(folder / "model")
+        torch.save({
+            "step": self.step, "epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch,
+            "optimization": self.optimization.state_dict(), "rng": _rng_state(),
+            "negative_sampler": self.negative_sampler.state_dict() if self.negative_sampler else None,
+            "config": self.config.model_dump(),
+        }, folder / TRAINING_STATE)
+        self._prune_checkpoints()
+        return folder
+
+    def _prune_checkpoints(self) -> None:
+        folder = self.output_dir / "checkpoints"
+        if not folder.is_dir():
+            return
+        found = sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        for old in found[: -self.config.training.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        loaded = UUEModel.from_pretrained(folder / "model", map_location=self.device)
+        self.model.load_state_dict(loaded.state_dict())
+        state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
+        self.optimization.load_state_dict(state["optimization"])
+        if self.negative_sampler and state["negative_sampler"]:
+            self.negative_sampler.load_state_dict(state["negative_sampler"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.position = BatchPosition(state["epoch"], state["batch_in_epoch"])
+
+    # -- loop
+    def fit(self, resume_from: str | Path | None = None, max_steps: int | None = None) -> TrainResult:
+        """Train until `max_steps` (default: the configured total); `resume_from="latest"` finds the last checkpoint."""
+        if resume_from == "latest":
+            resume_from = latest_checkpoint(self.output_dir)
+        if resume_from:
+            self.load_checkpoint(resume_from)
+        stop_at = min(max_steps or self.total_steps, self.total_steps)
+        cfg = self.config.training
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.output_dir / "metrics.jsonl"
+        result = TrainResult(steps=self.step)
+        last_checkpoint = None
+        progress = tqdm(total=stop_at, initial=self.step, desc="train", disable=not cfg.progress_bar, unit="step")
+        stream = self.batches.iterate(self.position)
+        started = time.perf_counter()
+        with log_path.open("a") as log:
+            while self.step < stop_at:
+                refresh_negatives(self.model, self.negative_sampler, self.step, self.device)
+                position, batch = next(stream)
+                metrics = train_step(self.model, batch, self.loss_fn, self.optimization, self.negative_sampler)
+                self.step += 1
+                nxt = position.batch_in_epoch + 1
+                self.position = (BatchPosition(position.epoch, nxt) if nxt < self.batches.batches_per_epoch
+                                 else BatchPosition(position.epoch + 1, 0))
+                metrics.update(step=self.step, epoch=position.epoch, seconds=time.perf_counter() - started)
+                result.history.append(metrics)
+                if self.step % cfg.log_every_steps == 0 or self.step == stop_at:
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
+                if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
+                    last_checkpoint = self.save_checkpoint()
+        progress.close()
+        result.steps = self.step
+        result.last_checkpoint = last_checkpoint
+        if self.step >= self.total_steps:
+            result.model_dir = self.model.save_pretrained(self.output_dir / "model")
+        return result
+
+    def train(self, max_steps: int | None = None) -> TrainResult:
+        """Seed-API name for `fit`."""
+        return self.fit(max_steps=max_steps)
