@@ -1,0 +1,46 @@
+"""Shared fixtures: one local Ray cluster per test session, tiny configs, the sample dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = REPO_ROOT / "uue" / "sample_data"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster (2 CPUs) shared by every test that needs Ray.
+
+    address="local" always starts a fresh cluster, never attaching to one a `ray start` left running.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, object_store_memory=1_000_000_000, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_model_config():
+    from uue.config import ModelConfig
+
+    return ModelConfig(
+        user_model_name="tiny", item_model_name="tiny", embedding_dim=16, attention_heads=4, max_chunk_length=32,
+        max_statement_length=16, max_context_length=8, num_chunks_per_user=8, batch_size=8, dropout=0.0,
+        num_negative_samples=0, negative_sampling="none", learning_rate=1e-3,
+    )
+
+
+@pytest.fixture(scope="session")
+def sample_data_dir() -> Path:
+    return SAMPLE_DATA
