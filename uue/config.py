@@ -123,6 +123,30 @@ class DistributedConfig(_Strict):
     max_failures: int = Field(0, ge=-1)
 
 
+class IndexConfig(_Strict):
+    """Batch indexing of statements (ray_jobs.index_items): the item tower's actor pool and the ANN index."""
+
+    min_actors: int = Field(1, gt=0)
+    """The Ray Data actor pool autoscales between min_actors and max_actors item-tower replicas."""
+    max_actors: int = Field(2, gt=0)
+    batch_size: int = Field(64, gt=0)
+    """Statements per map_batches call (one forward pass of the item tower)."""
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+    id_column: str = "statement_id"
+    text_column: str = "text"
+    connectivity: int = Field(16, gt=1)
+    """HNSW graph degree of the usearch index (recall vs. memory)."""
+    expansion_search: int = Field(64, gt=0)
+    """HNSW candidate list size at query time (recall vs. latency)."""
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> IndexConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        return self
+
+
 class ExperimentConfig(_Strict):
     """One YAML file under configs/: everything a training run needs."""
 
@@ -130,6 +154,7 @@ class ExperimentConfig(_Strict):
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
     distributed: DistributedConfig = DistributedConfig()
+    index: IndexConfig = IndexConfig()
 
     @field_validator("model", mode="before")
     @classmethod
