@@ -57,23 +57,30 @@ def table_files(folder: str, name: str) -> list[str]:
 def iter_records(folder: str, name: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """Yield (file, row, record) for table `name`; rows count from 1 (JSONL: the line number)."""
     for path in table_files(folder, name):
-        fs, inner = _filesystem(path)
-        if path.endswith(".jsonl"):
-            with fs.open_input_stream(inner) as stream:
-                for line_no, raw in enumerate(stream.read().decode("utf-8").splitlines(), start=1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        record = json.loads(raw)
-                    except json.JSONDecodeError as err:
-                        raise DataValidationError(path, line_no, "<json>", f"malformed JSON: {err.msg}") from None
-                    if not isinstance(record, dict):
-                        raise DataValidationError(path, line_no, "<json>", "a record must be a JSON object")
-                    yield path, line_no, record
-        else:
-            table = pq.read_table(inner, filesystem=fs)
-            for row_no, record in enumerate(table.to_pylist(), start=1):
-                yield path, row_no, {k: v for k, v in record.items() if v is not None}
+        yield from iter_file_records(path)
+
+
+def iter_file_records(path: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """Yield (file, row, record) for one .jsonl or .parquet file (local path or URI)."""
+    fs, inner = _filesystem(path)
+    if path.endswith(".jsonl"):
+        with fs.open_input_stream(inner) as stream:
+            for line_no, raw in enumerate(stream.read().decode("utf-8").splitlines(), start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as err:
+                    raise DataValidationError(path, line_no, "<json>", f"malformed JSON: {err.msg}") from None
+                if not isinstance(record, dict):
+                    raise DataValidationError(path, line_no, "<json>", "a record must be a JSON object")
+                yield path, line_no, record
+    elif path.endswith(".parquet"):
+        table = pq.read_table(inner, filesystem=fs)
+        for row_no, record in enumerate(table.to_pylist(), start=1):
+            yield path, row_no, {k: v for k, v in record.items() if v is not None}
+    else:
+        raise ValueError(f"{path}: unsupported file type (expected {' or '.join(SHARD_SUFFIXES)})")
 
 
 @dataclass
