@@ -30,10 +30,11 @@ def test_padding_chunks_change_nothing(tiny_model_config, preset):
     batch = _users_batch(model, [UserData("u", [UserChunk(t) for t in TEXTS[:2]])])
     plain = model.encode_users(batch)
     # Append 3 padding chunks full of (unmasked) garbage tokens: chunk_mask False must give them no weight.
+    length = batch["user_input_ids"].shape[2]
     padded = {
         "chunk_mask": torch.cat([batch["chunk_mask"], torch.zeros(1, 3, dtype=torch.bool)], 1),
-        "user_input_ids": torch.cat([batch["user_input_ids"], torch.randint(5, 200, (1, 3, batch["user_input_ids"].shape[2]))], 1),
-        "user_attention_mask": torch.cat([batch["user_attention_mask"], torch.ones(1, 3, batch["user_input_ids"].shape[2], dtype=torch.long)], 1),
+        "user_input_ids": torch.cat([batch["user_input_ids"], torch.randint(5, 200, (1, 3, length))], 1),
+        "user_attention_mask": torch.cat([batch["user_attention_mask"], torch.ones(1, 3, length, dtype=torch.long)], 1),
     }
     torch.testing.assert_close(model.encode_users(padded), plain)
 
