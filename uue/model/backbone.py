@@ -162,6 +162,30 @@ def load_backbone(
     return model, tokenizer
 
 
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_backbone(name)` returns, without loading weights (tokenizing actors need no model).
+
+    Padding side follows the backbone kind as in `load_backbone` (left for decoder embedders).
+    """
+    key = name.lower()
+    if key in ("tiny", "tiny-qwen3"):
+        return build_byte_tokenizer("right" if key == "tiny" else "left")
+    if key in PRESETS and key not in ("minilm", "qwen3-embedding-0.6b"):
+        return load_backbone(name)[1]  # another in-process preset: its tokenizer is built with it
+    path = resolve_model_name(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise ModelNotAvailableError(
+            f"tokenizer of model {name!r} (resolved to {path!r}) is not available offline "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). Presets: {', '.join(PRESETS)}."
+        ) from err
+    if pooling_kind_for(config) == "last_token":
+        tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def backbone_from_config(config_dict: dict) -> nn.Module:
     """Rebuild a backbone's architecture (random weights) from a saved config dict; weights load after."""
     config_dict = dict(config_dict)
