@@ -120,7 +120,13 @@ class DistributedConfig(_Strict):
     deepspeed_config: str | None = None
     """Path to a DeepSpeed JSON/YAML; keys set here (zero_stage, batch sizes, lr) override it."""
     storage_path: str | None = None
+    """Where Ray Train persists checkpoints (shared storage or a URI on a multi-node cluster);
+    None: output_dir/ray_train."""
     max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts after a failure, each resuming from the last checkpoint (-1: unlimited)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    featurize_cpus: float = Field(1.0, gt=0)
+    """CPUs per Ray Data featurization (tokenization) task that feeds the workers."""
 
 
 class IndexConfig(_Strict):
