@@ -50,7 +50,7 @@ class UUEInference:
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.clamped_logit_scale())
+        return float(self.model.clamped_logit_scale().detach())
 
     @torch.inference_mode()
     def encode_users(self, users: Sequence[UserData | Sequence[ChunkLike]]) -> np.ndarray:
