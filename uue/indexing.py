@@ -1,0 +1,580 @@
+"""Batch indexing of statements: Ray Data runs the item tower in an autoscaled actor pool, the driver writes
+the vectors as Parquet shards and builds a usearch HNSW index over them.
+
+An index is a folder:
+    vectors/part-NNNNN.parquet  statement_id (str), text (str), vector (list<float32>, unit length);
+                                row i of the shards in name order has ANN key i
+    index.usearch               usearch HNSW index, inner-product metric, f32
+    manifest.json               version, checkpoint_fingerprint, count, dimension, metric, created_at, source, ...
+
+`manifest.json` is what makes a folder an index: a build writes everything into a hidden staging folder
+beside the output and renames it into place at the end, so a reader never sees half an index and an
+interrupted build leaves the previous index (or nothing) at the output path. A rerun starts from scratch
+rather than skipping statements already encoded: the encoder is deterministic, partial Parquet files of a
+killed run may be truncated, and the ANN graph has to be rebuilt over every vector anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from uue.data.readers import SHARD_SUFFIXES, iter_file_records, table_files
+from uue.data.schema import DataValidationError, Statement, parse_statement
+
+logger = logging.getLogger(__name__)
+
+INDEX_FORMAT = "uue-statement-index"
+INDEX_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+ANN_FILE = "index.usearch"
+VECTORS_DIR = "vectors"
+METRIC = "ip"  # inner product of unit vectors = cosine; usearch reports distance = 1 - dot
+CONTRACT_COLUMNS = ("statement_id", "text")
+_INDEX_ENTRIES = {MANIFEST_FILE, ANN_FILE, VECTORS_DIR}
+
+
+class IncompleteIndexError(FileNotFoundError):
+    """A folder is not a complete statement index (missing or inconsistent manifest, ANN file or shards)."""
+
+
+class UnknownStatementError(KeyError):
+    """A statement id that the index does not hold."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0])
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def resolve_item_tower(checkpoint: str | Path) -> tuple[Path, Path]:
+    """(folder whose weights are fingerprinted, item tower folder) for a model, checkpoint or tower folder.
+
+    Accepts a model folder (uue.json + item_tower/), a training checkpoint `step_N/` or output dir (which
+    hold `model/`), or an item tower folder itself.
+    """
+    folder = Path(checkpoint)
+    for candidate in (folder, folder / "model"):
+        if (candidate / "uue.json").is_file() and (candidate / "item_tower" / "tower.json").is_file():
+            return candidate, candidate / "item_tower"
+    tower_json = folder / "tower.json"
+    if tower_json.is_file() and json.loads(tower_json.read_text()).get("tower") == "item":
+        return folder, folder
+    raise FileNotFoundError(
+        f"checkpoint {checkpoint}: not a UUE model folder (uue.json + item_tower/), a checkpoint holding model/, "
+        "or an item tower folder (tower.json with tower=item)"
+    )
+
+
+def checkpoint_fingerprint(folder: str | Path) -> str:
+    """sha256 over the weight files (*.safetensors, by relative path and content) of a model folder.
+
+    The serving side computes the same value for the model it loaded, to tell whether an index was built
+    with the same item tower.
+    """
+    folder = Path(folder)
+    if folder.is_dir() and not (folder / "tower.json").is_file():
+        folder = resolve_item_tower(folder)[0]
+    files = sorted(p for p in folder.rglob("*.safetensors") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weight files to fingerprint")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- input
+def input_files(input_uri: str, id_column: str = "statement_id", text_column: str = "text") -> tuple[list[str], bool]:
+    """(files to read, whether they hold data-contract `statements` records).
+
+    Contract records (a data-contract folder, or a file/folder named `statements`) are validated with
+    `parse_statement`; any other .jsonl/.parquet file or folder of shards is read as a table whose
+    `id_column` and `text_column` are used and other columns ignored.
+    """
+    uri = str(input_uri)
+    try:
+        files, contract = table_files(uri, "statements"), True
+    except FileNotFoundError:
+        if "://" in uri:
+            fs, root = pafs.FileSystem.from_uri(uri)
+        else:
+            fs, root = pafs.LocalFileSystem(), str(Path(uri).resolve())
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            found = [info.path]
+        elif info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+            found = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(SHARD_SUFFIXES))
+        else:
+            raise FileNotFoundError(f"input {uri} does not exist") from None
+        if not found:
+            raise FileNotFoundError(
+                f"input {uri}: no statements.jsonl/.parquet/statements/ table and no .jsonl or .parquet files"
+            ) from None
+        if not found[0].endswith(SHARD_SUFFIXES):
+            expected = " or ".join(SHARD_SUFFIXES)
+            raise ValueError(f"input {found[0]}: unsupported file type (expected {expected})") from None
+        scheme = uri.split("://")[0] + "://" if "://" in uri else ""
+        files = [scheme + f if scheme and "://" not in f else f for f in found]
+        stem = Path(root.rstrip("/")).name.split(".")[0]
+        contract = stem == "statements"
+    if contract and (id_column, text_column) != CONTRACT_COLUMNS:
+        raise ValueError(
+            f"input {uri} holds data-contract statements (statement_id, text): id_column/text_column "
+            f"({id_column!r}, {text_column!r}) apply only to other tables"
+        )
+    return files, contract
+
+
+def _table_statement(record: dict[str, Any], file: str, row: int, id_column: str, text_column: str) -> Statement:
+    values = []
+    for column in (id_column, text_column):
+        value = record.get(column)
+        if isinstance(value, int) and not isinstance(value, bool) and column == id_column:
+            value = str(value)
+        if value is None:
+            raise DataValidationError(file, row, column, f"missing (required; columns: {sorted(record)})")
+        if not isinstance(value, str):
+            raise DataValidationError(file, row, column, f"expected a string, got {type(value).__name__}")
+        if not value.strip():
+            raise DataValidationError(file, row, column, "empty string")
+        values.append(value)
+    return Statement(statement_id=values[0], text=values[1])
+
+
+def read_statement_files(
+    batch: dict[str, np.ndarray], contract: bool, id_column: str, text_column: str, rows_per_block: int
+) -> Iterator[dict[str, list]]:
+    """Ray Data UDF: file paths -> validated statement rows (errors name the file, row and field).
+
+    Missing context/metadata travel as "" so every block has the same string schema.
+    """
+    for path in batch["path"]:
+        rows: dict[str, list] = {"statement_id": [], "text": [], "context": [], "metadata": [], "source": []}
+        for file, row, record in iter_file_records(str(path)):
+            if contract:
+                st = parse_statement(record, file, row)
+            else:
+                st = _table_statement(record, file, row, id_column, text_column)
+            rows["statement_id"].append(st.statement_id)
+            rows["text"].append(st.text)
+            rows["context"].append(st.context or "")
+            rows["metadata"].append(json.dumps(st.metadata, sort_keys=True) if st.metadata else "")
+            rows["source"].append(f"{file}, row {row}")
+            if len(rows["text"]) >= rows_per_block:
+                yield rows
+                rows = {key: [] for key in rows}
+        if rows["text"]:
+            yield rows
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return dtype
+
+
+class ItemTowerEncoder:
+    """Ray Data callable class: one item tower per actor, loaded once, encoding a batch per call."""
+
+    def __init__(self, item_tower_folder: str, device: str = "cpu", dtype: str = "auto", num_threads: int = 1):
+        import torch
+
+        from uue.config import ModelConfig
+        from uue.data.featurize import Featurizer
+        from uue.model.uue_model import load_tower
+
+        if device == "cpu":
+            torch.set_num_threads(max(1, num_threads))
+        self.torch = torch
+        self.device = torch.device(device)
+        self.tower, tokenizer = load_tower(item_tower_folder, map_location=self.device)
+        self.tower.to(getattr(torch, resolve_dtype(dtype, device)))
+        meta = json.loads((Path(item_tower_folder) / "tower.json").read_text())
+        self.featurizer = Featurizer(ModelConfig.model_validate(meta["model_config"]), tokenizer, tokenizer)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from uue.data.featurize import trim_batch
+
+        torch = self.torch
+        statements = [
+            Statement(statement_id=str(sid), text=str(text), context=str(ctx) or None,
+                      metadata=json.loads(meta) if meta else None)
+            for sid, text, ctx, meta in zip(
+                batch["statement_id"], batch["text"], batch["context"], batch["metadata"], strict=True)
+        ]
+        features = self.featurizer.statement_features(statements)
+        with torch.inference_mode():
+            tensors = trim_batch({k: torch.as_tensor(v).to(self.device) for k, v in features.items()})
+            vectors = self.tower(
+                tensors["item_input_ids"], tensors["item_attention_mask"], tensors.get("item_metadata")
+            )
+            # Re-normalise in float32: a bf16 unit vector is only unit to ~1e-2.
+            vectors = torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()
+        return {"statement_id": batch["statement_id"], "text": batch["text"], "source": batch["source"],
+                "vector": vectors.astype(np.float32)}
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _vectors_table(ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray) -> pa.Table:
+    dim = vectors.shape[1]
+    offsets = pa.array(np.arange(0, (len(ids) + 1) * dim, dim, dtype=np.int32))
+    column = pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1), type=pa.float32()))
+    return pa.table({"statement_id": pa.array(list(ids), pa.string()), "text": pa.array(list(texts), pa.string()),
+                     "vector": column})
+
+
+def _new_ann(dimension: int, connectivity: int, expansion_search: int) -> Any:
+    from usearch.index import Index
+
+    return Index(ndim=dimension, metric=METRIC, dtype="f32", connectivity=connectivity,
+                 expansion_search=expansion_search)
+
+
+class _ShardWriter:
+    """Buffers encoded rows, writes them as numbered Parquet shards and adds them to the ANN index."""
+
+    def __init__(self, folder: Path, dimension: int, rows_per_shard: int, connectivity: int, expansion_search: int):
+        self.folder = folder
+        self.dimension = dimension
+        self.rows_per_shard = rows_per_shard
+        self.ann = _new_ann(dimension, connectivity, expansion_search)
+        self.shards: list[dict[str, Any]] = []
+        self.count = 0
+        self.ann_seconds = 0.0
+        self._ids: list[str] = []
+        self._texts: list[str] = []
+        self._vectors: list[np.ndarray] = []
+        self._buffered = 0
+
+    def add(self, ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray) -> None:
+        if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
+            raise ValueError(f"item tower returned vectors of shape {vectors.shape}, expected (n, {self.dimension})")
+        self._ids.extend(ids)
+        self._texts.extend(texts)
+        self._vectors.append(vectors)
+        self._buffered += len(ids)
+        if self._buffered >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffered:
+            return
+        vectors = np.concatenate(self._vectors).astype(np.float32, copy=False)
+        name = f"part-{len(self.shards):05d}.parquet"
+        pq.write_table(_vectors_table(self._ids, self._texts, vectors), self.folder / name)
+        start = time.perf_counter()
+        self.ann.add(np.arange(self.count, self.count + len(vectors), dtype=np.uint64), vectors)
+        self.ann_seconds += time.perf_counter() - start
+        self.shards.append({"file": name, "rows": len(vectors)})
+        self.count += len(vectors)
+        self._ids, self._texts, self._vectors, self._buffered = [], [], [], 0
+
+
+def _check_output(out: Path) -> None:
+    """Refuse to replace anything but an index (complete or partial): never delete a user's data folder."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"output {out} exists and is not a folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _INDEX_ENTRIES)
+    if foreign:
+        raise FileExistsError(
+            f"output {out} holds {foreign[:5]}, which are not part of a statement index: refusing to replace it"
+        )
+
+
+def _remove_stale_staging(out: Path) -> None:
+    for stale in out.parent.glob(f".{out.name}.staging-*"):
+        logger.warning("removing %s left by an interrupted build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _publish(staging: Path, out: Path, version: str) -> None:
+    """Move the finished staging folder to `out` (two renames; the old index is deleted afterwards)."""
+    retired = out.parent / f".{out.name}.retired-{version}"
+    if out.exists():
+        os.rename(out, retired)
+    os.rename(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def new_version(fingerprint: str) -> str:
+    """Unique per build, sortable by time: 20260101T120000123456Z-<fingerprint[:12]>-<random>."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{stamp}-{fingerprint[:12]}-{uuid.uuid4().hex[:6]}"
+
+
+def build_index(
+    checkpoint: str | Path,
+    input_uri: str | Path,
+    output_uri: str | Path,
+    *,
+    min_actors: int,
+    max_actors: int,
+    batch_size: int,
+    gpus_per_actor: float = 0,
+    id_column: str = "statement_id",
+    text_column: str = "text",
+    cpus_per_actor: float = 1,
+    dtype: str = "auto",
+    rows_per_shard: int = 50_000,
+    connectivity: int = 16,
+    expansion_search: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Encode every statement of `input_uri` with the checkpoint's item tower and write an index to `output_uri`.
+
+    Ray Data reads and validates the input files in tasks, then runs `ItemTowerEncoder` in `map_batches`
+    with an actor pool autoscaled between `min_actors` and `max_actors` (each actor reserving
+    `gpus_per_actor` GPUs when > 0). The driver streams the encoded batches into Parquet shards and the
+    usearch index in a staging folder, which replaces `output_uri` when complete. Returns the manifest.
+    """
+    import ray
+    from tqdm.auto import tqdm
+
+    if min_actors < 1 or max_actors < min_actors:
+        raise ValueError(f"need 1 <= min_actors <= max_actors, got {min_actors}, {max_actors}")
+    if batch_size < 1 or rows_per_shard < 1:
+        raise ValueError("batch_size and rows_per_shard must be >= 1")
+    out_str = str(output_uri)
+    if "://" in out_str and not out_str.startswith("file://"):
+        raise ValueError(
+            f"output {out_str}: the index is written to a local or shared (NFS) path; copy the folder to object "
+            "storage afterwards if needed (usearch memory-maps a local file)"
+        )
+    out = Path(out_str.removeprefix("file://")).resolve()
+    _check_output(out)
+    model_folder, tower_folder = resolve_item_tower(checkpoint)
+    fingerprint = checkpoint_fingerprint(model_folder)
+    files, contract = input_files(str(input_uri), id_column, text_column)
+    tower_meta = json.loads((tower_folder / "tower.json").read_text())
+    dimension = int(tower_meta["model_config"]["embedding_dim"])
+    version = new_version(fingerprint)
+    device = "cuda" if gpus_per_actor > 0 else "cpu"
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS (set by `ray job submit`) or a local cluster
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
+    staging = out.parent / f".{out.name}.staging-{version}"
+    (staging / VECTORS_DIR).mkdir(parents=True)
+    started = time.perf_counter()
+    try:
+        ds = ray.data.from_items([{"path": f} for f in files]).map_batches(
+            read_statement_files, batch_size=1, fn_kwargs=dict(
+                contract=contract, id_column=id_column, text_column=text_column, rows_per_block=batch_size),
+        )
+        # One block per batch, so the actor pool has queued work to scale up on even for a single input file.
+        ds = ds.repartition(target_num_rows_per_block=batch_size)
+        ds = ds.map_batches(
+            ItemTowerEncoder,
+            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor if gpus_per_actor > 0 else None,
+            fn_constructor_kwargs=dict(item_tower_folder=str(tower_folder), device=device, dtype=dtype,
+                                       num_threads=int(max(1, cpus_per_actor))),
+            udf_modifying_row_count=False,
+        )
+        writer = _ShardWriter(staging / VECTORS_DIR, dimension, rows_per_shard, connectivity, expansion_search)
+        seen: dict[str, str] = {}
+        with tqdm(desc="indexing statements", unit="stmt", disable=not progress) as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                ids = [str(s) for s in batch["statement_id"]]
+                for sid, source in zip(ids, batch["source"], strict=True):
+                    if sid in seen:
+                        raise DataValidationError(
+                            str(source), None, id_column, f"duplicate statement id {sid!r} (first at {seen[sid]})"
+                        )
+                    seen[sid] = str(source)
+                writer.add(ids, [str(t) for t in batch["text"]], np.asarray(batch["vector"], dtype=np.float32))
+                bar.update(len(ids))
+        writer.flush()
+        encode_seconds = time.perf_counter() - started
+        if writer.count == 0:
+            raise ValueError(f"input {input_uri}: no statements to index")
+        writer.ann.save(str(staging / ANN_FILE))
+        total_seconds = time.perf_counter() - started
+        manifest = {
+            "format": INDEX_FORMAT,
+            "format_version": INDEX_FORMAT_VERSION,
+            "version": version,
+            "checkpoint_fingerprint": fingerprint,
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "count": writer.count,
+            "dimension": dimension,
+            "metric": METRIC,
+            "dtype": "f32",
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "source": str(input_uri),
+            "input_files": len(files),
+            "id_column": id_column,
+            "text_column": text_column,
+            "shards": writer.shards,
+            "ann": {"library": "usearch", "file": ANN_FILE, "connectivity": connectivity,
+                    "expansion_search": expansion_search},
+            "build": {"min_actors": min_actors, "max_actors": max_actors, "batch_size": batch_size,
+                      "gpus_per_actor": gpus_per_actor, "dtype": resolve_dtype(dtype, device),
+                      "encode_seconds": round(encode_seconds, 3), "ann_add_seconds": round(writer.ann_seconds, 3),
+                      "total_seconds": round(total_seconds, 3),
+                      "statements_per_second": round(writer.count / total_seconds, 1)},
+        }
+        # The manifest is written last inside staging, then the whole folder appears at `out` in one rename.
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        _check_output(out)
+        _publish(staging, out, version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class StatementIndex:
+    """A loaded index: ANN search over statement vectors, plus id -> (text, vector) lookup."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], ids: list[str], texts: list[str],
+                 vectors: np.ndarray, ann: Any):
+        self.folder = folder
+        self.manifest = manifest
+        self.ids = ids
+        self.texts = texts
+        self.vectors = vectors
+        self._ann = ann
+        self._position = {sid: i for i, sid in enumerate(ids)}
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def dimension(self) -> int:
+        return int(self.manifest["dimension"])
+
+    @property
+    def checkpoint_fingerprint(self) -> str:
+        return str(self.manifest["checkpoint_fingerprint"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, statement_id: object) -> bool:
+        return statement_id in self._position
+
+    @classmethod
+    def load(cls, folder: str | Path) -> StatementIndex:
+        """Load a complete index; raises `IncompleteIndexError` naming what is missing or inconsistent."""
+        folder = Path(str(folder).removeprefix("file://"))
+
+        def incomplete(reason: str) -> IncompleteIndexError:
+            return IncompleteIndexError(f"{folder} is not a complete statement index: {reason}")
+
+        manifest_path = folder / MANIFEST_FILE
+        if not folder.is_dir():
+            raise incomplete("no such folder")
+        if not manifest_path.is_file():
+            raise incomplete(f"no {MANIFEST_FILE} (a build that did not finish, or not an index)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise incomplete(f"{MANIFEST_FILE} is not valid JSON ({err.msg})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
+            raise incomplete(f"{MANIFEST_FILE} is not a {INDEX_FORMAT} manifest")
+        if int(manifest.get("format_version", 0)) > INDEX_FORMAT_VERSION:
+            raise incomplete(f"format_version {manifest['format_version']} is newer than {INDEX_FORMAT_VERSION}")
+        shards = manifest.get("shards") or []
+        tables = []
+        for shard in shards:
+            path = folder / VECTORS_DIR / shard["file"]
+            if not path.is_file():
+                raise incomplete(f"missing vector shard {VECTORS_DIR}/{shard['file']}")
+            table = pq.read_table(path, columns=["statement_id", "text", "vector"])
+            if table.num_rows != shard["rows"]:
+                raise incomplete(
+                    f"{VECTORS_DIR}/{shard['file']} has {table.num_rows} rows, manifest says {shard['rows']}"
+                )
+            tables.append(table)
+        count, dimension = int(manifest["count"]), int(manifest["dimension"])
+        if sum(t.num_rows for t in tables) != count:
+            raise incomplete(f"shards hold {sum(t.num_rows for t in tables)} rows, manifest count is {count}")
+        table = pa.concat_tables(tables) if tables else None
+        if table is None or count == 0:
+            raise incomplete("the index holds no statements")
+        vectors = np.asarray(table.column("vector").combine_chunks().flatten().to_numpy(), dtype=np.float32)
+        if vectors.size != count * dimension:
+            raise incomplete(f"vectors do not have dimension {dimension}")
+        ann_path = folder / str(manifest.get("ann", {}).get("file", ANN_FILE))
+        if not ann_path.is_file():
+            raise incomplete(f"no {ann_path.name}")
+        ann_settings = manifest.get("ann", {})
+        ann = _new_ann(
+            dimension, int(ann_settings.get("connectivity", 16)), int(ann_settings.get("expansion_search", 64))
+        )
+        ann.load(str(ann_path))
+        if len(ann) != count or ann.ndim != dimension:
+            raise incomplete(f"{ann_path.name} holds {len(ann)} vectors of dimension {ann.ndim}, expected "
+                             f"{count} x {dimension}")
+        ids = table.column("statement_id").to_pylist()
+        return cls(folder, manifest, ids, table.column("text").to_pylist(), vectors.reshape(count, dimension), ann)
+
+    def _queries(self, query_vectors: np.ndarray, k: int) -> np.ndarray:
+        queries = np.asarray(query_vectors, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2 or queries.shape[1] != self.dimension:
+            raise ValueError(f"query vectors must have shape (n, {self.dimension}), got {np.shape(query_vectors)}")
+        if not np.isfinite(queries).all():
+            raise ValueError("query vectors contain NaN or infinity")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        return queries
+
+    def search(self, query_vectors: np.ndarray, k: int, exact: bool = False) -> list[list[tuple[str, str, float]]]:
+        """Top-k statements per query vector: [(statement_id, text, score = dot product)], best first.
+
+        `exact=True` scores every statement (brute force) instead of walking the HNSW graph.
+        """
+        queries = self._queries(query_vectors, k)
+        k = min(int(k), len(self))
+        if exact:
+            scores = queries @ self.vectors.T
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            return [[(self.ids[j], self.texts[j], float(scores[i, j])) for j in row] for i, row in enumerate(top)]
+        matches = self._ann.search(queries, k)
+        keys = np.asarray(matches.keys).reshape(len(queries), -1)
+        distances = np.asarray(matches.distances).reshape(len(queries), -1)
+        counts = np.asarray(matches.counts).reshape(-1)
+        return [
+            [(self.ids[int(key)], self.texts[int(key)], float(1.0 - dist))
+             for key, dist in zip(keys[i, : counts[i]], distances[i, : counts[i]], strict=True)]
+            for i in range(len(queries))
+        ]
+
+    def statement(self, statement_id: str) -> tuple[str, np.ndarray]:
+        """(text, unit vector) of one statement; `UnknownStatementError` for an id not in the index."""
+        position = self._position.get(statement_id)
+        if position is None:
+            raise UnknownStatementError(f"unknown statement id {statement_id!r} (index version {self.version})")
+        return self.texts[position], self.vectors[position]
