@@ -1,0 +1,353 @@
+"""Ray Data preprocessing: data-contract folder -> validated, chunked, tokenized Parquet shards + manifest.
+
+The pipeline, per table (users, statements, labels):
+
+1. read: `ray.data.read_binary_files` over the table's files (NAME.jsonl, NAME.parquet or NAME/ shards;
+   local paths or any pyarrow filesystem URI such as s3://, gs://, file://);
+2. validate: a `flat_map` turns each file into one row per record, parsed by the same
+   `uue.data.schema.parse_*` functions the local readers use, so a bad record gets the same
+   (file, row, field, reason) here as in `load_dataset`; duplicate ids and labels that reference an
+   unknown or rejected user/statement are rejected too;
+3. chunk + tokenize: `map_batches` with an autoscaled actor pool of `Featurizer`s (tokenizers load once per
+   actor); over-long history texts are split into token-bounded chunks first (`uue.data.chunking`);
+4. write: Parquet shards of fixed-shape token arrays (`users/`, `statements/`), validated `labels/`,
+   `rejects.jsonl` (every rejected record with its reason) and `manifest.json` (counts, shapes, config).
+
+Nothing is dropped silently: read = written + rejected for every table, and the manifest says so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from uue.config import ExperimentConfig, ModelConfig
+from uue.data.readers import table_files
+from uue.data.schema import (
+    TABLES,
+    DataValidationError,
+    label_to_record,
+    parse_label,
+    parse_statement,
+    parse_user,
+    statement_to_record,
+    user_to_record,
+)
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+FORMAT = "uue-preprocessed/1"
+_PARSERS = {"users": parse_user, "statements": parse_statement, "labels": parse_label}
+_TO_RECORD = {"users": user_to_record, "statements": statement_to_record, "labels": label_to_record}
+_KEY_FIELD = {"users": "user_id", "statements": "statement_id"}
+
+
+# ---------------------------------------------------------------------------------- filesystems
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI that pyarrow understands."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode("utf-8"))
+
+
+def _list_parquet(fs: pafs.FileSystem, folder: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+# ---------------------------------------------------------------------------------- reading + validation
+def _records_of_file(raw: bytes, path: str) -> Iterator[tuple[int, dict[str, Any] | DataValidationError]]:
+    """(row, record) for every record of one file; rows count from 1 (JSONL: the line number)."""
+    if path.endswith(".jsonl"):
+        for line_no, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield line_no, DataValidationError(path, line_no, "<json>", f"malformed JSON: {err.msg}")
+                continue
+            if not isinstance(record, dict):
+                yield line_no, DataValidationError(path, line_no, "<json>", "a record must be a JSON object")
+                continue
+            yield line_no, record
+    else:
+        try:
+            table = pq.read_table(pa.BufferReader(raw))
+        except pa.ArrowInvalid as err:
+            yield 0, DataValidationError(path, 0, "<parquet>", f"unreadable Parquet file: {err}")
+            return
+        for row_no, record in enumerate(table.to_pylist(), start=1):
+            yield row_no, {k: v for k, v in record.items() if v is not None}
+
+
+def _validate_file(row: dict[str, Any], table: str, display: dict[str, str], file_rank: dict[str, int]) -> list[dict]:
+    """One file of a table -> one row per record: the normalised record, or the reason it is rejected."""
+    path = display.get(row["path"], row["path"])
+    out = []
+    for row_no, record in _records_of_file(row["bytes"], path):
+        base = {"file": path, "file_rank": file_rank.get(row["path"], 0), "row": row_no}
+        if isinstance(record, DataValidationError):
+            out.append({**base, "ok": False, "key": None, "record": None, "field": record.field,
+                        "reason": record.reason})
+            continue
+        try:
+            parsed = _PARSERS[table](record, path, row_no)
+        except DataValidationError as err:
+            out.append({**base, "ok": False, "key": None, "record": None, "field": err.field, "reason": err.reason})
+            continue
+        key = getattr(parsed, _KEY_FIELD[table]) if table in _KEY_FIELD else None
+        out.append({**base, "ok": True, "key": key, "record": json.dumps(_TO_RECORD[table](parsed)),
+                    "field": None, "reason": None})
+    return out
+
+
+def _check_label_references(batch: dict[str, np.ndarray], user_ids: frozenset, statement_ids: frozenset
+                            ) -> dict[str, np.ndarray]:
+    """Labels must point at a user and a statement that passed validation."""
+    ok, fields, reasons = batch["ok"].copy(), batch["field"].copy(), batch["reason"].copy()
+    for i, raw in enumerate(batch["record"]):
+        if not ok[i]:
+            continue
+        record = json.loads(raw)
+        if record["user_id"] not in user_ids:
+            ok[i], fields[i] = False, "user_id"
+            reasons[i] = f"unknown user_id {record['user_id']!r} (not among the valid users)"
+        elif record["statement_id"] not in statement_ids:
+            ok[i], fields[i] = False, "statement_id"
+            reasons[i] = f"unknown statement_id {record['statement_id']!r} (not among the valid statements)"
+    return {**batch, "ok": ok, "field": fields, "reason": reasons}
+
+
+# ---------------------------------------------------------------------------------- featurization
+class UserFeaturizerUDF:
+    """Actor-pool UDF: validated user records -> chunked, fixed-shape token arrays (tokenizer loaded once)."""
+
+    def __init__(self, model_config_json: str):
+        from uue.data.featurize import Featurizer
+        from uue.model.backbone import load_tokenizer
+
+        config = ModelConfig.model_validate_json(model_config_json)
+        self.featurizer = Featurizer(config, load_tokenizer(config.user_model_name),
+                                     load_tokenizer(config.item_model_name))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from uue.data.chunking import split_long_chunks
+
+        cfg = self.featurizer.config
+        rows: list[dict[str, Any]] = []
+        for raw in batch["record"]:
+            user = parse_user(json.loads(raw))
+            num_chunks = len(user.chunks)
+            user.chunks = split_long_chunks(user.chunks, self.featurizer.user_tokenizer, cfg.max_chunk_length)
+            features = self.featurizer.user_features(user)
+            features.update(user_id=user.user_id, num_chunks=num_chunks, num_pieces=len(user.chunks),
+                            num_kept=int(features["chunk_mask"].sum()))
+            rows.append(features)
+        return {key: np.stack([np.asarray(r[key]) for r in rows]) for key in rows[0]}
+
+
+class StatementFeaturizerUDF:
+    """Actor-pool UDF: validated statement records -> fixed-shape token arrays."""
+
+    def __init__(self, model_config_json: str):
+        from uue.data.featurize import Featurizer
+        from uue.model.backbone import load_tokenizer
+
+        config = ModelConfig.model_validate_json(model_config_json)
+        self.featurizer = Featurizer(config, load_tokenizer(config.user_model_name),
+                                     load_tokenizer(config.item_model_name))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        statements = [parse_statement(json.loads(raw)) for raw in batch["record"]]
+        features = self.featurizer.statement_features(statements)
+        features["statement_id"] = np.array([s.statement_id for s in statements])
+        return features
+
+
+def _label_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    records = [json.loads(raw) for raw in batch["record"]]
+    return {
+        "user_id": np.array([r["user_id"] for r in records]),
+        "statement_id": np.array([r["statement_id"] for r in records]),
+        "label": np.array([r["label"] for r in records], dtype=np.int64),
+        "split": np.array([r["split"] for r in records], dtype=object),
+        "group": np.array([r["group"] for r in records], dtype=object),
+    }
+
+
+# ---------------------------------------------------------------------------------- the job
+@dataclass
+class TableCounts:
+    read: int = 0
+    written: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class PreprocessReport:
+    """What `preprocess` did; also written (with more detail) to the manifest."""
+
+    output: str
+    counts: dict[str, TableCounts] = field(default_factory=dict)
+    rejects_path: str = ""
+    manifest_path: str = ""
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def total_rejected(self) -> int:
+        return sum(c.rejected for c in self.counts.values())
+
+    def summary(self) -> str:
+        lines = [f"preprocessed -> {self.output} in {self.seconds:.1f}s",
+                 f"{'table':12s}{'read':>10s}{'written':>10s}{'rejected':>10s}"]
+        for table, c in self.counts.items():
+            lines.append(f"{table:12s}{c.read:>10d}{c.written:>10d}{c.rejected:>10d}")
+        if self.total_rejected:
+            lines.append(f"{self.total_rejected} rejected records with their reasons: {self.rejects_path}")
+            for reason, count in sorted(self.reject_reasons.items(), key=lambda kv: -kv[1])[:10]:
+                lines.append(f"  {count:6d} x {reason}")
+        return "\n".join(lines)
+
+
+def _reason_kind(reject: dict[str, Any]) -> str:
+    """Group rejects for the summary by table, field and the reason without the offending value."""
+    reason = str(reject["reason"]).split(":")[0].split("'")[0].split("(")[0].strip()
+    return f"{reject['table']}.{reject['field']}: {reason}"
+
+
+def _read_validated(input_uri: str, table: str):
+    import ray.data
+
+    files = table_files(input_uri, table)
+    fs, _ = resolve_filesystem(input_uri)
+    inner = [resolve_filesystem(f)[1] for f in files]
+    display = dict(zip(inner, files, strict=True))
+    file_rank = {p: i for i, p in enumerate(inner)}
+    ds = ray.data.read_binary_files(inner, filesystem=fs, include_paths=True)
+    return ds.flat_map(_validate_file, fn_kwargs={"table": table, "display": display, "file_rank": file_rank})
+
+
+def _split_duplicates(validated, table: str) -> tuple[set[tuple[str, int]], list[dict], set[str]]:
+    """First occurrence of an id wins (file order, then row); later ones become rejects."""
+    rows = validated.filter(lambda r: bool(r["ok"])).select_columns(["file", "file_rank", "row", "key"]).take_all()
+    rows.sort(key=lambda r: (r["file_rank"], r["row"]))
+    first: dict[str, dict] = {}
+    duplicates: set[tuple[str, int]] = set()
+    rejects: list[dict] = []
+    for r in rows:
+        if r["key"] in first:
+            seen = first[r["key"]]
+            duplicates.add((r["file"], r["row"]))
+            rejects.append({"table": table, "file": r["file"], "file_rank": r["file_rank"], "row": r["row"],
+                            "field": _KEY_FIELD[table],
+                            "reason": f"duplicate {_KEY_FIELD[table]} {r['key']!r} (first in {seen['file']}, "
+                                      f"row {seen['row']})"})
+        else:
+            first[r["key"]] = r
+    return duplicates, rejects, set(first)
+
+
+def preprocess(
+    input_uri: str,
+    output_uri: str,
+    config: ExperimentConfig | ModelConfig,
+    *,
+    max_actors: int = 2,
+    batch_size: int = 64,
+    overwrite: bool = False,
+) -> PreprocessReport:
+    """Run the whole pipeline on the connected Ray cluster (the caller runs `ray.init`)."""
+    import ray.data
+
+    started = time.perf_counter()
+    model_config = config.model if isinstance(config, ExperimentConfig) else config
+    out_fs, out_root = resolve_filesystem(output_uri)
+    info = out_fs.get_file_info(out_root)
+    if info.type == pafs.FileType.File:
+        raise FileExistsError(f"output {output_uri} is a file; give a folder")
+    if info.type == pafs.FileType.Directory:
+        existing = out_fs.get_file_info(pafs.FileSelector(out_root, recursive=False))
+        if existing and not overwrite:
+            raise FileExistsError(f"output {output_uri} is not empty; pass --overwrite to replace it")
+        out_fs.delete_dir_contents(out_root, missing_dir_ok=True)
+    out_fs.create_dir(out_root, recursive=True)
+
+    report = PreprocessReport(output=output_uri)
+    rejects: list[dict] = []
+    valid_ids: dict[str, set[str]] = {}
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, max_actors))
+    config_json = model_config.model_dump_json()
+
+    for table in TABLES:
+        validated = _read_validated(input_uri, table)
+        if table == "labels":
+            validated = validated.map_batches(
+                _check_label_references, batch_format="numpy",
+                fn_kwargs={"user_ids": frozenset(valid_ids["users"]),
+                           "statement_ids": frozenset(valid_ids["statements"])},
+            )
+        validated = validated.materialize()
+        counts = TableCounts(read=validated.count())
+        bad = validated.filter(lambda r: not r["ok"]).select_columns(
+            ["file", "file_rank", "row", "field", "reason"]).take_all()
+        rejects.extend({"table": table, **r} for r in bad)
+        duplicates: set[tuple[str, int]] = set()
+        if table in _KEY_FIELD:
+            duplicates, duplicate_rejects, valid_ids[table] = _split_duplicates(validated, table)
+            rejects.extend(duplicate_rejects)
+        counts.rejected = len(bad) + len(duplicates)
+        good = validated.filter(lambda r, d=frozenset(duplicates): bool(r["ok"]) and (r["file"], r["row"]) not in d)
+        target = f"{out_root}/{table}"
+        if table == "users":
+            features = good.map_batches(UserFeaturizerUDF, fn_constructor_args=(config_json,), compute=pool,
+                                        batch_size=batch_size, batch_format="numpy")
+        elif table == "statements":
+            features = good.map_batches(StatementFeaturizerUDF, fn_constructor_args=(config_json,), compute=pool,
+                                        batch_size=batch_size, batch_format="numpy")
+        else:
+            features = good.map_batches(_label_columns, batch_format="numpy")
+        features.write_parquet(target, filesystem=out_fs)
+        counts.written = sum(pq.ParquetFile(out_fs.open_input_file(p)).metadata.num_rows
+                             for p in _list_parquet(out_fs, target))
+        report.counts[table] = counts
+
+    rejects.sort(key=lambda r: (TABLES.index(r["table"]), r["file_rank"], r["row"]))
+    report.rejects_path = f"{output_uri.rstrip('/')}/{REJECTS}"
+    _write_text(out_fs, f"{out_root}/{REJECTS}", "".join(
+        json.dumps({k: r[k] for k in ("table", "file", "row", "field", "reason")}) + "\n" for r in rejects))
+    report.reject_reasons = dict(Counter(_reason_kind(r) for r in rejects))
+    report.seconds = time.perf_counter() - started
+    report.manifest_path = f"{output_uri.rstrip('/')}/{MANIFEST}"
+    manifest = {
+        "format": FORMAT,
+        "input": input_uri,
+        "created_unix": time.time(),
+        "seconds": report.seconds,
+        "model": model_config.model_dump(),
+        "tables": {t: asdict(c) for t, c in report.counts.items()},
+        "rejects": {"file": REJECTS, "count": report.total_rejected, "by_reason": report.reject_reasons},
+        "shapes": {
+            "user_input_ids": [model_config.num_chunks_per_user, model_config.max_chunk_length],
+            "item_input_ids": [model_config.max_statement_length + model_config.max_context_length],
+        },
+        "files": {t: [p[len(out_root) + 1:] for p in _list_parquet(out_fs, f"{out_root}/{t}")] for t in TABLES},
+    }
+    _write_text(out_fs, f"{out_root}/{MANIFEST}", json.dumps(manifest, indent=2) + "\n")
+    return report
