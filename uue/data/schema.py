@@ -24,6 +24,10 @@ class DataValidationError(ValueError):
         where = f"{file}, row {row}" if row is not None else file
         super().__init__(f"{where}: field {field_name!r}: {reason}")
 
+    def __reduce__(self):
+        # Pickle by the constructor's arguments, so the error crosses Ray task/actor boundaries intact.
+        return type(self), (self.file, self.row, self.field, self.reason)
+
 
 @dataclass
 class UserChunk:
