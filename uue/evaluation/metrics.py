@@ -1,0 +1,128 @@
+"""Scoring metrics in plain numpy: ROC AUC, F1 at a threshold, and top-k retrieval metrics.
+
+Definitions (what metrics.json reports):
+- `auc`: ROC AUC over all scored labels pooled together (ties count one half), i.e. the probability
+  that a random true (user, statement) pair scores above a random false one.
+- `mean_user_auc`: the same within each user's labels, averaged over users that have both classes.
+- `f1`: F1 of `score >= threshold`, the threshold chosen elsewhere (validation labels).
+- retrieval at k, per user over a pool of statements, averaged over users with >= 1 true statement:
+  `precision@k` = hits / k, `recall@k` = hits / true statements, `f1@k` = their harmonic mean (per
+  user, then averaged), `ndcg@k` with binary gains, `mrr@k` = 1 / rank of the first hit (0 if none).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing their average rank."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    ranks = np.empty(len(values), dtype=np.float64)
+    boundaries = np.flatnonzero(np.diff(sorted_values)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(values)]])
+    for start, end in zip(starts, ends, strict=True):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    return ranks
+
+
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
+    """Mann-Whitney form of ROC AUC; NaN when only one class is present."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates) at every distinct threshold, from (0, 0) to (1, 1)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(y)[last_of_tie]
+    fp = np.cumsum(~y)[last_of_tie]
+    tpr = np.r_[0.0, tp / max(1, y.sum())]
+    fpr = np.r_[0.0, fp / max(1, (~y).sum())]
+    return fpr, tpr
+
+
+def mean_user_auc(scores: np.ndarray, labels: np.ndarray, users: np.ndarray) -> tuple[float, int]:
+    """(mean of per-user AUCs, number of users that had both classes)."""
+    scores, labels, users = np.asarray(scores), np.asarray(labels), np.asarray(users)
+    aucs = []
+    for user in np.unique(users):
+        mask = users == user
+        auc = roc_auc(scores[mask], labels[mask])
+        if not math.isnan(auc):
+            aucs.append(auc)
+    return (float(np.mean(aucs)) if aucs else float("nan")), len(aucs)
+
+
+def f1_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    predicted = np.asarray(scores) >= threshold
+    labels = np.asarray(labels).astype(bool)
+    tp = float((predicted & labels).sum())
+    precision = tp / predicted.sum() if predicted.any() else 0.0
+    recall = tp / labels.sum() if labels.any() else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall}
+
+
+def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The threshold that maximises F1 on these labels (used on validation labels only)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    if not labels.any():
+        return float(scores.max()) + 1e-6 if scores.size else 0.0
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(y)[last_of_tie]
+    predicted = last_of_tie + 1
+    f1 = 2 * tp / (predicted + y.sum())
+    return float(s[last_of_tie[int(np.argmax(f1))]])
+
+
+def retrieval_metrics(score_matrix: np.ndarray, relevant: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Top-k metrics of ranking each row's pool (columns) by score, against a boolean relevance matrix.
+
+    Rows without any relevant column are skipped (their count is `users` in the result).
+    """
+    score_matrix = np.asarray(score_matrix, dtype=np.float64)
+    relevant = np.asarray(relevant, dtype=bool)
+    rows = np.flatnonzero(relevant.any(1))
+    out = {f"precision@{k}": float("nan"), f"recall@{k}": float("nan"), f"f1@{k}": float("nan"),
+           f"ndcg@{k}": float("nan"), f"mrr@{k}": float("nan"), "users": int(len(rows)),
+           "pool_size": int(score_matrix.shape[1])}
+    if len(rows) == 0:
+        return out
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    precision, recall, f1, ndcg, mrr = [], [], [], [], []
+    for row in rows:
+        # Stable order on -score: ties keep pool order, so results never depend on sort internals.
+        top = np.argsort(-score_matrix[row], kind="mergesort")[:k]
+        hits = relevant[row, top]
+        n_rel = int(relevant[row].sum())
+        p = hits.sum() / k
+        r = hits.sum() / n_rel
+        precision.append(p)
+        recall.append(r)
+        f1.append(2 * p * r / (p + r) if p + r > 0 else 0.0)
+        ideal = discounts[: min(n_rel, k)].sum()
+        ndcg.append(float((hits * discounts[: len(hits)]).sum() / ideal))
+        first = np.flatnonzero(hits)
+        mrr.append(1.0 / (first[0] + 1) if first.size else 0.0)
+    out.update({f"precision@{k}": float(np.mean(precision)), f"recall@{k}": float(np.mean(recall)),
+                f"f1@{k}": float(np.mean(f1)), f"ndcg@{k}": float(np.mean(ndcg)), f"mrr@{k}": float(np.mean(mrr))})
+    return out
