@@ -75,11 +75,16 @@ class ModelConfig(_Strict):
     """Recompute chunk activations in backward so training memory does not grow with chunks per user."""
     learn_temperature: bool = True
     max_logit_scale: float = Field(100.0, gt=1)
+    cache_chunk_vectors: bool = False
+    """With freeze_user_backbone: encode each user's chunks once (uue.chunk_cache) and train the user side
+    (pooling, metadata fusion, projection) on the cached chunk vectors; the CPU-friendly path."""
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
         if self.use_attention_pooling and self.attention_heads < 1:
             raise ValueError("attention_heads must be >= 1 with use_attention_pooling")
+        if self.cache_chunk_vectors and not self.freeze_user_backbone:
+            raise ValueError("cache_chunk_vectors needs freeze_user_backbone: true (a trained backbone changes them)")
         return self
 
     @property

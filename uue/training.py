@@ -221,8 +221,17 @@ class UUETrainer:
         torch.manual_seed(seed)
         self.model = (model or UUEModel.from_config(self.config.model, seed=seed)).to(self.device)
         self.featurizer = Featurizer(self.config.model, self.model.user_tokenizer, self.model.item_tokenizer)
+        self.chunk_cache = None
+        if self.config.model.cache_chunk_vectors:
+            from uue.chunk_cache import ChunkVectorCache
+
+            self.chunk_cache = ChunkVectorCache(self.model.user_tower.encoder, self.featurizer, self.device,
+                                                progress=self.config.training.progress_bar)
         self.batches = PairBatches(self.dataset, self.featurizer, self.config.model.batch_size,
-                                   split=self.config.data.train_split, seed=self.config.data.shuffle_seed)
+                                   split=self.config.data.train_split, seed=self.config.data.shuffle_seed,
+                                   user_features=self.chunk_cache.features if self.chunk_cache else None)
+        if self.chunk_cache is not None:
+            self.chunk_cache.precompute(self.batches.users_in_pairs(), desc="user chunk vectors (frozen backbone)")
         epochs_steps = self.config.model.num_epochs * self.batches.batches_per_epoch
         self.total_steps = self.config.training.max_steps or epochs_steps
         self.optimization = TorchOptimization(self.model, self.config.model, self.total_steps)

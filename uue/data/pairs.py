@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +10,7 @@ import torch
 
 from uue.data.featurize import Featurizer, collate
 from uue.data.readers import UUEDataset
+from uue.data.schema import UserData
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,10 @@ class PairBatches:
     """
 
     def __init__(self, dataset: UUEDataset, featurizer: Featurizer, batch_size: int, split: str | None = "train",
-                 seed: int = 0):
+                 seed: int = 0, user_features: Callable[[UserData], dict[str, np.ndarray]] | None = None):
         self.dataset = dataset
+        # Where a user's features come from: tokens (the featurizer) or cached chunk vectors (uue.chunk_cache).
+        self.user_feature_source = user_features or featurizer.user_features
         self.featurizer = featurizer
         self.batch_size = batch_size
         self.seed = seed
@@ -55,6 +58,9 @@ class PairBatches:
     def batches_per_epoch(self) -> int:
         return len(self.pairs) // self.batch_size
 
+    def users_in_pairs(self) -> list[UserData]:
+        return [self.dataset.users[self.user_ids[u]] for u in np.unique(self.pairs[:, 0]).tolist()]
+
     def positives_by_user(self) -> dict[int, set[int]]:
         out: dict[int, set[int]] = {}
         for u, s in self.pairs.tolist():
@@ -63,7 +69,7 @@ class PairBatches:
 
     def user_features(self, user: int) -> dict[str, np.ndarray]:
         if user not in self._user_cache:
-            self._user_cache[user] = self.featurizer.user_features(self.dataset.users[self.user_ids[user]])
+            self._user_cache[user] = self.user_feature_source(self.dataset.users[self.user_ids[user]])
         return self._user_cache[user]
 
     def epoch_order(self, epoch: int) -> np.ndarray:
