@@ -84,3 +84,31 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
         if in_bin.any():
             total += in_bin.mean() * abs(p[in_bin].mean() - y[in_bin].mean())
     return float(total)
+
+
+def calibrate_model(model_dir: str | Path, dataset_or_data_dir, split: str = "validation",
+                    progress: bool = False) -> PlattCalibrator | None:
+    """Fit Platt scaling on the `split` labels of a dataset and save calibration.json into `model_dir`.
+
+    Returns None (and writes nothing) when the data has no labels of that split, or only one class.
+    """
+    from uue.data.readers import UUEDataset, load_dataset
+    from uue.evaluation.evaluate import ModelEmbedder
+    from uue.model.uue_model import UUEModel
+
+    dataset = dataset_or_data_dir if isinstance(dataset_or_data_dir, UUEDataset) else load_dataset(dataset_or_data_dir)
+    labels = [lab for lab in dataset.labels if lab.split == split]
+    if not labels or len({lab.label for lab in labels}) < 2:
+        return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    embedder = ModelEmbedder(UUEModel.from_pretrained(model_dir, map_location=device), device, progress=progress)
+    user_ids = sorted({lab.user_id for lab in labels})
+    statement_ids = sorted({lab.statement_id for lab in labels})
+    users = embedder.users([dataset.users[u] for u in user_ids])
+    statements = embedder.statements([dataset.statements[s] for s in statement_ids])
+    user_pos = {u: i for i, u in enumerate(user_ids)}
+    statement_pos = {s: i for i, s in enumerate(statement_ids)}
+    scores = np.array([users[user_pos[lab.user_id]] @ statements[statement_pos[lab.statement_id]] for lab in labels])
+    calibrator = PlattCalibrator.fit(scores, np.array([lab.label for lab in labels]))
+    calibrator.save(model_dir)
+    return calibrator

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from uue.config import ConfigError, load_config
 from uue.data.schema import DataValidationError
@@ -18,6 +19,114 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = trainer.fit(resume_from="latest" if args.resume else None)
     last = result.history[-1] if result.history else {}
     print(f"trained {result.steps} steps; final loss {last.get('loss', float('nan')):.4f}; model: {result.model_dir}")
+    if result.model_dir is not None:
+        from uue.calibration import calibrate_model
+
+        calibrator = calibrate_model(result.model_dir, trainer.dataset, config.data.validation_split)
+        if calibrator is not None:
+            print(f"calibrated on {calibrator.fitted_on} '{config.data.validation_split}' labels: "
+                  f"{result.model_dir}/calibration.json")
+    return 0
+
+
+def resolve_model_dir(path: str) -> Path:
+    """A model folder, a checkpoint folder (step_N/model) or a training output_dir (its model/)."""
+    folder = Path(path)
+    for candidate in (folder, folder / "model"):
+        if (candidate / "uue.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{path} is not a UUE model folder (no uue.json in it or in {path}/model)")
+
+
+def cmd_data_movielens(args: argparse.Namespace) -> int:
+    from uue.movielens import MovieLensOptions, write_movielens
+
+    options = MovieLensOptions(seed=args.seed)
+    if args.config:
+        config = load_config(args.config, [])
+        options.max_chunk_length, options.tokenizer = config.model.max_chunk_length, config.model.user_model_name
+    if args.max_chunk_length:
+        options.max_chunk_length = args.max_chunk_length
+    if args.tokenizer:
+        options.tokenizer = args.tokenizer
+    summary = write_movielens(args.out, options)
+    print(f"wrote {args.out}: {summary['users']} users ({summary['users_by_split']}), {summary['statements']} "
+          f"statements, {summary['labels']} labels by group {summary['labels_by_group']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from uue.evaluation import evaluate_model
+    from uue.evaluation.report import comparison_rows
+
+    model_dir = resolve_model_dir(args.checkpoint)
+    result = evaluate_model(model_dir, args.data, args.out, split=args.split, k=args.k,
+                            baseline=not args.no_baseline)
+    k = args.k
+    print(f"{'subset':28s} {'AUC':>16s} {f'NDCG@{k}':>16s} {'F1':>16s}   (model / baseline)")
+    for name, model, base in comparison_rows(result):
+        def pair(key: str, model=model, base=base) -> str:
+            mine = "-" if model.get(key) is None else f"{model[key]:.3f}"
+            theirs = "" if not base or base.get(key) is None else f" / {base[key]:.3f}"
+            return f"{mine}{theirs}"
+        print(f"{name:28s} {pair('auc'):>16s} {pair(f'ndcg@{k}'):>16s} {pair('f1'):>16s}")
+    print(f"metrics: {args.out}/metrics.json, report: {args.out}/report.md")
+    return 0
+
+
+def read_user_file(path: str, user_id: str | None = None):
+    """A user from FILE: a contract users .jsonl/.json record (or a list of chunks), or plain text."""
+    import json
+    from pathlib import Path
+
+    from uue.data.schema import UserChunk, UserData, parse_user
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"user file not found: {path}")
+    text = file.read_text()
+    if file.suffix == ".jsonl":
+        for row, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                record = json.loads(line)
+                if user_id is None or str(record.get("user_id")) == user_id:
+                    return parse_user(record, str(file), row)
+        raise ValueError(f"{path}: no user {user_id!r}" if user_id else f"{path}: no user record")
+    if file.suffix == ".json":
+        record = json.loads(text)
+        if isinstance(record, list):
+            from uue.inference import as_chunks
+
+            return UserData(user_id=user_id or file.stem, chunks=as_chunks(record))
+        return parse_user(record, str(file), 1)
+    # Plain text: one chunk per paragraph (blank-line separated).
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise ValueError(f"{path}: empty user file")
+    return UserData(user_id=user_id or file.stem, chunks=[UserChunk(p) for p in paragraphs])
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from uue.calibration import PlattCalibrator
+    from uue.inference import UUEInference
+
+    model_dir = resolve_model_dir(args.checkpoint)
+    user = read_user_file(args.user, args.user_id)
+    inference = UUEInference(model_dir)
+    calibrator = PlattCalibrator.load(model_dir)
+    user_vector = inference.encode_users([user])[0]
+    statement_vectors = inference.encode_statements(args.statement)
+    for text, vector in zip(args.statement, statement_vectors, strict=True):
+        similarity = float(user_vector @ vector)
+        probability = None if calibrator is None else float(calibrator.predict(similarity))
+        print(json.dumps({"user_id": user.user_id, "statement": text, "similarity": round(similarity, 6),
+                          "probability": None if probability is None else round(probability, 6),
+                          "calibrated": calibrator is not None}))
+    if calibrator is None:
+        print(f"note: {model_dir} has no calibration.json (train with validation labels, or run "
+              "uue.calibration.calibrate_model), so no probability", file=sys.stderr)
     return 0
 
 
@@ -49,6 +158,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*")
     demo.set_defaults(func=cmd_demo)
 
+    data = sub.add_parser("data", help="build datasets in the data contract")
+    data_sub = data.add_subparsers(dest="dataset", required=True)
+    movielens = data_sub.add_parser("movielens", help="convert MovieLens-100K (from the recbole package)")
+    movielens.add_argument("--out", required=True, help="output folder (users/statements/labels .jsonl)")
+    movielens.add_argument("--config", default=None, help="take max_chunk_length and the tokenizer from this config")
+    movielens.add_argument("--max-chunk-length", type=int, default=None, help="tokens per history chunk (128)")
+    movielens.add_argument("--tokenizer", default=None, help="model/preset whose tokenizer counts tokens (minilm)")
+    movielens.add_argument("--seed", type=int, default=0, help="seed of the user split")
+    movielens.set_defaults(func=cmd_data_movielens)
+
+    evaluate = sub.add_parser("evaluate", help="score a model on a dataset's test labels, beside the baseline")
+    evaluate.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder or output_dir")
+    evaluate.add_argument("--data", required=True, help="data-contract folder")
+    evaluate.add_argument("--out", required=True, help="folder for metrics.json, report.md and plots")
+    evaluate.add_argument("--split", default="test", help="split to score (all labels when the data has none)")
+    evaluate.add_argument("--k", type=int, default=10, help="cut-off of the retrieval metrics")
+    evaluate.add_argument("--no-baseline", action="store_true", help="skip the untrained-backbone baseline")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    score = sub.add_parser("score", help="similarity and calibrated probability of statements for one user")
+    score.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder or output_dir")
+    score.add_argument("--user", required=True,
+                       help="user file: users .jsonl/.json record, a .json list of chunks, or text (one chunk "
+                            "per paragraph)")
+    score.add_argument("--user-id", default=None, help="which user of a .jsonl file (default: the first)")
+    score.add_argument("--statement", required=True, action="append", help="statement text (repeatable)")
+    score.set_defaults(func=cmd_score)
+
     presets = sub.add_parser("presets", help="list the model presets")
     presets.set_defaults(func=cmd_presets)
     return parser
@@ -58,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataValidationError, ModelNotAvailableError, FileNotFoundError) as err:
+    except (ConfigError, DataValidationError, ModelNotAvailableError, FileNotFoundError, ValueError) as err:
         print(f"uue {args.command}: error: {err}", file=sys.stderr)
         return 2
 
