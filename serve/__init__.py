@@ -1,0 +1,1 @@
+"""The UUE Ray Serve application (`serve run serve.app:build_app`, or the YAML configs beside this file)."""

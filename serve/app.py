@@ -1,0 +1,168 @@
+"""The UUE Ray Serve application: user-tower and item-tower deployments behind one FastAPI ingress.
+
+    serve run serve/config.local.yaml                      # or: serve run serve.app:build_app model_dir=...
+    serve deploy serve/config.gpu.yaml                     # on a running cluster (KubeRay: cluster/rayservice.yaml)
+
+Each tower is its own deployment with its own autoscaling and `@serve.batch` dynamic batching (the user
+tower's batches are bounded by a chunk budget, the item tower's by a statement count); the ingress
+validates requests, calls the towers through `DeploymentHandle`s and searches the statement index, which
+it swaps for a new version without downtime (see `uue.serving.index_slot`). Logic lives in `uue.serving`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from uue.data.schema import Statement, UserData
+from uue.serving.encoders import StatementEncoder, UserEncoder
+from uue.serving.settings import ServeArgs
+
+logger = logging.getLogger("ray.serve")
+
+
+def _chunks_in(users: list[UserData]) -> int:
+    """The user tower's batch budget counts chunks (tokens <= chunks x max_chunk_length), not requests."""
+    return sum(len(user.chunks) for user in users)
+
+
+@serve.deployment(name="UserTower")
+class UserTowerDeployment:
+    """Users -> vectors; concurrent users are batched up to `max_batch_size` chunks per forward pass."""
+
+    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 device: str | None = None, dtype: str = "float32"):
+        from ray.serve.metrics import Counter
+
+        self.encoder = UserEncoder(model_dir, device=device, dtype=dtype)
+        if max_batch_size < self.encoder.config.num_chunks_per_user:
+            raise ValueError(f"user_tower.max_batch_size ({max_batch_size} chunks) must hold one user's "
+                             f"num_chunks_per_user ({self.encoder.config.num_chunks_per_user})")
+        self._encode_batch.set_max_batch_size(max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.chunks_encoded = Counter("uue_user_tower_chunks_total", description="Chunks encoded by the user tower.")
+
+    async def embed(self, users: list[UserData]) -> np.ndarray:
+        kept = [self.encoder.kept_chunks(user) for user in users]
+        return np.stack(await asyncio.gather(*(self._encode_batch(user) for user in kept)))
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=_chunks_in)
+    async def _encode_batch(self, users: list[UserData]) -> list[np.ndarray]:
+        vectors = await asyncio.to_thread(self.encoder.encode, users)  # the event loop keeps queueing meanwhile
+        self.chunks_encoded.inc(_chunks_in(users))
+        return list(vectors)
+
+    def info(self) -> dict:
+        return self.encoder.info()
+
+
+@serve.deployment(name="ItemTower")
+class ItemTowerDeployment:
+    """Statements -> vectors; concurrent statements are batched up to `max_batch_size` per forward pass."""
+
+    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 device: str | None = None, dtype: str = "float32"):
+        self.encoder = StatementEncoder(model_dir, device=device, dtype=dtype)
+        self._encode_batch.set_max_batch_size(max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def embed(self, statements: list[Statement]) -> tuple[np.ndarray, list[int]]:
+        results = await asyncio.gather(*(self._encode_batch(s) for s in statements))
+        return np.stack([vector for vector, _ in results]), [tokens for _, tokens in results]
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _encode_batch(self, statements: list[Statement]) -> list[tuple[np.ndarray, int]]:
+        vectors, tokens = await asyncio.to_thread(self.encoder.encode, statements)
+        return list(zip(vectors, tokens, strict=True))
+
+    def info(self) -> dict:
+        return self.encoder.info()
+
+
+class HandleBackend:
+    """`TowerBackend` over the tower deployments' handles (what the ingress calls)."""
+
+    def __init__(self, user_tower: DeploymentHandle, item_tower: DeploymentHandle):
+        self.user_tower, self.item_tower = user_tower, item_tower
+
+    async def embed_users(self, users: list[UserData]) -> np.ndarray:
+        return await self.user_tower.embed.remote(users)
+
+    async def embed_statements(self, statements: list[Statement]) -> tuple[np.ndarray, list[int]]:
+        return await self.item_tower.embed.remote(statements)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class UUEIngress:
+    """HTTP front: validation, tower calls, index search, index hot swap, metrics."""
+
+    async def __init__(self, user_tower: DeploymentHandle, item_tower: DeploymentHandle, args: dict):
+        from uue.calibration import PlattCalibrator
+        from uue.indexing import checkpoint_fingerprint
+        from uue.serving.http import ServingService
+        from uue.serving.index_slot import IndexSlot
+        from uue.serving.metrics import ServingMetrics
+
+        self.args = ServeArgs.model_validate(args)
+        user_info, item_info = await asyncio.gather(user_tower.info.remote(), item_tower.info.remote())
+        if user_info["dimension"] != item_info["dimension"]:
+            raise ValueError(f"towers disagree on dimension: {user_info} vs {item_info}")
+        fingerprint = await asyncio.to_thread(checkpoint_fingerprint, self.args.model_dir)
+        metrics = ServingMetrics()
+        index = None
+        if self.args.index:
+            index = IndexSlot(self.args.index, model_fingerprint=fingerprint, dimension=user_info["dimension"])
+            await asyncio.to_thread(index.refresh)  # a replica without its index is not ready: fail loudly
+            metrics.record_index(len(index.current), swapped=False)
+        self.service = ServingService(
+            backend=HandleBackend(user_tower, item_tower), model_fingerprint=fingerprint,
+            dimension=user_info["dimension"], limits=self.args.limits,
+            statement_model_name=self.args.statement_model_name, user_model_name=self.args.user_model_name,
+            calibrator=PlattCalibrator.load(self.args.model_dir), index=index, metrics=metrics,
+        )
+        self._poller = asyncio.get_running_loop().create_task(self._poll_index()) if index else None
+
+    async def _poll_index(self) -> None:
+        """Re-read the index location every `index_poll_s`; a swap is one reference assignment."""
+        index = self.service.index
+        while True:
+            await asyncio.sleep(self.args.index_poll_s)
+            try:
+                swapped = await asyncio.to_thread(index.refresh)
+                self.service.metrics.record_index(len(index.current), swapped)
+            except Exception as err:  # keep serving the current version; /health shows last_error
+                logger.warning("index refresh failed, still serving %s: %s", index.status()["version"], err)
+
+    def __serve_build_asgi_app__(self):
+        from uue.serving.http import build_http_app
+
+        return build_http_app(self.service)
+
+    async def check_health(self) -> None:
+        if self._poller is not None and self._poller.done():
+            raise RuntimeError(f"index poller stopped: {self._poller.exception()!r}")
+
+
+def build_app(args: ServeArgs) -> serve.Application:
+    """Typed app builder: `serve run serve.app:build_app model_dir=... index=...` or the YAML `args:`."""
+    if not (Path(args.model_dir) / "uue.json").is_file():
+        raise FileNotFoundError(f"model_dir {args.model_dir}: no uue.json (not a saved UUE model folder)")
+    towers = []
+    for name, deployment in (("user_tower", UserTowerDeployment), ("item_tower", ItemTowerDeployment)):
+        tower = getattr(args, name)
+        towers.append(deployment.options(
+            autoscaling_config=tower.autoscaling_config(),
+            max_ongoing_requests=tower.max_ongoing_requests,
+            ray_actor_options=tower.ray_actor_options(),
+        ).bind(args.model_dir, tower.max_batch_size, tower.batch_wait_timeout_s, tower.device, tower.dtype))
+    return UUEIngress.options(
+        autoscaling_config=args.ingress.autoscaling_config(),
+        max_ongoing_requests=args.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": args.ingress.num_cpus},
+    ).bind(towers[0], towers[1], args.model_dump())

@@ -1,0 +1,109 @@
+"""One tower loaded on its own, turning requests into vectors: what a Serve replica (or a bare server) runs.
+
+Each encoder loads only its tower folder (`load_tower`), so a user-tower replica never holds the item
+tower's weights and vice versa. Featurization is the training code's (`Featurizer`), so served vectors
+equal `UUEInference` vectors for the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uue.config import ModelConfig
+from uue.data.featurize import Featurizer, collate, select_chunks, trim_batch
+from uue.data.schema import Statement, UserData
+from uue.model.uue_model import load_tower
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """A short id of a saved model: sha256 over its config and weight file names, sizes and head bytes.
+
+    Cheap (reads only the small files) and changes whenever a new checkpoint is exported.
+    """
+    folder = Path(model_dir)
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(str(path.stat().st_size).encode())
+        if path.suffix == ".json" or path.name in ("head.safetensors", "logit_scale.safetensors"):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _TowerEncoder:
+    tower_name: str
+
+    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str = "float32"):
+        folder = Path(model_dir) / f"{self.tower_name}_tower"
+        if not (folder / "tower.json").is_file():
+            raise FileNotFoundError(f"{folder}/tower.json not found: {model_dir} is not a saved UUE model folder")
+        self.model_dir = str(model_dir)
+        self.device = _pick_device(device)
+        self.config = ModelConfig.model_validate(json.loads((folder / "tower.json").read_text())["model_config"])
+        tower, tokenizer = load_tower(folder, map_location=self.device)
+        self.tower = tower.to(DTYPES[dtype]).eval()
+        self.tokenizer = tokenizer
+        self.featurizer = Featurizer(self.config, tokenizer, tokenizer)
+        self.fingerprint = model_fingerprint(model_dir)
+
+    @property
+    def dimension(self) -> int:
+        return self.config.embedding_dim
+
+    def info(self) -> dict:
+        return {"tower": self.tower_name, "dimension": self.dimension, "model_fingerprint": self.fingerprint,
+                "device": str(self.device)}
+
+
+class UserEncoder(_TowerEncoder):
+    """Users (chunk lists) -> unit vectors with the user tower."""
+
+    tower_name = "user"
+
+    def kept_chunks(self, user: UserData) -> UserData:
+        """The chunks the model reads (the `num_chunks_per_user` most recent): what a batch budget counts."""
+        return UserData(user.user_id, select_chunks(user.chunks, self.config.num_chunks_per_user),
+                        metadata=user.metadata)
+
+    @torch.inference_mode()
+    def encode(self, users: Sequence[UserData]) -> np.ndarray:
+        if not users:
+            return np.zeros((0, self.dimension), np.float32)
+        batch = trim_batch(collate([self.featurizer.user_features(u) for u in users]))
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        return self.tower(
+            chunk_mask=batch["chunk_mask"], input_ids=batch["user_input_ids"],
+            attention_mask=batch["user_attention_mask"], metadata=batch.get("user_metadata"),
+        ).float().cpu().numpy()
+
+
+class StatementEncoder(_TowerEncoder):
+    """Statements -> unit vectors with the item tower, plus the tokens each used (for usage reports)."""
+
+    tower_name = "item"
+
+    @torch.inference_mode()
+    def encode(self, statements: Sequence[Statement]) -> tuple[np.ndarray, list[int]]:
+        if not statements:
+            return np.zeros((0, self.dimension), np.float32), []
+        features = self.featurizer.statement_features(list(statements))
+        tokens = features["item_attention_mask"].sum(1).astype(int).tolist()
+        batch = trim_batch({k: torch.as_tensor(v).to(self.device) for k, v in features.items()})
+        vectors = self.tower(batch["item_input_ids"], batch["item_attention_mask"], batch.get("item_metadata"))
+        return vectors.float().cpu().numpy(), tokens

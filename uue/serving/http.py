@@ -1,0 +1,301 @@
+"""The UUE HTTP API as a FastAPI app, independent of where the towers run.
+
+`build_http_app(service)` serves the routes over any `TowerBackend`: the Serve ingress passes one that
+calls the tower deployments through `DeploymentHandle`s (batched, autoscaled), the benchmark's bare
+peer one that runs both towers in-process. Routes:
+
+    GET  /health                 model, index version, calibration
+    POST /embed/users            {"users": [{"chunks": [...]}]}             -> unit vectors
+    POST /embed/statements       {"statements": ["...", {"text": ...}]}     -> unit vectors
+    POST /score                  {"user": {...}, "statements": [...], "statement_ids": [...]}
+                                 -> similarity and calibrated probability per statement
+    POST /retrieve               {"user": {...}, "k": 10} -> top-k statements of the index
+    POST /v1/embeddings          OpenAI-compatible (input string or list; encoding_format float|base64)
+    GET  /v1/models              OpenAI-compatible model list
+    POST /admin/reload-index     re-read the index location now (replicas also poll it)
+
+Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with 400 for malformed JSON,
+422 for wrong types/empty text, 413 for bodies or lists over the configured limits, 404 for unknown
+statement ids and model names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from uue.calibration import PlattCalibrator
+from uue.data.schema import Statement, UserChunk, UserData
+from uue.serving.api import (
+    EmbeddingsResponse,
+    EmbedStatementsRequest,
+    EmbedUsersRequest,
+    OpenAIEmbeddingsRequest,
+    RequestError,
+    RetrieveRequest,
+    RetrieveResponse,
+    ScoredStatement,
+    ScoreRequest,
+    ScoreResponse,
+    as_statement,
+    check_statement_texts,
+    check_user,
+    check_users,
+)
+from uue.serving.index_slot import IndexSlot
+from uue.serving.metrics import ServingMetrics
+from uue.serving.settings import RequestLimits
+
+
+class TowerBackend(Protocol):
+    """Where the towers run: Serve deployments behind handles, or in-process encoders."""
+
+    async def embed_users(self, users: list[UserData]) -> np.ndarray: ...
+
+    async def embed_statements(self, statements: list[Statement]) -> tuple[np.ndarray, list[int]]: ...
+
+
+@dataclass
+class ServingService:
+    """What the routes need: towers, limits, model identity, calibration, the index, metrics."""
+
+    backend: TowerBackend
+    model_fingerprint: str
+    dimension: int
+    limits: RequestLimits
+    statement_model_name: str = "uue-statements"
+    user_model_name: str = "uue-users"
+    calibrator: PlattCalibrator | None = None
+    index: IndexSlot | None = None
+    metrics: ServingMetrics | None = None
+
+    def probabilities(self, similarities: np.ndarray) -> list[float | None]:
+        if self.calibrator is None:
+            return [None] * len(similarities)
+        return [float(p) for p in self.calibrator.predict(similarities)]
+
+    def loaded_index(self):
+        if self.index is None:
+            raise RequestError(503, "no statement index configured: start the server with `index` set")
+        current = self.index.current
+        if current is None:
+            raise RequestError(503, f"statement index not loaded yet ({self.index.last_error or 'loading'})")
+        return current
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    code = {404: "not_found", 413: "request_too_large"}.get(status, str(status))
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def _validation_message(err: RequestValidationError) -> tuple[int, str, str | None]:
+    errors = err.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
+        return 400, f"malformed JSON body: {detail}".rstrip(": "), None
+    parts, first_param = [], None
+    for e in errors[:5]:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        # Union members (str | {...}) add their type name to the path; it says nothing to a client.
+        loc = [p for p in loc if p not in ("str", "StatementIn", "ChunkIn") and not p.startswith("function-")]
+        where = ".".join(loc) or "body"
+        first_param = first_param or where
+        message = str(e.get("msg", "")).removeprefix("Value error, ")
+        if where == "body" and e.get("type") in ("model_attributes_type", "dict_type"):
+            message = "expected a JSON object (with Content-Type: application/json)"
+        parts.append(f"{where}: {message}")
+    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+    return 422, "; ".join(parts) + more, first_param
+
+
+def _openai_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return [float(x) for x in vector]
+
+
+def build_http_app(service: ServingService) -> FastAPI:
+    app = FastAPI(title="UUE: Universal User Embeddings", version="1")
+    limits = service.limits
+    metrics = service.metrics
+
+    @app.middleware("http")
+    async def limit_and_count(request: Request, call_next):
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.max_request_bytes):
+            response = _error(413, f"request body of {length} bytes; at most {limits.max_request_bytes} allowed")
+        elif length is None and request.method in ("POST", "PUT", "PATCH") and \
+                len(await request.body()) > limits.max_request_bytes:
+            response = _error(413, f"request body over {limits.max_request_bytes} bytes")
+        else:
+            response = await call_next(request)
+        if metrics is not None:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.record_request(path, response.status_code, time.perf_counter() - started)
+            if 400 <= response.status_code < 500:
+                metrics.record_rejected(str(response.status_code))
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        status, message, param = _validation_message(err)
+        return _error(status, message, param)
+
+    @app.exception_handler(RequestError)
+    async def on_refused(request: Request, err: RequestError) -> JSONResponse:
+        return _error(err.status, err.message, err.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return _error(err.status_code, str(err.detail))
+
+    def count(kind: str, n: int) -> None:
+        if metrics is not None:
+            metrics.record_embedded(kind, n)
+
+    async def embed_user(user: UserData) -> np.ndarray:
+        vectors = await service.backend.embed_users([user])
+        count("users", 1)
+        return vectors[0]
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model_fingerprint": service.model_fingerprint,
+            "dimension": service.dimension,
+            "calibrated": service.calibrator is not None,
+            "index": service.index.status() if service.index else None,
+        }
+
+    @app.post("/embed/users", response_model=EmbeddingsResponse)
+    async def embed_users(body: EmbedUsersRequest) -> EmbeddingsResponse:
+        check_users(body.users, limits)
+        vectors = await service.backend.embed_users([u.to_user() for u in body.users])
+        count("users", len(vectors))
+        return EmbeddingsResponse(model_fingerprint=service.model_fingerprint, dimension=service.dimension,
+                                  embeddings=vectors.tolist())
+
+    @app.post("/embed/statements", response_model=EmbeddingsResponse)
+    async def embed_statements(body: EmbedStatementsRequest) -> EmbeddingsResponse:
+        statements = [as_statement(s) for s in body.statements]
+        check_statement_texts([s.text for s in statements], limits)
+        vectors, _ = await service.backend.embed_statements(statements)
+        count("statements", len(vectors))
+        return EmbeddingsResponse(model_fingerprint=service.model_fingerprint, dimension=service.dimension,
+                                  embeddings=vectors.tolist())
+
+    @app.post("/score", response_model=ScoreResponse)
+    async def score(body: ScoreRequest) -> ScoreResponse:
+        check_user(body.user, limits)
+        if not body.statements and not body.statement_ids:
+            raise RequestError(422, "give at least one of `statements` (texts) or `statement_ids`", "statements")
+        statements = [as_statement(s) for s in body.statements]
+        check_statement_texts([s.text for s in statements] + body.statement_ids, limits, "statements")
+        known: list[tuple[str, str, np.ndarray]] = []
+        index_version = None
+        if body.statement_ids:
+            index = service.loaded_index()
+            index_version = index.version
+            for i, sid in enumerate(body.statement_ids):
+                if sid not in index:
+                    raise RequestError(404, f"statement_ids.{i}: unknown statement id {sid!r} "
+                                            f"(index version {index.version})", f"statement_ids.{i}")
+                text, vector = index.statement(sid)
+                known.append((sid, text, vector))
+        user_task = embed_user(body.user.to_user())
+        if statements:
+            user_vector, (text_vectors, _) = await asyncio.gather(
+                user_task, service.backend.embed_statements(statements))
+            count("statements", len(statements))
+        else:
+            user_vector, text_vectors = await user_task, np.zeros((0, service.dimension), np.float32)
+        ids = [s.statement_id or None for s in statements] + [sid for sid, _, _ in known]
+        texts = [s.text for s in statements] + [text for _, text, _ in known]
+        matrix = np.concatenate([text_vectors] + [v[None, :] for _, _, v in known]).astype(np.float32)
+        similarities = matrix @ user_vector.astype(np.float32)
+        probabilities = service.probabilities(similarities)
+        return ScoreResponse(
+            model_fingerprint=service.model_fingerprint, calibrated=service.calibrator is not None,
+            index_version=index_version,
+            scores=[ScoredStatement(statement_id=sid, text=text, similarity=float(sim), probability=p)
+                    for sid, text, sim, p in zip(ids, texts, similarities, probabilities, strict=True)],
+        )
+
+    @app.post("/retrieve", response_model=RetrieveResponse)
+    async def retrieve(body: RetrieveRequest) -> RetrieveResponse:
+        check_user(body.user, limits)
+        if body.k > limits.max_top_k:
+            raise RequestError(413, f"k: {body.k}, at most {limits.max_top_k} allowed", "k")
+        index = service.loaded_index()  # one reference: the whole request uses this version
+        user_vector = await embed_user(body.user.to_user())
+        hits = index.search(user_vector[None, :], body.k)[0]
+        probabilities = service.probabilities(np.array([score for _, _, score in hits]))
+        return RetrieveResponse(
+            model_fingerprint=service.model_fingerprint, calibrated=service.calibrator is not None,
+            index_version=index.version, k=body.k,
+            scores=[ScoredStatement(statement_id=sid, text=text, similarity=score, probability=p)
+                    for (sid, text, score), p in zip(hits, probabilities, strict=True)],
+        )
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "uue"}
+            for name in (service.statement_model_name, service.user_model_name)
+        ]}
+
+    @app.post("/v1/embeddings")
+    async def openai_embeddings(body: OpenAIEmbeddingsRequest) -> dict[str, Any]:
+        texts = body.texts()
+        if body.model not in (service.statement_model_name, service.user_model_name):
+            raise RequestError(404, f"model {body.model!r} not found; this server has "
+                                    f"{service.statement_model_name!r} (statements) and "
+                                    f"{service.user_model_name!r} (each input is one user's history)", "model")
+        if body.dimensions is not None and body.dimensions != service.dimension:
+            raise RequestError(400, f"dimensions: this model produces {service.dimension}-dimensional vectors "
+                                    f"and cannot shorten them, got {body.dimensions}", "dimensions")
+        check_statement_texts(texts, limits, "input")
+        if body.model == service.statement_model_name:
+            vectors, tokens = await service.backend.embed_statements([Statement("", t) for t in texts])
+            count("statements", len(texts))
+            prompt_tokens = int(sum(tokens))
+        else:
+            vectors = await service.backend.embed_users([UserData("", [UserChunk(t)]) for t in texts])
+            count("users", len(texts))
+            prompt_tokens = 0  # the user tower does not report tokens; usage counts statements only
+        return {
+            "object": "list",
+            "model": body.model,
+            "data": [{"object": "embedding", "index": i, "embedding": _openai_vector(v, body.encoding_format)}
+                     for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+
+    @app.post("/admin/reload-index")
+    async def reload_index() -> dict[str, Any]:
+        if service.index is None:
+            raise RequestError(409, "no statement index configured: start the server with `index` set")
+        try:
+            swapped = await asyncio.to_thread(service.index.refresh)
+        except Exception as err:
+            raise RequestError(409, f"index not swapped, still serving "
+                                    f"{service.index.status()['version']}: {err}") from None
+        if metrics is not None and service.index.current is not None:
+            metrics.record_index(len(service.index.current), swapped)
+        return {"swapped": swapped, **service.index.status()}
+
+    return app

@@ -1,0 +1,114 @@
+"""Typed arguments of the Serve application (the `args:` block of serve/config.*.yaml).
+
+`ServeArgs` is what `serve run serve.app:build_app key=value` and `serve deploy` validate before any
+replica starts, so a typo in a config fails at deploy time with the key's path, not in a replica log.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RequestLimits(_Strict):
+    """Bounds on one HTTP request; anything beyond gets a 4xx that names the field and the bound."""
+
+    max_request_bytes: int = Field(2_000_000, gt=0)
+    """Bodies larger than this get 413 before they are parsed."""
+    max_users_per_request: int = Field(32, gt=0)
+    max_chunks_per_user: int = Field(1000, gt=0)
+    """Chunks a request may send per user; the user tower keeps the `num_chunks_per_user` most recent."""
+    max_statements_per_request: int = Field(256, gt=0)
+    max_text_chars: int = Field(20_000, gt=0)
+    """Characters per chunk or statement (tokens past the model's max length are truncated anyway)."""
+    max_top_k: int = Field(100, gt=0)
+
+
+class TowerDeploymentArgs(_Strict):
+    """Replicas, resources and dynamic batching of one tower deployment."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, gt=0)
+    target_ongoing_requests: float = Field(16, gt=0)
+    max_ongoing_requests: int = Field(64, gt=0)
+    """Raised above Serve's default (5): a replica never batches more requests than it holds at once."""
+    max_batch_size: int = Field(64, gt=0)
+    """Batch budget: chunks for the user tower (tokens <= chunks x max_chunk_length), statements for the item tower."""
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    device: str | None = None
+    """"cpu", "cuda", "cuda:1"... (None: cuda when the replica has a GPU, else cpu)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> TowerDeploymentArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+    def autoscaling_config(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+        }
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+
+class IngressArgs(_Strict):
+    """The FastAPI ingress: HTTP parsing, validation, index search (cheap work, CPU only)."""
+
+    num_cpus: float = Field(0.5, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, gt=0)
+    target_ongoing_requests: float = Field(32, gt=0)
+    max_ongoing_requests: int = Field(128, gt=0)
+
+    def autoscaling_config(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+        }
+
+
+class ServeArgs(_Strict):
+    """Everything the UUE Serve application needs; validated by Serve's typed app builder."""
+
+    model_dir: str
+    """A saved UUE model folder (uue.json, user_tower/, item_tower/, optionally calibration.json)."""
+    index: str | None = None
+    """An index folder (manifest.json, index.usearch, vectors/) or a pointer file holding such a folder's
+    path: rewriting the pointer swaps the index in every ingress replica without downtime."""
+    index_poll_s: float = Field(2.0, gt=0)
+    """How often ingress replicas re-read the index pointer."""
+    statement_model_name: str = "uue-statements"
+    """The `model` name of `/v1/embeddings` for statement vectors."""
+    user_model_name: str = "uue-users"
+    """The `model` name of `/v1/embeddings` where each input string is one user's whole history."""
+    limits: RequestLimits = RequestLimits()
+    user_tower: TowerDeploymentArgs = TowerDeploymentArgs(max_batch_size=256, max_ongoing_requests=256)
+    item_tower: TowerDeploymentArgs = TowerDeploymentArgs()
+    ingress: IngressArgs = IngressArgs()
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeArgs:
+        for name in ("user_tower", "item_tower"):
+            tower: TowerDeploymentArgs = getattr(self, name)
+            # Serve warns (and single-item requests can never fill a batch) below this bound.
+            if tower.max_ongoing_requests < tower.max_batch_size:
+                raise ValueError(
+                    f"{name}.max_ongoing_requests ({tower.max_ongoing_requests}) < max_batch_size "
+                    f"({tower.max_batch_size}): a replica never batches more requests than it holds at once"
+                )
+        if self.statement_model_name == self.user_model_name:
+            raise ValueError("statement_model_name and user_model_name must differ")
+        return self
