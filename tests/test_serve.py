@@ -1,0 +1,347 @@
+"""The UUE Serve application on the local Ray cluster, exercised over real HTTP on 127.0.0.1.
+
+One application (tiny towers, replicas min 1 / max 2) serves every test in this module: embeddings equal
+in-process inference, score/retrieve agree with the index, the official `openai` client works, bad
+requests get clear 4xx without hurting good ones, an index swap under load fails no request, and the
+Prometheus endpoint shows Serve's and our metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from uue.calibration import PlattCalibrator
+from uue.inference import UUEInference
+from uue.model import UUEModel
+from uue.serving.index_slot import IndexMismatchError, IndexSlot, point_index
+
+USERS = [
+    ["Summited the ridge at dawn", {"text": "new trail shoes are great", "platform": "forum"}],
+    ["made fresh pasta tonight", "the risotto needed more stock"],
+    [{"text": "that horror film kept me up", "timestamp": "2025-06-01T08:00:00Z"}],
+]
+STATEMENTS = ["loves hiking in the mountains", "enjoys cooking at home", "would enjoy a horror film"]
+EXTRA_STATEMENTS = [
+    {"statement_id": "extra_0", "text": "collects vintage synthesizers"},
+    {"statement_id": "extra_1", "text": "volunteers at the animal shelter"},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_model_config_module):
+    folder = tmp_path_factory.mktemp("serve") / "model"
+    UUEModel.from_config(tiny_model_config_module, seed=3).save_pretrained(folder)
+    # A real Platt fit (on synthetic scores) so /score and /retrieve return calibrated probabilities.
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0.5, 0.2, 64), rng.normal(-0.1, 0.2, 64)])
+    PlattCalibrator.fit(scores, np.r_[np.ones(64), np.zeros(64)]).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model_config_module():
+    from uue.config import ModelConfig
+
+    return ModelConfig(
+        user_model_name="tiny", item_model_name="tiny", embedding_dim=16, attention_heads=4, max_chunk_length=32,
+        max_statement_length=16, max_context_length=8, num_chunks_per_user=8, dropout=0.0,
+        num_negative_samples=0, negative_sampling="none",
+    )
+
+
+@pytest.fixture(scope="module")
+def indexes(ray_session, model_dir, sample_data_dir, tmp_path_factory):
+    """Two real index versions built by batch indexing: the sample statements, then those plus two more."""
+    from uue.indexing import build_index
+
+    root = tmp_path_factory.mktemp("indexes")
+    extra = root / "more_statements.jsonl"
+    rows = [json.loads(line) for line in (sample_data_dir / "statements.jsonl").read_text().splitlines() if line]
+    extra.write_text("".join(json.dumps(r) + "\n" for r in rows + EXTRA_STATEMENTS))
+    common = dict(min_actors=1, max_actors=1, batch_size=16, cpus_per_actor=0.5, progress=False)
+    v1 = build_index(model_dir, sample_data_dir, root / "v1", **common)
+    v2 = build_index(model_dir, extra, root / "v2", **common)
+    pointer = root / "CURRENT"
+    point_index(pointer, root / "v1")
+    return {"pointer": pointer, "v1": root / "v1", "v2": root / "v2", "v1_version": v1["version"],
+            "v2_version": v2["version"]}
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, model_dir, indexes):
+    from ray import serve
+
+    from serve.app import build_app
+    from uue.serving.settings import ServeArgs
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    small = {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 2, "batch_wait_timeout_s": 0.01}
+    args = ServeArgs(
+        model_dir=str(model_dir), index=str(indexes["pointer"]), index_poll_s=0.5,
+        limits={"max_request_bytes": 100_000, "max_chunks_per_user": 20, "max_statements_per_request": 16},
+        user_tower={**small, "max_batch_size": 32, "max_ongoing_requests": 32},
+        item_tower={**small, "max_batch_size": 16, "max_ongoing_requests": 32},
+        ingress={"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 2},
+    )
+    serve.run(build_app(args), name="uue", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, timeout=60) as client:
+        yield {"url": base, "client": client, "args": args}
+    serve.delete("uue")
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_model(model_dir):
+    return UUEInference(model_dir, device="cpu")
+
+
+def test_application_has_both_tower_deployments_and_health(server, indexes):
+    from ray import serve
+
+    status = serve.status().applications["uue"]
+    assert status.status == "RUNNING"
+    assert {"UserTower", "ItemTower", "Ingress"} <= set(status.deployments)
+    health = server["client"].get("/health").json()
+    assert health["status"] == "ok" and health["dimension"] == 16 and health["calibrated"] is True
+    assert health["index"]["count"] == 16
+
+
+def test_concurrent_embeddings_equal_in_process_inference(server, local_model):
+    """Requests sent at once are batched by the towers; every vector still equals unbatched inference."""
+    client = server["client"]
+
+    def embed_user(chunks):
+        return client.post("/embed/users", json={"users": [{"chunks": chunks}]})
+
+    def embed_statement(text):
+        return client.post("/embed/statements", json={"statements": [text]})
+
+    with ThreadPoolExecutor(8) as pool:
+        user_responses = list(pool.map(embed_user, USERS * 3))
+        statement_responses = list(pool.map(embed_statement, STATEMENTS * 3))
+    expected_users = local_model.encode_users(USERS * 3)
+    expected_statements = local_model.encode_statements(STATEMENTS * 3)
+    for response, expected in zip(user_responses, expected_users, strict=True):
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(response.json()["embeddings"][0], expected, atol=1e-5)
+    for response, expected in zip(statement_responses, expected_statements, strict=True):
+        np.testing.assert_allclose(response.json()["embeddings"][0], expected, atol=1e-5)
+    # One request with several users / statements gives the same vectors.
+    many = client.post("/embed/users", json={"users": [{"chunks": c} for c in USERS]}).json()
+    np.testing.assert_allclose(many["embeddings"], expected_users[: len(USERS)], atol=1e-5)
+    with_context = client.post("/embed/statements", json={"statements": [
+        {"text": "would like a cookbook as a gift", "context": "a gift suggestion"}]}).json()
+    from uue.data.schema import Statement
+
+    np.testing.assert_allclose(with_context["embeddings"][0], local_model.encode_statements(
+        [Statement("", "would like a cookbook as a gift", "a gift suggestion")])[0], atol=1e-5)
+
+
+def test_score_gives_similarity_and_calibrated_probability(server, local_model, model_dir, indexes):
+    from uue.indexing import StatementIndex
+
+    body = {"user": {"chunks": USERS[0]}, "statements": STATEMENTS[:2], "statement_ids": ["cooking_0"]}
+    response = server["client"].post("/score", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    user = local_model.encode_users([USERS[0]])[0]
+    texts = local_model.encode_statements(STATEMENTS[:2])
+    text, indexed = StatementIndex.load(indexes["v1"]).statement("cooking_0")
+    expected = np.r_[texts @ user, indexed @ user]
+    got = [s["similarity"] for s in result["scores"]]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    calibrator = PlattCalibrator.load(model_dir)
+    np.testing.assert_allclose([s["probability"] for s in result["scores"]], calibrator.predict(expected), atol=1e-5)
+    assert result["calibrated"] is True and result["scores"][2]["text"] == text
+    assert result["scores"][2]["statement_id"] == "cooking_0" and result["index_version"] == indexes["v1_version"]
+
+
+def test_retrieve_returns_the_index_top_k(server, local_model, indexes):
+    from uue.indexing import StatementIndex
+
+    response = server["client"].post("/retrieve", json={"user": {"chunks": USERS[1]}, "k": 5})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    exact = StatementIndex.load(indexes["v1"]).search(local_model.encode_users([USERS[1]]), 5, exact=True)[0]
+    assert [s["statement_id"] for s in result["scores"]] == [sid for sid, _, _ in exact]
+    np.testing.assert_allclose([s["similarity"] for s in result["scores"]], [s for _, _, s in exact], atol=1e-4)
+    assert all(s["text"] and 0 < s["probability"] < 1 for s in result["scores"])
+    assert result["index_version"] == indexes["v1_version"] and result["k"] == 5
+
+
+def test_openai_client_float_and_base64(server, local_model):
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="not-checked", max_retries=0)
+    expected = local_model.encode_statements(STATEMENTS)
+    default = client.embeddings.create(model="uue-statements", input=STATEMENTS)  # the client asks for base64
+    as_float = client.embeddings.create(model="uue-statements", input=STATEMENTS, encoding_format="float")
+    single = client.embeddings.create(model="uue-statements", input=STATEMENTS[0])
+    for result in (default, as_float):
+        assert [d.index for d in result.data] == [0, 1, 2]
+        np.testing.assert_allclose([d.embedding for d in result.data], expected, atol=1e-5)
+        assert result.usage.prompt_tokens > 0
+    np.testing.assert_allclose(single.data[0].embedding, expected[0], atol=1e-5)
+    raw = server["client"].post("/v1/embeddings", json={"model": "uue-statements", "input": STATEMENTS[:1],
+                                                         "encoding_format": "base64"}).json()
+    assert isinstance(raw["data"][0]["embedding"], str)  # the wire format really is base64
+    users = client.embeddings.create(model="uue-users", input=["made fresh pasta tonight"])
+    np.testing.assert_allclose(users.data[0].embedding,
+                               local_model.encode_users([["made fresh pasta tonight"]])[0], atol=1e-5)
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        client.embeddings.create(model="text-embedding-3-small", input="hi")
+
+
+BAD_REQUESTS = [
+    # (what, path, kwargs, status, words the message must contain)
+    ("malformed JSON", "/embed/users", {"content": b'{"users": [', "headers": {"content-type": "application/json"}},
+     400, "malformed JSON"),
+    ("not JSON at all", "/score", {"content": b"hello"}, 422, "JSON object"),
+    ("wrong type: chunks is a string", "/embed/users", {"json": {"users": [{"chunks": "just text"}]}}, 422,
+     "users.0.chunks"),
+    ("wrong type: k is a word", "/retrieve", {"json": {"user": {"chunks": ["x"]}, "k": "ten"}}, 422, "k: "),
+    ("missing field", "/retrieve", {"json": {"k": 3}}, 422, "user: Field required"),
+    ("unknown field", "/embed/statements", {"json": {"statements": ["x"], "extra": 1}}, 422, "extra"),
+    ("empty text", "/embed/statements", {"json": {"statements": ["   "]}}, 422, "empty"),
+    ("empty chunk object", "/embed/users", {"json": {"users": [{"chunks": [{"text": ""}]}]}}, 422, "empty"),
+    ("no chunks", "/embed/users", {"json": {"users": [{"chunks": []}]}}, 422, "users.0.chunks"),
+    ("bad timestamp", "/embed/users", {"json": {"users": [{"chunks": [{"text": "a", "timestamp": "yesterday"}]}]}},
+     422, "ISO-8601"),
+    ("too many chunks", "/embed/users", {"json": {"users": [{"chunks": ["a"] * 21}]}}, 413, "at most 20"),
+    ("too many statements", "/embed/statements", {"json": {"statements": ["a"] * 17}}, 413, "at most 16"),
+    ("k over the bound", "/retrieve", {"json": {"user": {"chunks": ["x"]}, "k": 1000}}, 413, "at most 100"),
+    ("oversized body", "/embed/statements", {"json": {"statements": ["word " * 30_000]}}, 413, "at most 100000"),
+    ("unknown statement id", "/score", {"json": {"user": {"chunks": ["x"]}, "statement_ids": ["no_such_id"]}}, 404,
+     "no_such_id"),
+    ("nothing to score", "/score", {"json": {"user": {"chunks": ["x"]}}}, 422, "statement_ids"),
+    ("unknown model", "/v1/embeddings", {"json": {"model": "gpt-x", "input": "a"}}, 404, "gpt-x"),
+    ("token arrays", "/v1/embeddings", {"json": {"model": "uue-statements", "input": [[1, 2, 3]]}}, 422, "input"),
+    ("empty input", "/v1/embeddings", {"json": {"model": "uue-statements", "input": ""}}, 422, "empty"),
+    ("wrong dimensions", "/v1/embeddings", {"json": {"model": "uue-statements", "input": "a", "dimensions": 8}},
+     400, "16-dimensional"),
+    ("bad encoding", "/v1/embeddings", {"json": {"model": "uue-statements", "input": "a", "encoding_format": "hex"}},
+     422, "encoding_format"),
+    ("unknown route", "/embed/everything", {"json": {}}, 404, "Not Found"),
+]
+
+
+def test_burst_of_bad_requests_gets_clear_4xx_and_good_requests_still_succeed(server, local_model):
+    client = server["client"]
+
+    def send(case):
+        _, path, kwargs, _, _ = case
+        return client.post(path, **kwargs)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(send, BAD_REQUESTS * 2))
+    for (what, _, _, status, words), response in zip(BAD_REQUESTS * 2, responses, strict=True):
+        assert response.status_code == status, f"{what}: {response.status_code} {response.text}"
+        error = response.json()["error"]
+        assert words in error["message"], f"{what}: {error}"
+        assert error["type"] == "invalid_request_error"
+    with ThreadPoolExecutor(8) as pool:
+        good = list(pool.map(lambda text: client.post("/embed/statements", json={"statements": [text]}),
+                             STATEMENTS * 4))
+    assert [r.status_code for r in good] == [200] * len(good)
+    np.testing.assert_allclose([r.json()["embeddings"][0] for r in good],
+                               local_model.encode_statements(STATEMENTS * 4), atol=1e-5)
+
+
+def test_index_hot_swap_under_load_fails_no_request(server, indexes):
+    """Point the index pointer at a new version while clients keep retrieving: no failure, then the new version."""
+    client = server["client"]
+    assert client.get("/health").json()["index"]["version"] == indexes["v1_version"]
+    results: list[tuple[int, str | None, float]] = []
+    stop = threading.Event()
+
+    def keep_retrieving():
+        while not stop.is_set():
+            try:
+                response = client.post("/retrieve", json={"user": {"chunks": USERS[2]}, "k": 20})
+                version = response.json().get("index_version") if response.status_code == 200 else None
+                results.append((response.status_code, version, time.monotonic()))
+            except httpx.HTTPError as err:  # a refused connection is a failed request too
+                results.append((599, repr(err), time.monotonic()))
+
+    workers = [threading.Thread(target=keep_retrieving) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(2.0)
+        point_index(indexes["pointer"], indexes["v2"])
+        swapped_at = time.monotonic()
+        reload = client.post("/admin/reload-index").json()  # this replica now; the others within index_poll_s
+        assert reload["version"] == indexes["v2_version"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            recent = [v for _, v, t in results[-10:] if t > swapped_at + 1.0]
+            if len(recent) == 10 and set(recent) == {indexes["v2_version"]}:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    statuses = [status for status, _, _ in results]
+    assert len(results) > 10 and statuses == [200] * len(results), [r for r in results if r[0] != 200][:3]
+    versions = [version for _, version, _ in results]
+    assert versions[0] == indexes["v1_version"] and versions[-5:] == [indexes["v2_version"]] * 5
+    assert set(versions) == {indexes["v1_version"], indexes["v2_version"]}
+    top = client.post("/retrieve", json={"user": {"chunks": USERS[2]}, "k": 18}).json()
+    assert len(top["scores"]) == 18 and {"extra_0", "extra_1"} <= {s["statement_id"] for s in top["scores"]}
+
+
+def test_index_slot_keeps_serving_when_a_new_version_is_bad(indexes, tmp_path):
+    """A pointer to a missing folder or an index of another model is refused; the current index stays."""
+    from uue.indexing import StatementIndex
+
+    pointer = tmp_path / "CURRENT"
+    point_index(pointer, indexes["v1"])
+    fingerprint = StatementIndex.load(indexes["v1"]).checkpoint_fingerprint
+    slot = IndexSlot(pointer, model_fingerprint=fingerprint, dimension=16)
+    assert slot.refresh() is True and slot.refresh() is False
+    point_index(pointer, tmp_path / "missing")
+    with pytest.raises(FileNotFoundError):
+        slot.refresh()
+    assert slot.current.version == StatementIndex.load(indexes["v1"]).version and "missing" in slot.last_error
+    other = IndexSlot(indexes["v2"], model_fingerprint="0" * 64, dimension=16)
+    with pytest.raises(IndexMismatchError, match="rebuild the index"):
+        other.refresh()
+    assert other.current is None
+
+
+def test_prometheus_endpoint_has_serve_and_uue_metrics(server, ray_session):
+    """Ray's metrics agent exposes Serve's own and our custom metrics where Prometheus scrapes them."""
+    client = server["client"]
+    client.post("/embed/statements", json={"statements": ["enjoys cooking at home"]})
+    client.post("/embed/statements", json={"statements": [""]})  # a rejected request
+    port = ray_session.nodes()[0]["MetricsExportPort"]
+    wanted = ["ray_serve_num_http_requests", "ray_uue_http_requests_total", "ray_uue_rejected_requests_total",
+              "ray_uue_embedded_total", "ray_uue_user_tower_chunks_total", "ray_uue_index_statements"]
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"metrics missing from :{port}/metrics: {missing}"
+    lines = [line for line in text.splitlines() if line.startswith("ray_uue_http_requests_total{")]
+    assert any('route="/embed/statements"' in line and 'status="200"' in line for line in lines), lines[:5]
