@@ -7,7 +7,6 @@ equal `UUEInference` vectors for the same model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,23 +20,6 @@ from uue.data.schema import Statement, UserData
 from uue.model.uue_model import load_tower
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """A short id of a saved model: sha256 over its config and weight file names, sizes and head bytes.
-
-    Cheap (reads only the small files) and changes whenever a new checkpoint is exported.
-    """
-    folder = Path(model_dir)
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file():
-            continue
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(str(path.stat().st_size).encode())
-        if path.suffix == ".json" or path.name in ("head.safetensors", "logit_scale.safetensors"):
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def _pick_device(device: str | None) -> torch.device:
@@ -60,15 +42,13 @@ class _TowerEncoder:
         self.tower = tower.to(DTYPES[dtype]).eval()
         self.tokenizer = tokenizer
         self.featurizer = Featurizer(self.config, tokenizer, tokenizer)
-        self.fingerprint = model_fingerprint(model_dir)
 
     @property
     def dimension(self) -> int:
         return self.config.embedding_dim
 
     def info(self) -> dict:
-        return {"tower": self.tower_name, "dimension": self.dimension, "model_fingerprint": self.fingerprint,
-                "device": str(self.device)}
+        return {"tower": self.tower_name, "dimension": self.dimension, "device": str(self.device)}
 
 
 class UserEncoder(_TowerEncoder):

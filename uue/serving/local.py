@@ -1,0 +1,47 @@
+"""Both towers in one process behind the same HTTP API: the bare FastAPI + uvicorn peer of the benchmark,
+and a quick way to serve a model without Ray (`uvicorn` on `build_local_app(...)`)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI
+
+from uue.calibration import PlattCalibrator
+from uue.data.schema import Statement, UserData
+from uue.serving.encoders import StatementEncoder, UserEncoder
+from uue.serving.settings import RequestLimits
+
+
+class InProcessBackend:
+    """`TowerBackend` running each request's encode in a worker thread (FastAPI's usual pattern), unbatched."""
+
+    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str = "float32"):
+        self.users = UserEncoder(model_dir, device=device, dtype=dtype)
+        self.statements = StatementEncoder(model_dir, device=device, dtype=dtype)
+
+    async def embed_users(self, users: list[UserData]) -> np.ndarray:
+        return await asyncio.to_thread(self.users.encode, [self.users.kept_chunks(u) for u in users])
+
+    async def embed_statements(self, statements: list[Statement]) -> tuple[np.ndarray, list[int]]:
+        return await asyncio.to_thread(self.statements.encode, statements)
+
+
+def build_local_app(model_dir: str | Path, limits: RequestLimits | None = None, device: str | None = None,
+                    dtype: str = "float32", index: str | None = None) -> FastAPI:
+    from uue.indexing import checkpoint_fingerprint
+    from uue.serving.http import ServingService, build_http_app
+    from uue.serving.index_slot import IndexSlot
+
+    backend = InProcessBackend(model_dir, device=device, dtype=dtype)
+    fingerprint = checkpoint_fingerprint(model_dir)
+    slot = None
+    if index:
+        slot = IndexSlot(index, model_fingerprint=fingerprint, dimension=backend.users.dimension)
+        slot.refresh()
+    return build_http_app(ServingService(
+        backend=backend, model_fingerprint=fingerprint, dimension=backend.users.dimension,
+        limits=limits or RequestLimits(), calibrator=PlattCalibrator.load(model_dir), index=slot,
+    ))
