@@ -445,8 +445,11 @@ def build_index(
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         _check_output(out)
         _publish(staging, out, version)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        cause = getattr(err, "cause", None)  # a RayTaskError carries the error the task raised
+        if isinstance(err, ray.exceptions.RayTaskError) and isinstance(cause, (DataValidationError, ValueError)):
+            raise cause from None  # the bad record's file/row/field, not a page of Ray traceback
         raise
     return manifest
 
@@ -565,7 +568,8 @@ class StatementIndex:
         matches = self._ann.search(queries, k)
         keys = np.asarray(matches.keys).reshape(len(queries), -1)
         distances = np.asarray(matches.distances).reshape(len(queries), -1)
-        counts = np.asarray(matches.counts).reshape(-1)
+        # usearch answers one query with `Matches` (only the hits) and several with `BatchMatches` (+ counts)
+        counts = np.asarray(getattr(matches, "counts", [keys.shape[1]])).reshape(-1)
         return [
             [(self.ids[int(key)], self.texts[int(key)], float(1.0 - dist))
              for key, dist in zip(keys[i, : counts[i]], distances[i, : counts[i]], strict=True)]
