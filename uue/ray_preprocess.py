@@ -18,6 +18,7 @@ Nothing is dropped silently: read = written + rejected for every table, and the 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -32,6 +33,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from uue.config import ExperimentConfig, ModelConfig
+from uue.data.chunking import split_long_chunks
+from uue.data.featurize import Featurizer
 from uue.data.readers import table_files
 from uue.data.schema import (
     TABLES,
@@ -135,20 +138,25 @@ def _check_label_references(batch: dict[str, np.ndarray], user_ids: frozenset, s
 
 
 # ---------------------------------------------------------------------------------- featurization
+@functools.lru_cache(maxsize=4)
+def _featurizer(model_config_json: str) -> Featurizer:
+    """One Featurizer per process and config: tokenizers load once per actor or task worker."""
+    from uue.model.backbone import load_tokenizer
+
+    config = ModelConfig.model_validate_json(model_config_json)
+    return Featurizer(config, load_tokenizer(config.user_model_name), load_tokenizer(config.item_model_name))
+
+
 class UserFeaturizerUDF:
-    """Actor-pool UDF: validated user records -> chunked, fixed-shape token arrays (tokenizer loaded once)."""
+    """Actor-pool UDF: validated user records -> chunked, fixed-shape token arrays.
+
+    Users carry most of the tokenizing work, so they get an autoscaled actor pool of their own.
+    """
 
     def __init__(self, model_config_json: str):
-        from uue.data.featurize import Featurizer
-        from uue.model.backbone import load_tokenizer
-
-        config = ModelConfig.model_validate_json(model_config_json)
-        self.featurizer = Featurizer(config, load_tokenizer(config.user_model_name),
-                                     load_tokenizer(config.item_model_name))
+        self.featurizer = _featurizer(model_config_json)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from uue.data.chunking import split_long_chunks
-
         cfg = self.featurizer.config
         rows: list[dict[str, Any]] = []
         for raw in batch["record"]:
@@ -162,22 +170,12 @@ class UserFeaturizerUDF:
         return {key: np.stack([np.asarray(r[key]) for r in rows]) for key in rows[0]}
 
 
-class StatementFeaturizerUDF:
-    """Actor-pool UDF: validated statement records -> fixed-shape token arrays."""
-
-    def __init__(self, model_config_json: str):
-        from uue.data.featurize import Featurizer
-        from uue.model.backbone import load_tokenizer
-
-        config = ModelConfig.model_validate_json(model_config_json)
-        self.featurizer = Featurizer(config, load_tokenizer(config.user_model_name),
-                                     load_tokenizer(config.item_model_name))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        statements = [parse_statement(json.loads(raw)) for raw in batch["record"]]
-        features = self.featurizer.statement_features(statements)
-        features["statement_id"] = np.array([s.statement_id for s in statements])
-        return features
+def _statement_features(batch: dict[str, np.ndarray], model_config_json: str) -> dict[str, np.ndarray]:
+    """Validated statement records -> fixed-shape token arrays (statements are few and short: plain tasks)."""
+    statements = [parse_statement(json.loads(raw)) for raw in batch["record"]]
+    features = _featurizer(model_config_json).statement_features(statements)
+    features["statement_id"] = np.array([s.statement_id for s in statements])
+    return features
 
 
 def _label_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -319,7 +317,7 @@ def preprocess(
             features = good.map_batches(UserFeaturizerUDF, fn_constructor_args=(config_json,), compute=pool,
                                         batch_size=batch_size, batch_format="numpy")
         elif table == "statements":
-            features = good.map_batches(StatementFeaturizerUDF, fn_constructor_args=(config_json,), compute=pool,
+            features = good.map_batches(_statement_features, fn_kwargs={"model_config_json": config_json},
                                         batch_size=batch_size, batch_format="numpy")
         else:
             features = good.map_batches(_label_columns, batch_format="numpy")
