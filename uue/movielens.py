@@ -165,12 +165,18 @@ def read_movielens(files: dict[str, Path] | None = None) -> MovieLensRaw:
         titles[row["item_id"]] = row["movie_title"].strip()
         years[row["item_id"]] = row["release_year"].strip()
         genres[row["item_id"]] = [g for g in row["class"].split() if g in GENRE_PHRASES]
+    # MovieLens-100K lists a few films twice under two ids (e.g. "Chasing Amy (1997)"): one id per film.
+    canonical: dict[tuple[str, str], str] = {}
+    same_film = {item: canonical.setdefault((titles[item], years[item]), item) for item in sorted(titles, key=int)}
     users = {row["user_id"]: row for row in _read_atomic(files["user"])}
     ratings: dict[str, list[Rating]] = defaultdict(list)
     for row in _read_atomic(files["inter"]):
-        ratings[row["user_id"]].append(Rating(row["item_id"], float(row["rating"]), int(float(row["timestamp"]))))
-    for user_ratings in ratings.values():
+        item = same_film.get(row["item_id"], row["item_id"])
+        ratings[row["user_id"]].append(Rating(item, float(row["rating"]), int(float(row["timestamp"]))))
+    for uid, user_ratings in ratings.items():
         user_ratings.sort(key=lambda r: (r.timestamp, int(r.item)))
+        seen: set[str] = set()
+        ratings[uid] = [r for r in user_ratings if not (r.item in seen or seen.add(r.item))]  # first rating wins
     return MovieLensRaw(dict(ratings), titles, years, genres, users, {k: str(v) for k, v in files.items()})
 
 

