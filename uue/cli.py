@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.batch_size=8")
     train.set_defaults(func=cmd_train)
 
-    demo = sub.add_parser("demo", help="train the CPU default briefly and show user/statement similarities")
-    demo.add_argument("--config", default=None, help="YAML config (default: configs/minilm.yaml)")
+    demo = sub.add_parser("demo", help="MovieLens-100K end to end: train, evaluate vs baseline, infer, report")
+    demo.add_argument("--config", default=None, help="YAML config (default: configs/movielens-minilm.yaml)")
     demo.add_argument("overrides", nargs="*")
     demo.set_defaults(func=cmd_demo)
 

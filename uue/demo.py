@@ -1,43 +1,129 @@
-"""The demo: train the embedded default briefly, then show which statements fit which users."""
+"""`make demo` / `uue demo`: the five steps on MovieLens-100K with the CPU default (MiniLM towers).
+
+1. train the configured model (configs/movielens-minilm.yaml: frozen, cached user backbone; top item
+   layers) on MovieLens-100K converted to the data contract (converted first when the folder is empty);
+2. evaluate it on the test users beside the untrained-backbone baseline (metrics.json, report.md, PNGs);
+3. inference for a few test users: their top statements with similarity and calibrated probability;
+4. statement-statement similarity, including statements never seen in training;
+5. the report, and a side-by-side table of trained vs baseline test AUC and NDCG@10.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import numpy as np
 
+from uue.calibration import calibrate_model
 from uue.config import REPO_ROOT, load_config
-from uue.inference import UUEInference
+from uue.data.schema import Statement
+from uue.evaluation import evaluate_model
+from uue.evaluation.evaluate import ModelEmbedder
+from uue.evaluation.report import comparison_rows
+from uue.movielens import MovieLensOptions, write_movielens
 from uue.training import UUETrainer
 
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "minilm.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "movielens-minilm.yaml"
+NOVEL_STATEMENTS = ("would enjoy a space opera", "likes cowboy films", "prefers light-hearted family films")
 
 
-def run_demo(config_path: str | None = None, overrides: list[str] | None = None) -> None:
+def _step(number: int, text: str, started: float) -> None:
+    print(f"\n[{number}/5] {text}  (t={time.perf_counter() - started:.0f}s)", flush=True)
+
+
+def ensure_movielens(data_dir: Path, max_chunk_length: int, tokenizer: str) -> None:
+    """Convert MovieLens-100K into data_dir unless a conversion with the same settings is there."""
+    summary_file = data_dir / "movielens.json"
+    if summary_file.is_file():
+        options = json.loads(summary_file.read_text()).get("options", {})
+        if options.get("max_chunk_length") == max_chunk_length and options.get("tokenizer") == tokenizer:
+            print(f"      using the converted data in {data_dir}")
+            return
+    summary = write_movielens(data_dir, MovieLensOptions(max_chunk_length=max_chunk_length, tokenizer=tokenizer))
+    print(f"      converted MovieLens-100K -> {data_dir}: {summary['users']} users {summary['users_by_split']}, "
+          f"{summary['statements']} statements, {summary['labels']} labels")
+
+
+def print_comparison(result: dict, k: int = 10) -> None:
+    print(f"      {'test subset':26s} {'labels':>7s}   {'AUC trained':>11s} {'baseline':>9s}   "
+          f"{f'NDCG@{k} trained':>15s} {'baseline':>9s}")
+    for name, model, base in comparison_rows(result):
+        def cell(block: dict | None, key: str) -> str:
+            value = None if block is None else block.get(key)
+            return "-" if value is None else f"{value:.3f}"
+        print(f"      {name:26s} {model['labels']:7d}   {cell(model, 'auc'):>11s} {cell(base, 'auc'):>9s}   "
+              f"{cell(model, f'ndcg@{k}'):>15s} {cell(base, f'ndcg@{k}'):>9s}")
+
+
+def run_demo(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
+    started = time.perf_counter()
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
-    print(f"[1/3] training {config.model.user_model_name} towers on {config.data.path}")
+    data_dir = Path(config.data.path)
+    output_dir = Path(config.training.output_dir)
+    _step(1, f"train {config.model.user_model_name}/{config.model.item_model_name} towers on {data_dir}", started)
+    if config.model.freeze_user_backbone:
+        print("      user backbone frozen" + (", chunk vectors cached" if config.model.cache_chunk_vectors else "")
+              + f"; item tower trains its top {config.model.item_trainable_layers} layers")
+    ensure_movielens(data_dir, config.model.max_chunk_length, config.model.user_model_name)
     trainer = UUETrainer(config)
     result = trainer.fit()
-    print(f"      {result.steps} steps, loss {result.history[0]['loss']:.3f} -> {result.history[-1]['loss']:.3f}")
+    history = result.history
+    print(f"      {result.steps} steps, loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}; "
+          f"model: {result.model_dir}")
+    calibrator = calibrate_model(result.model_dir, trainer.dataset, config.data.validation_split)
 
-    print("[2/3] user/statement similarities on held-out test users")
-    inference = UUEInference(trainer.model)
+    _step(2, "evaluate on test users, beside the untrained backbones with mean pooling", started)
+    eval_dir = output_dir / "eval"
+    metrics = evaluate_model(result.model_dir, trainer.dataset, eval_dir)
     dataset = trainer.dataset
-    test_users = sorted({lab.user_id for lab in dataset.labels_in("test")})[:4]
-    statements = [dataset.statements[s] for s in sorted(dataset.statements)]
-    user_vectors = inference.encode_users([dataset.users[u] for u in test_users])
-    statement_vectors = inference.encode_statements(statements)
-    scores = user_vectors @ statement_vectors.T
-    for user_id, row in zip(test_users, scores, strict=True):
-        true = {lab.statement_id for lab in dataset.labels if lab.user_id == user_id and lab.label == 1}
-        top = np.argsort(-row)[:3]
-        shown = ", ".join(
-            f"{statements[i].text!r} {row[i]:+.2f}{' (true)' if statements[i].statement_id in true else ''}"
-            for i in top
-        )
-        print(f"      {user_id}: {shown}")
 
-    print("[3/3] zero-shot: a statement never seen in training")
-    novel = "would enjoy reading a statistics textbook"
-    vector = inference.get_statement_embedding(novel)
-    best = int(np.argmax(user_vectors @ vector))
-    print(f"      {novel!r}: best-fitting test user {test_users[best]} ({float(user_vectors[best] @ vector):+.2f})")
-    print(f"model saved to {result.model_dir}")
+    _step(3, "inference: top statements for a few test users", started)
+    embedder = ModelEmbedder(trainer.model, trainer.device, progress=False)
+    statement_ids = sorted(dataset.statements)
+    statement_vectors = embedder.statements([dataset.statements[s] for s in statement_ids])
+    test_users = sorted({lab.user_id for lab in dataset.labels_in("test")}, key=lambda u: (len(u), u))[:3]
+    user_vectors = embedder.users([dataset.users[u] for u in test_users])
+    truth = {(lab.user_id, lab.statement_id): lab.label for lab in dataset.labels_in("test")}
+    for user_id, vector in zip(test_users, user_vectors, strict=True):
+        latest = dataset.users[user_id].chunks[-1].text.splitlines()[-1]
+        print(f"      user {user_id} (latest history line: {latest!r})")
+        scores = statement_vectors @ vector
+        for index in np.argsort(-scores)[:5]:
+            sid = statement_ids[index]
+            known = {1: "true", 0: "false"}.get(truth.get((user_id, sid), -1), "unlabelled")
+            probability = f"p={float(calibrator.predict(scores[index])):.2f}" if calibrator else ""
+            print(f"        {scores[index]:+.3f} {probability}  {dataset.statements[sid].text!r} ({known})")
+
+    _step(4, "statement-statement similarity (item tower), including never-trained statements", started)
+    probes = [dataset.statements[s] for s in statement_ids if s.startswith(("genre:", "occupation:", "age:"))]
+    texts = [s.text for s in probes]
+    novel = [Statement(statement_id=f"novel:{i}", text=t) for i, t in enumerate(NOVEL_STATEMENTS)]
+    probe_vectors = embedder.statements(probes)
+    novel_vectors = embedder.statements(novel)
+    for text, vector in zip(NOVEL_STATEMENTS, novel_vectors, strict=True):
+        similar = probe_vectors @ vector
+        nearest = ", ".join(f"{texts[i]!r} {similar[i]:+.2f}" for i in np.argsort(-similar)[:3])
+        print(f"      {text!r} ~ {nearest}")
+    genre_vectors = {s.text: v for s, v in zip(probes, probe_vectors, strict=True)
+                     if s.statement_id.startswith("genre:")}
+    if "enjoys sci-fi movies" in genre_vectors and "enjoys war movies" in genre_vectors:
+        a, b = genre_vectors["enjoys sci-fi movies"], genre_vectors["enjoys war movies"]
+        print(f"      'enjoys sci-fi movies' ~ 'enjoys war movies' {float(a @ b):+.2f} (both zero-shot)")
+
+    _step(5, f"report: {eval_dir / 'report.md'}", started)
+    print_comparison(metrics)
+    verdicts = []
+    for subset in ("seen", "zero_shot"):
+        if subset in metrics and subset in metrics.get("baseline", {}):
+            mine, base = metrics[subset]["auc"], metrics["baseline"][subset]["auc"]
+            verdicts.append(f"{subset}: AUC {mine:.3f} vs baseline {base:.3f} "
+                            f"({'better' if mine > base else 'NOT better'})")
+    print("      " + "; ".join(verdicts))
+    if metrics.get("ece") is not None:
+        print(f"      calibration error on test users (ECE): {metrics['ece']:.3f}")
+    print(f"      metrics: {eval_dir / 'metrics.json'}; plots: {eval_dir}/*.png")
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
+    return metrics
+
