@@ -243,7 +243,8 @@ class TrainProbe:
     weights_dump_dir:   at the end rank 0 saves the engine's full weights gathered with
                         `deepspeed.zero.GatheredParameters` (independently of the export path).
     fail_at_step / fail_rank / fail_marker: chaos test -- that rank's process exits abruptly right after
-                        that step, once (the marker file records that it already happened).
+                        that step, once (the marker file records that it already happened), after Ray
+                        Train has registered the checkpoints reported so far.
     """
 
     batch_log_dir: str | None = None
@@ -446,6 +447,9 @@ def train_fn(loop_config: dict[str, Any]) -> None:
                 log.write(json.dumps(metrics) + "\n")
         if probe.fail_at_step == step and probe.fail_rank == rank and probe.fail_marker \
                 and not Path(probe.fail_marker).exists():
+            # Ray Train registers a checkpoint once its controller has collected the report from every
+            # worker (it polls every ~2 s); wait for that, so the test knows which checkpoint must resume.
+            ray.train.get_all_reported_checkpoints()
             Path(probe.fail_marker).write_text(f"rank {rank} (pid {os.getpid()}) exited after step {step}\n")
             os._exit(1)  # an abrupt death: no cleanup, no report, like a lost node
         if step >= total_steps:
