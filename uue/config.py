@@ -132,6 +132,8 @@ class DistributedConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     featurize_cpus: float = Field(1.0, gt=0)
     """CPUs per Ray Data featurization (tokenization) task that feeds the workers."""
+    resumable_final_checkpoint: bool = True
+    """False: the last checkpoint holds the model only, not the DeepSpeed optimizer state (benchmarks)."""
 
 
 class IndexConfig(_Strict):

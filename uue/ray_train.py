@@ -314,13 +314,14 @@ def _batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 
 def _save_checkpoint(engine: Any, sampler: NegativeSampler | None, step: int, epoch: int, rank: int,
-                     metrics: dict[str, Any], total_steps: int) -> None:
+                     metrics: dict[str, Any], total_steps: int, resumable: bool = True) -> None:
     """Every rank writes its DeepSpeed shard and RNG state, rank 0 the model folder; then all report."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="uue-checkpoint-") as tmp:
         folder = Path(tmp)
-        engine.save_checkpoint(str(folder / DEEPSPEED_FOLDER), tag=f"step_{step}")
+        if resumable:
+            engine.save_checkpoint(str(folder / DEEPSPEED_FOLDER), tag=f"step_{step}")
         weights = full_state_dict(engine)
         (folder / "ranks").mkdir()
         torch.save({"rng": _rng_state(), "negative_sampler": sampler.state_dict() if sampler else None},
@@ -329,6 +330,7 @@ def _save_checkpoint(engine: Any, sampler: NegativeSampler | None, step: int, ep
             unwrap(engine).save_pretrained(folder / MODEL_FOLDER, state_dict=weights)
             (folder / STATE_FILE).write_text(json.dumps({
                 "step": step, "epoch": epoch, "total_steps": total_steps, "zero_stage": zero_stage(engine),
+                "resumable": resumable,
                 "world_size": engine.world_size if hasattr(engine, "world_size") else 1,
             }))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
@@ -346,6 +348,9 @@ def _restore(engine: Any, sampler: NegativeSampler | None, rank: int) -> int:
         folder = Path(path)
         state = json.loads((folder / STATE_FILE).read_text())
         step = int(state["step"])
+        if not state.get("resumable", True):
+            raise RuntimeError(f"checkpoint {checkpoint.path} holds the model only "
+                               "(distributed.resumable_final_checkpoint=false): it cannot resume training")
         load_path, _ = engine.load_checkpoint(str(folder / DEEPSPEED_FOLDER), tag=f"step_{step}",
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
@@ -462,7 +467,8 @@ def train_fn(loop_config: dict[str, Any]) -> None:
     if probe.weights_dump_dir:
         _dump_gathered_weights(engine, Path(probe.weights_dump_dir) / "gathered_weights.pt", rank)
     # The last checkpoint is the result: the model folder in the single-process format, plus resumable state.
-    _save_checkpoint(engine, sampler, step, epoch, rank, metrics, total_steps)
+    _save_checkpoint(engine, sampler, step, epoch, rank, metrics, total_steps,
+                     resumable=config.distributed.resumable_final_checkpoint)
     if batch_log is not None:
         batch_log.close()
 
