@@ -34,13 +34,20 @@ def _step(number: int, text: str, started: float) -> None:
 
 
 def ensure_movielens(data_dir: Path, max_chunk_length: int, tokenizer: str) -> None:
-    """Convert MovieLens-100K into data_dir unless a conversion with the same settings is there."""
+    """Convert MovieLens-100K into data_dir unless it holds data already.
+
+    A folder converted earlier with other settings is converted again; a folder of other data (no
+    movielens.json beside its tables) is used as it is, never overwritten.
+    """
     summary_file = data_dir / "movielens.json"
     if summary_file.is_file():
         options = json.loads(summary_file.read_text()).get("options", {})
         if options.get("max_chunk_length") == max_chunk_length and options.get("tokenizer") == tokenizer:
-            print(f"      using the converted data in {data_dir}")
+            print(f"      using the converted MovieLens data in {data_dir}")
             return
+    elif any(data_dir.glob("users*")):
+        print(f"      using the data in {data_dir} (not MovieLens)")
+        return
     summary = write_movielens(data_dir, MovieLensOptions(max_chunk_length=max_chunk_length, tokenizer=tokenizer))
     print(f"      converted MovieLens-100K -> {data_dir}: {summary['users']} users {summary['users_by_split']}, "
           f"{summary['statements']} statements, {summary['labels']} labels")

@@ -1,0 +1,69 @@
+"""The frozen-backbone chunk cache: training on cached chunk vectors is training on tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from uue.chunk_cache import ChunkVectorCache
+from uue.config import ConfigError, ExperimentConfig, ModelConfig, TrainingConfig, load_config
+from uue.data.featurize import Featurizer, collate
+from uue.data.readers import load_dataset
+from uue.model.uue_model import UUEModel
+from uue.training import UUETrainer
+
+
+def _frozen(tiny_model_config: ModelConfig, cache: bool) -> ModelConfig:
+    return tiny_model_config.model_copy(update={"freeze_user_backbone": True, "cache_chunk_vectors": cache})
+
+
+def test_cached_chunk_vectors_equal_the_towers_own(tiny_model_config, sample_data_dir):
+    config = _frozen(tiny_model_config, True)
+    model = UUEModel.from_config(config, seed=0).eval()
+    featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
+    users = list(load_dataset(sample_data_dir).users.values())[:6]
+    cache = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)
+    cache.precompute(users)
+    tokens = collate([featurizer.user_features(u) for u in users])
+    cached = collate([cache.features(u) for u in users])
+    with torch.no_grad():
+        direct = model.user_tower.chunk_vectors(tokens["user_input_ids"], tokens["user_attention_mask"],
+                                                tokens["chunk_mask"])
+        assert torch.equal(cached["chunk_mask"], tokens["chunk_mask"])
+        torch.testing.assert_close(cached["chunk_vectors"], direct, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_users(cached), model.encode_users(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_training_on_the_cache_matches_training_on_tokens(tiny_model_config, sample_data_dir, tmp_path):
+    runs = []
+    for cache in (False, True):
+        config = ExperimentConfig(model=_frozen(tiny_model_config, cache),
+                                  training=TrainingConfig(output_dir=str(tmp_path / str(cache)), max_steps=3,
+                                                          progress_bar=False))
+        config.data.path = str(sample_data_dir)
+        trainer = UUETrainer(config)
+        result = trainer.fit()
+        runs.append((np.array([h["loss"] for h in result.history]), trainer.model.state_dict()))
+    (loss_tokens, state_tokens), (loss_cached, state_cached) = runs
+    np.testing.assert_allclose(loss_cached, loss_tokens, rtol=1e-5)
+    for name, value in state_tokens.items():
+        torch.testing.assert_close(state_cached[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fingerprint_follows_the_weights(tiny_model_config):
+    config = _frozen(tiny_model_config, True)
+    model = UUEModel.from_config(config, seed=0)
+    featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
+    before = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False).fingerprint
+    same = ChunkVectorCache(UUEModel.from_config(config, seed=0).user_tower.encoder, featurizer,
+                            progress=False).fingerprint
+    with torch.no_grad():
+        next(model.user_tower.encoder.parameters()).add_(1.0)
+    after = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False).fingerprint
+    assert before == same != after
+
+
+def test_cache_without_a_frozen_backbone_is_rejected():
+    with pytest.raises(ConfigError, match="cache_chunk_vectors needs freeze_user_backbone"):
+        load_config(None, ["model.cache_chunk_vectors=true"])
