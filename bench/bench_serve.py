@@ -6,8 +6,9 @@ throughput and p50/p99 latency of each and the ratio Serve / peer, all measured 
 machine. The servers run one after the other, never at the same time.
 
 CPU (2 cores, MiniLM, < 4 min):   .venv/bin/python -m bench.bench_serve
-GPU (Qwen3-Embedding-0.6B shape): .venv/bin/python -m bench.bench_serve --preset qwen3-embedding-0.6b \
-        --device cuda --dtype bfloat16 --scale 8 --concurrency 1 8 32 128
+GPU (Qwen3-Embedding-0.6B shape, random weights, offline):
+    python -m bench.bench_serve --preset qwen3-embedding-0.6b --backbone qwen3-0.6b-random --device cuda \
+        --dtype bfloat16 --cores 4 --chunks 32 --user-batch-chunks 512 --statement-batch 128 --scale 4
 
 Serve runs one replica per tower (batching with `@serve.batch`); each tower replica reserves `--cores`
 logical CPUs so its torch threads match the peer's (Ray sets OMP_NUM_THREADS from num_cpus).
@@ -183,7 +184,8 @@ def build_model(args: argparse.Namespace, folder: Path) -> Path:
     from uue.config import load_config
     from uue.model import UUEModel
 
-    config = load_config(REPO / "configs" / f"{args.preset}.yaml").model
+    overrides = [f"model.{tower}_model_name={args.backbone}" for tower in ("user", "item")] if args.backbone else []
+    config = load_config(REPO / "configs" / f"{args.preset}.yaml", overrides).model
     UUEModel.from_config(config, seed=0).save_pretrained(folder)
     return folder
 
@@ -200,6 +202,7 @@ def run_peer_server(model_dir: str, port: int, device: str, dtype: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="minilm", help="configs/<preset>.yaml (random heads, preset backbones)")
+    parser.add_argument("--backbone", help="override both towers' backbone, e.g. qwen3-0.6b-random (GPU, offline)")
     parser.add_argument("--model-dir", help="a saved UUE model folder instead of building one from --preset")
     parser.add_argument("--kinds", nargs="+", default=["statements", "users"], choices=["statements", "users"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="uue-bench-serve-") as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else build_model(args, Path(tmp) / "model")
-        print(f"model {model_dir} ({args.preset}), device {args.device} {args.dtype}, {args.cores} cores")
+        print(f"model {model_dir} ({args.preset} {args.backbone or ''}), device {args.device} {args.dtype}, "
+              f"{args.cores} cores")
         peer = bench_peer(model_dir, args)
         served = bench_serve(model_dir, args)
     print_ratios(peer, served)

@@ -46,6 +46,7 @@ class UserTowerDeployment:
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.chunks_encoded = Counter("uue_user_tower_chunks_total", description="Chunks encoded by the user tower.")
+        self.stats = {"batches": 0, "users": 0, "largest_batch_users": 0, "largest_batch_chunks": 0}
 
     async def embed(self, users: list[UserData]) -> np.ndarray:
         kept = [self.encoder.kept_chunks(user) for user in users]
@@ -54,11 +55,17 @@ class UserTowerDeployment:
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=_chunks_in)
     async def _encode_batch(self, users: list[UserData]) -> list[np.ndarray]:
         vectors = await asyncio.to_thread(self.encoder.encode, users)  # the event loop keeps queueing meanwhile
-        self.chunks_encoded.inc(_chunks_in(users))
+        chunks = _chunks_in(users)
+        self.chunks_encoded.inc(chunks)
+        stats = self.stats
+        stats["batches"] += 1
+        stats["users"] += len(users)
+        stats["largest_batch_users"] = max(stats["largest_batch_users"], len(users))
+        stats["largest_batch_chunks"] = max(stats["largest_batch_chunks"], chunks)
         return list(vectors)
 
     def info(self) -> dict:
-        return self.encoder.info()
+        return {**self.encoder.info(), **self.stats}
 
 
 @serve.deployment(name="ItemTower")
@@ -70,6 +77,7 @@ class ItemTowerDeployment:
         self.encoder = StatementEncoder(model_dir, device=device, dtype=dtype)
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.stats = {"batches": 0, "statements": 0, "largest_batch": 0}
 
     async def embed(self, statements: list[Statement]) -> tuple[np.ndarray, list[int]]:
         results = await asyncio.gather(*(self._encode_batch(s) for s in statements))
@@ -78,10 +86,13 @@ class ItemTowerDeployment:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, statements: list[Statement]) -> list[tuple[np.ndarray, int]]:
         vectors, tokens = await asyncio.to_thread(self.encoder.encode, statements)
+        self.stats["batches"] += 1
+        self.stats["statements"] += len(statements)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(statements))
         return list(zip(vectors, tokens, strict=True))
 
     def info(self) -> dict:
-        return self.encoder.info()
+        return {**self.encoder.info(), **self.stats}
 
 
 class HandleBackend:
@@ -153,6 +164,10 @@ def build_app(args: ServeArgs) -> serve.Application:
     """Typed app builder: `serve run serve.app:build_app model_dir=... index=...` or the YAML `args:`."""
     if not (Path(args.model_dir) / "uue.json").is_file():
         raise FileNotFoundError(f"model_dir {args.model_dir}: no uue.json (not a saved UUE model folder)")
+    # Replicas may start in another working directory: pin relative paths to where the app was built.
+    args = args.model_copy(update={"model_dir": str(Path(args.model_dir).resolve()),
+                                   "index": str(Path(args.index).resolve()) if args.index and "://" not in args.index
+                                   else args.index})
     towers = []
     for name, deployment in (("user_tower", UserTowerDeployment), ("item_tower", ItemTowerDeployment)):
         tower = getattr(args, name)

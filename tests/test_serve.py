@@ -9,6 +9,7 @@ Prometheus endpoint shows Serve's and our metrics.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -117,6 +118,15 @@ def test_application_has_both_tower_deployments_and_health(server, indexes):
     status = serve.status().applications["uue"]
     assert status.status == "RUNNING"
     assert {"UserTower", "ItemTower", "Ingress"} <= set(status.deployments)
+    # What the dashboard's /api/serve/applications/ shows: each tower deployed with its own autoscaling and
+    # a max_ongoing_requests that lets its batches fill.
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()["applications"]["uue"]["deployments"]
+    for name, tower in (("UserTower", server["args"].user_tower), ("ItemTower", server["args"].item_tower)):
+        config = details[name]["deployment_config"]
+        assert config["autoscaling_config"]["min_replicas"] == 1 and config["autoscaling_config"]["max_replicas"] == 2
+        assert config["max_ongoing_requests"] == tower.max_ongoing_requests >= tower.max_batch_size
     health = server["client"].get("/health").json()
     assert health["status"] == "ok" and health["dimension"] == 16 and health["calibrated"] is True
     assert health["index"]["count"] == 16
@@ -145,6 +155,16 @@ def test_concurrent_embeddings_equal_in_process_inference(server, local_model):
     # One request with several users / statements gives the same vectors.
     many = client.post("/embed/users", json={"users": [{"chunks": c} for c in USERS]}).json()
     np.testing.assert_allclose(many["embeddings"], expected_users[: len(USERS)], atol=1e-5)
+    # Ten users of eight chunks (80 chunks) in one request: batched, but never over the 32-chunk budget.
+    from ray import serve
+
+    big = [[f"{text} {i}" for text in (USERS[1] * 4)] for i in range(10)]
+    response = client.post("/embed/users", json={"users": [{"chunks": c} for c in big]})
+    np.testing.assert_allclose(response.json()["embeddings"], local_model.encode_users(big), atol=1e-5)
+    user_stats = serve.get_deployment_handle("UserTower", app_name="uue").info.remote().result()
+    item_stats = serve.get_deployment_handle("ItemTower", app_name="uue").info.remote().result()
+    assert 4 <= user_stats["largest_batch_users"] and user_stats["largest_batch_chunks"] <= 32, user_stats
+    assert user_stats["batches"] < user_stats["users"] and item_stats["batches"] <= item_stats["statements"]
     with_context = client.post("/embed/statements", json={"statements": [
         {"text": "would like a cookbook as a gift", "context": "a gift suggestion"}]}).json()
     from uue.data.schema import Statement
@@ -309,7 +329,7 @@ def test_index_hot_swap_under_load_fails_no_request(server, indexes):
 
 
 def test_index_slot_keeps_serving_when_a_new_version_is_bad(indexes, tmp_path):
-    """A pointer to a missing folder or an index of another model is refused; the current index stays."""
+    """Pointer and in-place rebuilds swap; a missing folder or another model's index is refused, the current stays."""
     from uue.indexing import StatementIndex
 
     pointer = tmp_path / "CURRENT"
@@ -321,6 +341,16 @@ def test_index_slot_keeps_serving_when_a_new_version_is_bad(indexes, tmp_path):
     with pytest.raises(FileNotFoundError):
         slot.refresh()
     assert slot.current.version == StatementIndex.load(indexes["v1"]).version and "missing" in slot.last_error
+    # An index folder rebuilt in place: the indexer renames the old folder away, then the new one in.
+    live = tmp_path / "live"
+    shutil.copytree(indexes["v1"], live)
+    in_place = IndexSlot(live, model_fingerprint=fingerprint, dimension=16)
+    assert in_place.refresh() is True
+    live.rename(tmp_path / "retired")
+    with pytest.raises(FileNotFoundError):  # the moment between the two renames
+        in_place.refresh()
+    shutil.copytree(indexes["v2"], live)
+    assert in_place.refresh() is True and in_place.current.version == StatementIndex.load(indexes["v2"]).version
     other = IndexSlot(indexes["v2"], model_fingerprint="0" * 64, dimension=16)
     with pytest.raises(IndexMismatchError, match="rebuild the index"):
         other.refresh()
