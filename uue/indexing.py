@@ -252,20 +252,31 @@ def _new_ann(dimension: int, connectivity: int, expansion_search: int) -> Any:
 
 
 class _ShardWriter:
-    """Buffers encoded rows, writes them as numbered Parquet shards and adds them to the ANN index."""
+    """Buffers encoded rows into numbered Parquet shards and feeds the ANN index from a background thread.
+
+    Row i (in arrival order, which is shard order) gets ANN key i. usearch releases the GIL while it
+    inserts, so building the graph overlaps with receiving the next batches.
+    """
+
+    ANN_CHUNK = 8192  # rows handed to the ANN thread at once
 
     def __init__(self, folder: Path, dimension: int, rows_per_shard: int, connectivity: int, expansion_search: int):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.folder = folder
         self.dimension = dimension
         self.rows_per_shard = rows_per_shard
         self.ann = _new_ann(dimension, connectivity, expansion_search)
         self.shards: list[dict[str, Any]] = []
-        self.count = 0
+        self.count = 0  # rows received
         self.ann_seconds = 0.0
+        self._ann_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ann-add")
+        self._ann_jobs: list[Any] = []
+        self._ann_pending: list[np.ndarray] = []
+        self._ann_start = 0  # key of the first pending row
         self._ids: list[str] = []
         self._texts: list[str] = []
         self._vectors: list[np.ndarray] = []
-        self._buffered = 0
 
     def add(self, ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray) -> None:
         if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
@@ -273,22 +284,48 @@ class _ShardWriter:
         self._ids.extend(ids)
         self._texts.extend(texts)
         self._vectors.append(vectors)
-        self._buffered += len(ids)
-        if self._buffered >= self.rows_per_shard:
-            self.flush()
+        self._ann_pending.append(vectors)
+        self.count += len(ids)
+        if self.count - self._ann_start >= self.ANN_CHUNK:
+            self._submit_ann()
+        if len(self._ids) >= self.rows_per_shard:
+            self._write_shard()
 
-    def flush(self) -> None:
-        if not self._buffered:
+    def _submit_ann(self) -> None:
+        if not self._ann_pending:
+            return
+        vectors = np.ascontiguousarray(np.concatenate(self._ann_pending), dtype=np.float32)
+        keys = np.arange(self._ann_start, self._ann_start + len(vectors), dtype=np.uint64)
+        self._ann_jobs.append(self._ann_thread.submit(self._ann_add, keys, vectors))
+        self._ann_start += len(vectors)
+        self._ann_pending = []
+
+    def _ann_add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        start = time.perf_counter()
+        self.ann.add(keys, vectors)
+        self.ann_seconds += time.perf_counter() - start
+
+    def _write_shard(self) -> None:
+        if not self._ids:
             return
         vectors = np.concatenate(self._vectors).astype(np.float32, copy=False)
         name = f"part-{len(self.shards):05d}.parquet"
         pq.write_table(_vectors_table(self._ids, self._texts, vectors), self.folder / name)
-        start = time.perf_counter()
-        self.ann.add(np.arange(self.count, self.count + len(vectors), dtype=np.uint64), vectors)
-        self.ann_seconds += time.perf_counter() - start
         self.shards.append({"file": name, "rows": len(vectors)})
-        self.count += len(vectors)
-        self._ids, self._texts, self._vectors, self._buffered = [], [], [], 0
+        self._ids, self._texts, self._vectors = [], [], []
+
+    def close(self) -> None:
+        """Write the last shard and wait for every ANN insert (re-raising an insert's error)."""
+        self._write_shard()
+        self._submit_ann()
+        try:
+            for job in self._ann_jobs:
+                job.result()
+        finally:
+            self._ann_thread.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self) -> None:
+        self._ann_thread.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_output(out: Path) -> None:
@@ -380,6 +417,7 @@ def build_index(
     staging = out.parent / f".{out.name}.staging-{version}"
     (staging / VECTORS_DIR).mkdir(parents=True)
     started = time.perf_counter()
+    writer: _ShardWriter | None = None
     try:
         ds = ray.data.from_items([{"path": f} for f in files]).map_batches(
             read_statement_files, batch_size=1, fn_kwargs=dict(
@@ -400,6 +438,7 @@ def build_index(
         )
         writer = _ShardWriter(staging / VECTORS_DIR, dimension, rows_per_shard, connectivity, expansion_search)
         seen: dict[str, str] = {}
+        first_batch_seconds, first_batch_rows = None, 0
         with tqdm(desc="indexing statements", unit="stmt", disable=not progress) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 ids = [str(s) for s in batch["statement_id"]]
@@ -411,8 +450,11 @@ def build_index(
                     seen[sid] = str(source)
                 writer.add(ids, [str(t) for t in batch["text"]], np.asarray(batch["vector"], dtype=np.float32))
                 bar.update(len(ids))
-        writer.flush()
+                if first_batch_seconds is None:  # start-up: scheduling, actor start, loading the tower
+                    first_batch_seconds, first_batch_rows = time.perf_counter() - started, len(ids)
         encode_seconds = time.perf_counter() - started
+        writer.close()
+        ann_wait_seconds = time.perf_counter() - started - encode_seconds
         if writer.count == 0:
             raise ValueError(f"input {input_uri}: no statements to index")
         writer.ann.save(str(staging / ANN_FILE))
@@ -437,7 +479,12 @@ def build_index(
                     "expansion_search": expansion_search},
             "build": {"min_actors": min_actors, "max_actors": max_actors, "batch_size": batch_size,
                       "gpus_per_actor": gpus_per_actor, "dtype": resolve_dtype(dtype, device),
+                      "first_batch_seconds": round(first_batch_seconds or 0.0, 3),
+                      "steady_statements_per_second": round(
+                          (writer.count - first_batch_rows) / max(encode_seconds - (first_batch_seconds or 0.0), 1e-9),
+                          1),
                       "encode_seconds": round(encode_seconds, 3), "ann_add_seconds": round(writer.ann_seconds, 3),
+                      "ann_wait_seconds": round(ann_wait_seconds, 3),
                       "total_seconds": round(total_seconds, 3),
                       "statements_per_second": round(writer.count / total_seconds, 1)},
         }
@@ -446,6 +493,8 @@ def build_index(
         _check_output(out)
         _publish(staging, out, version)
     except BaseException as err:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(staging, ignore_errors=True)
         cause = getattr(err, "cause", None)  # a RayTaskError carries the error the task raised
         if isinstance(err, ray.exceptions.RayTaskError) and isinstance(cause, (DataValidationError, ValueError)):
