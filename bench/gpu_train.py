@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output).resolve()
     users_total = args.steps * args.workers * args.users  # one epoch = exactly --steps steps
     data = write_synthetic_data(out / "data", users_total, args.chunks, 5 * args.chunk_tokens, statements=64)
+    worker_cpus = max(4, (os.cpu_count() or 8) // 2) if use_gpu else 0.5  # threads for the towers' CPU init
     random_decoder = args.preset.lower() != "tiny"
     hidden_dims = ["model.embedding_dim=1024", "model.attention_heads=8"] if random_decoder else []
     config = load_config(REPO_ROOT / "configs" / "tiny.yaml", [
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "training.log_every_steps=1", "training.checkpoint_every_steps=null",
         f"distributed.num_workers={args.workers}", f"distributed.use_gpu={str(use_gpu).lower()}",
         f"distributed.zero_stage={args.zero_stage}", "distributed.gpus_per_worker=1",
-        f"distributed.cpus_per_worker={max(4, (os.cpu_count() or 8) // 2) if use_gpu else 0.5}", f"distributed.featurize_cpus={1 if use_gpu else 0.5}",
+        f"distributed.cpus_per_worker={worker_cpus}", f"distributed.featurize_cpus={1 if use_gpu else 0.5}",
         "distributed.resumable_final_checkpoint=false", f"distributed.storage_path={out / 'ray_train'}",
     ])
     metrics_file = out / "run" / "metrics.jsonl"
