@@ -1,0 +1,165 @@
+"""Training loop: exact resume, checkpoints, per-tower learning rates, schedule, inference round trip, CLI."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from uue.config import ExperimentConfig, TrainingConfig
+from uue.data.readers import dataset_from_users
+from uue.data.schema import UserChunk, UserData
+from uue.inference import UUEInference
+from uue.model import UUEModel, load_tower
+from uue.training import UUETrainer, latest_checkpoint, param_groups, warmup_cosine
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _experiment(model_config, out: Path, **training) -> ExperimentConfig:
+    return ExperimentConfig(
+        model=model_config,
+        data={"path": str(REPO / "uue" / "sample_data")},
+        training=TrainingConfig(output_dir=str(out), progress_bar=False, log_every_steps=1, **training),
+    )
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_model_config, tmp_path):
+    # Dropout, semi-hard negatives refreshed every 2 steps and an epoch boundary (16 pairs / 8 = 2 batches
+    # per epoch... here 128 / 8 = 16) exercise every piece of state a resume must restore.
+    cfg = tiny_model_config.model_copy(update={
+        "dropout": 0.1, "negative_sampling": "semi_hard", "num_negative_samples": 2, "negative_refresh_steps": 2,
+    })
+    n = 3
+    full = UUETrainer(_experiment(cfg, tmp_path / "full", max_steps=2 * n))
+    full_result = full.fit()
+
+    first = UUETrainer(_experiment(cfg, tmp_path / "resumed", max_steps=2 * n, checkpoint_every_steps=n))
+    first.fit(max_steps=n)
+    checkpoint = latest_checkpoint(tmp_path / "resumed")
+    assert checkpoint is not None and checkpoint.name == f"step_{n:06d}"
+    second = UUETrainer(_experiment(cfg, tmp_path / "resumed", max_steps=2 * n, checkpoint_every_steps=n))
+    second_result = second.fit(resume_from="latest")
+
+    assert second_result.steps == 2 * n
+    resumed_losses = [h["loss"] for h in second_result.history]
+    full_losses = [h["loss"] for h in full_result.history[n:]]
+    np.testing.assert_allclose(resumed_losses, full_losses, rtol=1e-5)
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), second.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoints_are_loadable_without_the_trainer_and_pruned(tiny_model_config, tmp_path):
+    trainer = UUETrainer(_experiment(tiny_model_config, tmp_path, max_steps=4, checkpoint_every_steps=1,
+                                     keep_checkpoints=2))
+    result = trainer.fit()
+    folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert folders == ["step_000003", "step_000004"]
+    last = tmp_path / "checkpoints" / "step_000004"
+    assert (last / "training_state.pt").is_file()
+    for tower in ("user_tower", "item_tower"):
+        assert (last / "model" / tower / "backbone" / "model.safetensors").is_file()
+        assert (last / "model" / tower / "head.safetensors").is_file()
+        load_tower(last / "model" / tower)
+    assert result.model_dir == tmp_path / "model"
+    reloaded = UUEModel.from_pretrained(result.model_dir)
+    for (name, a), (_, b) in zip(trainer.model.state_dict().items(), reloaded.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+
+
+def test_training_reduces_the_loss_over_the_whole_epoch(tiny_model_config, tmp_path):
+    trainer = UUETrainer(_experiment(tiny_model_config.model_copy(update={"learning_rate": 3e-3}), tmp_path,
+                                     max_steps=48))
+
+    def epoch_loss() -> float:
+        trainer.model.eval()
+        losses = []
+        with torch.no_grad():
+            for i in range(trainer.batches.batches_per_epoch):
+                batch = trainer.batches.batch(0, i)
+                loss, _ = trainer.loss_fn(trainer.model(batch), batch["user_index"], batch["statement_index"])
+                losses.append(float(loss))
+        return float(np.mean(losses))
+
+    before = epoch_loss()
+    trainer.fit()
+    assert epoch_loss() < before - 0.05
+
+
+def test_towers_get_their_own_learning_rates(tiny_model_config):
+    cfg = tiny_model_config.model_copy(update={"user_learning_rate": 1e-5, "item_learning_rate": 3e-5,
+                                               "head_learning_rate": 1e-3})
+    model = UUEModel.from_config(cfg)
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert groups["user_backbone"]["lr"] == 1e-5 and groups["item_backbone"]["lr"] == 3e-5
+    assert groups["head"]["lr"] == 1e-3
+    assert all(g["weight_decay"] == 0.0 for name, g in groups.items() if name.endswith("no_decay"))
+    assert any(p is model.logit_scale for p in groups["head_no_decay"]["params"])
+    n_params = sum(len(g["params"]) for g in groups.values())
+    assert n_params == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_frozen_backbone_parameters_are_not_optimised(tiny_model_config):
+    cfg = tiny_model_config.model_copy(update={"freeze_user_backbone": True})
+    names = {g["name"] for g in param_groups(UUEModel.from_config(cfg), cfg)}
+    assert not any(n.startswith("user_backbone") for n in names)
+
+
+def test_warmup_then_cosine():
+    factor = warmup_cosine(100, 0.1)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert factor(100) == pytest.approx(0.0, abs=1e-9)
+    assert all(factor(s) >= factor(s + 1) for s in range(10, 100))
+
+
+def test_inference_from_saved_model_matches_the_trained_model(tiny_model_config, tmp_path):
+    trainer = UUETrainer(_experiment(tiny_model_config, tmp_path, max_steps=2))
+    result = trainer.fit()
+    live = UUEInference(trainer.model)
+    saved = UUEInference.from_pretrained(result.model_dir)
+    chunks = [UserChunk("Summited the ridge at dawn", "forum", "2025-01-01T00:00:00Z"), "plain string chunk",
+              {"text": "a dict chunk", "platform": "chat"}]
+    np.testing.assert_allclose(saved.get_user_embedding(chunks), live.get_user_embedding(chunks), rtol=1e-5, atol=1e-6)
+    u = saved.get_user_embedding(chunks)
+    s = saved.get_statement_embedding("loves hiking in the mountains")
+    assert np.linalg.norm(u) == pytest.approx(1.0, rel=1e-5)
+    assert saved.compute_similarity(chunks, "loves hiking in the mountains") == pytest.approx(float(u @ s), rel=1e-5)
+    with pytest.raises(ValueError, match="at least one chunk"):
+        saved.get_user_embedding([])
+    with pytest.raises(ValueError, match="empty text"):
+        saved.get_user_embedding(["  "])
+    with pytest.raises(TypeError, match="chunk 0"):
+        saved.get_user_embedding([42])
+
+
+def test_seed_api_trains_from_userdata(tiny_model_config, tmp_path):
+    topics = {"hiking": "walked the ridge trail", "cooking": "braised short ribs", "jazz": "bebop sax solo",
+              "games": "beat the final boss"}
+    users = [UserData(f"u{i}", [UserChunk(text)], statements=[f"likes {topic}"])
+             for i, (topic, text) in enumerate(list(topics.items()) * 4)]
+    cfg = tiny_model_config.model_copy(update={"batch_size": 4})
+    trainer = UUETrainer(cfg.model_copy(), dataset=dataset_from_users(users))
+    trainer.config.training.output_dir = str(tmp_path)
+    trainer.output_dir = tmp_path
+    result = trainer.train(max_steps=2)
+    assert result.steps == 2
+
+
+def test_cli_train_and_clear_config_errors(tmp_path):
+    uue = [sys.executable, "-m", "uue.cli"]
+    ok = subprocess.run([*uue, "train", "--config", str(REPO / "configs" / "tiny.yaml"),
+                         f"training.output_dir={tmp_path}", "training.max_steps=2"],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "trained 2 steps" in ok.stdout and (tmp_path / "model" / "uue.json").is_file()
+    bad = subprocess.run([*uue, "train", "--config", str(REPO / "configs" / "tiny.yaml"), "model.batch_sise=3"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and "model.batch_sise: unknown key" in bad.stderr
