@@ -4,11 +4,13 @@ exactly once, and the written token arrays equal what the `Featurizer` computes 
 from __future__ import annotations
 
 import json
+import socket
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -148,9 +150,29 @@ def planted(tmp_path, sample_data_dir):
     return root, expected_rejects, good
 
 
+@pytest.fixture
+def s3_bucket():
+    """A real S3 endpoint on 127.0.0.1 (moto's server) with a bucket `uue`; yields (admin fs, URI of a key)."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = dict(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1")
+    admin = pafs.S3FileSystem(access_key="testing", secret_key="testing", allow_bucket_creation=True, **endpoint)
+    admin.create_dir("uue")
+    query = "&".join(f"{k}={v}" for k, v in endpoint.items())
+    try:
+        yield admin, lambda key: f"s3://testing:testing@uue/{key}?{query}"
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------------------------- the Ray job
 def test_preprocess_rejects_exactly_the_bad_rows_and_matches_the_featurizer(
-    ray_session, planted, tmp_path, tiny_model_config
+    ray_session, planted, s3_bucket, tmp_path, tiny_model_config
 ):
     import ray.data
 
@@ -158,9 +180,13 @@ def test_preprocess_rejects_exactly_the_bad_rows_and_matches_the_featurizer(
 
     root, expected_rejects, good = planted
     config = tiny_model_config
+    # Input and output in an object store, read and written by Ray tasks in other processes through the
+    # pyarrow filesystem of the URI; then the output is copied back here to be checked.
+    s3, s3_uri = s3_bucket
+    pafs.copy_files(str(root), "uue/raw", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3)
+    report = preprocess(s3_uri("raw"), s3_uri("out"), config, max_actors=1, batch_size=4)
     output = tmp_path / "out"
-    # Both sides as URIs: the job goes through pyarrow's URI filesystems, as it would for s3:// or gs://.
-    report = preprocess(root.as_uri(), output.as_uri(), config, max_actors=1, batch_size=4)
+    pafs.copy_files("uue/out", str(output), source_filesystem=s3, destination_filesystem=pafs.LocalFileSystem())
 
     # -- counts: read = written + rejected, per table
     expected_written = {"users": len(good["users"]), "statements": len(good["statements"]),
@@ -176,7 +202,7 @@ def test_preprocess_rejects_exactly_the_bad_rows_and_matches_the_featurizer(
     assert len(rejects) == len(expected_rejects)
     found = {}
     for r in rejects:
-        assert r["file"].startswith("file://"), r  # reported as the user gave the input
+        assert r["file"].startswith("s3://uue/raw/") and "testing" not in r["file"], r  # no credentials
         found[(r["table"], Path(r["file"]).name, r["row"])] = (r["field"], r["reason"])
     assert set(found) == set(expected_rejects)
     for key, (field_name, fragment) in expected_rejects.items():
@@ -234,7 +260,7 @@ def test_preprocess_rejects_exactly_the_bad_rows_and_matches_the_featurizer(
 
     # -- a second run refuses to mix its shards into the first run's output
     with pytest.raises(FileExistsError, match="--overwrite"):
-        preprocess(str(root), str(output), config)
+        preprocess(s3_uri("raw"), s3_uri("out"), config)
 
 
 def test_preprocess_cli_reports_a_bad_config_without_starting_ray(tmp_path, capsys):

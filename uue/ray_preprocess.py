@@ -235,7 +235,9 @@ def _read_validated(input_uri: str, table: str):
 
     files = table_files(input_uri, table)
     fs, _ = resolve_filesystem(input_uri)
-    inner = [resolve_filesystem(f)[1] for f in files]
+    # table_files names URI files `scheme://path` (credentials and ?endpoint_override=... dropped, which keeps
+    # them out of reports); the input's own filesystem opens them by path.
+    inner = [f.split("://", 1)[1] if "://" in f else f for f in files]
     display = dict(zip(inner, files, strict=True))
     file_rank = {p: i for i, p in enumerate(inner)}
     ds = ray.data.read_binary_files(inner, filesystem=fs, include_paths=True)
