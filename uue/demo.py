@@ -104,7 +104,8 @@ def run_demo(config_path: str | None = None, overrides: list[str] | None = None)
             print(f"        {scores[index]:+.3f} {probability}  {dataset.statements[sid].text!r} ({known})")
 
     _step(4, "statement-statement similarity (item tower), including never-trained statements", started)
-    probes = [dataset.statements[s] for s in statement_ids if s.startswith(("genre:", "occupation:", "age:"))]
+    # Every statement except the per-film ones (hundreds of titles would drown the taste statements).
+    probes = [dataset.statements[s] for s in statement_ids if not s.startswith("film:")]
     texts = [s.text for s in probes]
     novel = [Statement(statement_id=f"novel:{i}", text=t) for i, t in enumerate(NOVEL_STATEMENTS)]
     probe_vectors = embedder.statements(probes)

@@ -58,7 +58,7 @@ class ModelEmbedder:
             rows = [self.cache.features(u) if self.cache else self.featurizer.user_features(u) for u in part]
             batch = {k: v.to(self.device) for k, v in trim_batch(collate(rows)).items()}
             vectors.append(self.model.encode_users(batch).float().cpu().numpy())
-        return np.concatenate(vectors)
+        return np.concatenate(vectors) if vectors else np.zeros((0, self.model.config.embedding_dim), np.float32)
 
     @torch.inference_mode()
     def statements(self, statements: Sequence[Statement]) -> np.ndarray:
@@ -67,7 +67,7 @@ class ModelEmbedder:
             feats = self.featurizer.statement_features(statements[start : start + self.batch_size])
             batch = trim_batch({k: torch.as_tensor(v).to(self.device) for k, v in feats.items()})
             vectors.append(self.model.encode_statements(batch).float().cpu().numpy())
-        return np.concatenate(vectors)
+        return np.concatenate(vectors) if vectors else np.zeros((0, self.model.config.embedding_dim), np.float32)
 
 
 class BaselineEmbedder:
