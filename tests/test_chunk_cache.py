@@ -36,9 +36,13 @@ def test_cached_chunk_vectors_equal_the_towers_own(tiny_model_config, sample_dat
 
 
 def test_training_on_the_cache_matches_training_on_tokens(tiny_model_config, sample_data_dir, tmp_path):
+    """Both towers frozen, random negatives on: caching chunk and statement vectors changes nothing."""
     runs = []
     for cache in (False, True):
-        config = ExperimentConfig(model=_frozen(tiny_model_config, cache),
+        model_config = _frozen(tiny_model_config, cache).model_copy(update={
+            "freeze_item_backbone": True, "cache_statement_vectors": cache, "negative_sampling": "random",
+            "num_negative_samples": 2})
+        config = ExperimentConfig(model=model_config,
                                   training=TrainingConfig(output_dir=str(tmp_path / str(cache)), max_steps=3,
                                                           progress_bar=False))
         config.data.path = str(sample_data_dir)
@@ -67,3 +71,5 @@ def test_fingerprint_follows_the_weights(tiny_model_config):
 def test_cache_without_a_frozen_backbone_is_rejected():
     with pytest.raises(ConfigError, match="cache_chunk_vectors needs freeze_user_backbone"):
         load_config(None, ["model.cache_chunk_vectors=true"])
+    with pytest.raises(ConfigError, match="cache_statement_vectors needs freeze_item_backbone"):
+        load_config(None, ["model.cache_statement_vectors=true"])

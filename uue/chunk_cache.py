@@ -118,3 +118,26 @@ class ChunkVectorCache:
 
             features["user_metadata"] = hash_metadata(user.metadata, self.featurizer.config.metadata_dim)
         return features
+
+
+@torch.inference_mode()
+def statement_vector_features(encoder: TextEncoder, features: dict[str, np.ndarray], batch_size: int = 64,
+                              device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+    """Token features of a statement pool -> {item_text_vectors (S, H), item_metadata?} of a frozen backbone.
+
+    The statement-side twin of the chunk cache (`model.cache_statement_vectors`): the item tower then
+    trains only its metadata fusion and projection, on vectors computed once.
+    """
+    ids = torch.as_tensor(features["item_input_ids"])
+    mask = torch.as_tensor(features["item_attention_mask"])
+    was_training = encoder.training
+    encoder.eval()
+    vectors = []
+    for start in range(0, len(ids), batch_size):
+        batch_ids, batch_mask = trim_token_columns(ids[start : start + batch_size], mask[start : start + batch_size])
+        vectors.append(encoder(batch_ids.to(device), batch_mask.to(device)).float().cpu())
+    encoder.train(was_training)
+    out = {"item_text_vectors": torch.cat(vectors).numpy()}
+    if "item_metadata" in features:
+        out["item_metadata"] = features["item_metadata"]
+    return out

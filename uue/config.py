@@ -78,6 +78,8 @@ class ModelConfig(_Strict):
     cache_chunk_vectors: bool = False
     """With freeze_user_backbone: encode each user's chunks once (uue.chunk_cache) and train the user side
     (pooling, metadata fusion, projection) on the cached chunk vectors; the CPU-friendly path."""
+    cache_statement_vectors: bool = False
+    """With freeze_item_backbone: encode each statement once and train the item projection on the cache."""
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -85,6 +87,8 @@ class ModelConfig(_Strict):
             raise ValueError("attention_heads must be >= 1 with use_attention_pooling")
         if self.cache_chunk_vectors and not self.freeze_user_backbone:
             raise ValueError("cache_chunk_vectors needs freeze_user_backbone: true (a trained backbone changes them)")
+        if self.cache_statement_vectors and not self.freeze_item_backbone:
+            raise ValueError("cache_statement_vectors needs freeze_item_backbone: true")
         return self
 
     @property

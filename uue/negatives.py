@@ -39,7 +39,8 @@ class NegativeSampler:
         self.strategy = strategy
         self.num_negatives = 0 if strategy == "none" else num_negatives
         self.pool = {k.removeprefix("item_"): torch.as_tensor(v) for k, v in pool_features.items()}
-        self.pool_size = int(self.pool["input_ids"].shape[0])
+        # Token features, or `text_vectors` of a frozen item backbone's cache.
+        self.pool_size = int(next(iter(self.pool.values())).shape[0])
         if self.num_negatives and self.pool_size <= self.num_negatives:
             raise ValueError(
                 f"the statement pool ({self.pool_size}) must be larger than num_negative_samples ({self.num_negatives})"
@@ -113,9 +114,10 @@ class NegativeSampler:
         indices = self.select(user_vectors, user_index, positive_scores)
         device = user_vectors.device
         features = {k: v[indices].to(device) for k, v in self.pool.items()}
-        features["input_ids"], features["attention_mask"] = trim_token_columns(
-            features["input_ids"], features["attention_mask"]
-        )
+        if "input_ids" in features:
+            features["input_ids"], features["attention_mask"] = trim_token_columns(
+                features["input_ids"], features["attention_mask"]
+            )
         return indices.to(device), features
 
     def state_dict(self) -> dict:

@@ -232,6 +232,11 @@ class UUETrainer:
                                    user_features=self.chunk_cache.features if self.chunk_cache else None)
         if self.chunk_cache is not None:
             self.chunk_cache.precompute(self.batches.users_in_pairs(), desc="user chunk vectors (frozen backbone)")
+        if self.config.model.cache_statement_vectors:
+            from uue.chunk_cache import statement_vector_features
+
+            self.batches.statement_features = statement_vector_features(
+                self.model.item_tower.encoder, self.batches.statement_features, device=self.device)
         epochs_steps = self.config.model.num_epochs * self.batches.batches_per_epoch
         self.total_steps = self.config.training.max_steps or epochs_steps
         self.optimization = TorchOptimization(self.model, self.config.model, self.total_steps)

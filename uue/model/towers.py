@@ -115,9 +115,17 @@ class ItemTower(nn.Module):
         self.projection = nn.Linear(hidden, config.embedding_dim)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, metadata: torch.Tensor | None = None
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        metadata: torch.Tensor | None = None, text_vectors: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        pooled = self.encoder(input_ids, attention_mask)
+        """Statements -> (N, embedding_dim) unit vectors, from tokens or precomputed `text_vectors` (N, H)
+        (a frozen backbone's cache)."""
+        if text_vectors is not None:
+            pooled = text_vectors
+        elif input_ids is None or attention_mask is None:
+            raise ValueError("ItemTower needs input_ids and attention_mask, or text_vectors")
+        else:
+            pooled = self.encoder(input_ids, attention_mask)
         if self.metadata is not None:
             if metadata is None:
                 raise ValueError("use_item_metadata is on but the batch has no item metadata")

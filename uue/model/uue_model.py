@@ -101,7 +101,8 @@ class UUEModel(nn.Module):
 
     def encode_statements(self, batch: dict[str, torch.Tensor], prefix: str = "item") -> torch.Tensor:
         return self.item_tower(
-            batch[f"{prefix}_input_ids"], batch[f"{prefix}_attention_mask"], batch.get(f"{prefix}_metadata")
+            batch.get(f"{prefix}_input_ids"), batch.get(f"{prefix}_attention_mask"), batch.get(f"{prefix}_metadata"),
+            text_vectors=batch.get(f"{prefix}_text_vectors"),
         )
 
     def forward(
@@ -122,10 +123,10 @@ class UUEModel(nn.Module):
         if negative_sampler is not None and negative_sampler.num_negatives > 0:
             negative_ids, neg_batch = negative_sampler.sample(users.detach(), batch["user_index"], items.detach())
             b, k = negative_ids.shape
+            flat_batch = {k: v.flatten(0, 1) for k, v in neg_batch.items()}
             flat = self.item_tower(
-                neg_batch["input_ids"].flatten(0, 1),
-                neg_batch["attention_mask"].flatten(0, 1),
-                None if neg_batch.get("metadata") is None else neg_batch["metadata"].flatten(0, 1),
+                flat_batch.get("input_ids"), flat_batch.get("attention_mask"), flat_batch.get("metadata"),
+                text_vectors=flat_batch.get("text_vectors"),
             )
             negatives = flat.view(b, k, -1)
         return UUEOutput(users, items, self.clamped_logit_scale(), negatives, negative_ids)
