@@ -356,6 +356,19 @@ def _publish(staging: Path, out: Path, version: str) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def _check_cluster_fits(resources: dict[str, float], min_actors: int, cpus_per_actor: float,
+                        gpus_per_actor: float) -> None:
+    """The pool's minimum must leave a CPU for the read tasks, or the pipeline waits forever."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    hint = "lower index.min_actors, or (on an autoscaling cluster) start enough nodes first"
+    if min_actors * cpus_per_actor + 1 > cpus:
+        raise ValueError(f"{min_actors} actors x {cpus_per_actor} CPU plus 1 CPU for reading need "
+                         f"{min_actors * cpus_per_actor + 1:g} CPUs; the Ray cluster has {cpus:g}: {hint}")
+    if gpus_per_actor > 0 and min_actors * gpus_per_actor > gpus:
+        raise ValueError(f"{min_actors} actors x {gpus_per_actor} GPU need {min_actors * gpus_per_actor:g} GPUs; "
+                         f"the Ray cluster has {gpus:g}: {hint}")
+
+
 def new_version(fingerprint: str) -> str:
     """Unique per build, sortable by time: 20260101T120000123456Z-<fingerprint[:12]>-<random>."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -412,6 +425,7 @@ def build_index(
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS (set by `ray job submit`) or a local cluster
+    _check_cluster_fits(ray.cluster_resources(), min_actors, cpus_per_actor, gpus_per_actor)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
     staging = out.parent / f".{out.name}.staging-{version}"
