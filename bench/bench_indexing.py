@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from uue.inference import UUEInference
     from uue.model import UUEModel
 
+    load_before = os.getloadavg()[0]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_indexing_"))
     model_config = load_config(ROOT / "configs" / "minilm.yaml").model.model_copy(
         update={"user_model_name": args.preset, "item_model_name": args.preset}
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     single_rate = args.count / single_seconds
     job_rate = args.count / job_seconds
     print(f"\nindexing {args.count} statements, preset {args.preset}, batch {args.batch_size}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}")
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average before/after "
+          f"{load_before:.1f}/{os.getloadavg()[0]:.1f} (other processes skew both sides)")
     print(f"{'':42s} {'seconds':>9s} {'stmt/s':>9s} {'vs single':>10s}")
     print(f"{'single process encode loop (' + str(threads) + ' threads)':42s} {single_seconds:9.2f} "
           f"{single_rate:9.1f} {1.0:9.2f}x")
