@@ -58,13 +58,14 @@ def tiny_model_dir(tmp_path_factory, tiny_model_config) -> Path:
 @pytest.fixture(scope="module")
 def tiny_model_config():
     # module-scoped version of the conftest fixture (the model is built once per module); statements up to 48
-    # byte tokens, so that no two test statements are cut to the same prefix (identical vectors tie in top-k)
+    # byte tokens, so that no two test statements are cut to the same prefix (identical vectors tie in top-k);
+    # item metadata on, so the sample statements' context and metadata travel through the pipeline
     from uue.config import ModelConfig
 
     return ModelConfig(
         user_model_name="tiny", item_model_name="tiny", embedding_dim=16, attention_heads=4, max_chunk_length=32,
         max_statement_length=48, max_context_length=8, num_chunks_per_user=8, batch_size=8, dropout=0.0,
-        num_negative_samples=0, negative_sampling="none",
+        num_negative_samples=0, negative_sampling="none", use_item_metadata=True, item_metadata_dim=8,
     )
 
 
