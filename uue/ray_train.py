@@ -516,6 +516,9 @@ def run_training(config: ExperimentConfig, probe: TrainProbe | None = None, resu
     from ray.train.torch import TorchTrainer
 
     dist = config.distributed
+    if config.model.cache_chunk_vectors or config.model.cache_statement_vectors:
+        raise ValueError("model.cache_chunk_vectors / model.cache_statement_vectors are single-process options "
+                         "(uue train); the Ray workers encode on the fly: set them to false for ray_jobs.train")
     dataset = dataset if dataset is not None else load_dataset(config.data.path)
     plan = TrainingPlan.build(dataset, config)
     resources = {"CPU": dist.cpus_per_worker}
