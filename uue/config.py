@@ -51,8 +51,9 @@ class ModelConfig(_Strict):
     item_metadata_dim: int = Field(64, gt=0)
 
     # --- extensions ---------------------------------------------------------------------------
-    negative_sampling: Literal["none", "random", "hard", "semi_hard"] = "random"
-    """How the num_negative_samples extra columns per user are picked (in-batch negatives always apply)."""
+    negative_sampling: Literal["none", "random", "hard", "semi_hard", "labeled"] = "random"
+    """How the num_negative_samples extra columns per user are picked (in-batch negatives always apply);
+    "labeled": the user's own label-0 statements of the training split, topped up at random."""
     semi_hard_margin: float = Field(0.2, gt=0)
     negative_refresh_steps: int = Field(50, gt=0)
     """Re-encode the statement pool with the current item tower every this many steps (hard/semi-hard)."""

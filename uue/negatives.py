@@ -4,6 +4,9 @@
 - hard:      the highest-scoring statements under the current towers, excluding positives;
 - semi_hard: statements scoring within `margin` below the user's positive (FaceNet's semi-hard
              window), topped up with the next-hardest below the window, then random, when too few.
+- labeled:   the user's known-false statements (label-0 pairs of the training split), random among
+             them, topped up at random when the user has too few; they teach the model to rank a
+             user's true statements above their false ones across statement families.
 Hard and semi-hard read the item-tower vectors of the whole pool, refreshed every `refresh_steps`
 steps, so they follow the model as it trains.
 """
@@ -18,7 +21,7 @@ import torch
 from uue.data.featurize import trim_batch, trim_token_columns
 
 Strategy = str
-STRATEGIES = ("none", "random", "hard", "semi_hard")
+STRATEGIES = ("none", "random", "hard", "semi_hard", "labeled")
 
 
 class NegativeSampler:
@@ -33,6 +36,7 @@ class NegativeSampler:
         margin: float = 0.2,
         refresh_steps: int = 50,
         seed: int = 0,
+        known_negatives: Mapping[int, set[int]] | None = None,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown negative_sampling {strategy!r}; choose from {STRATEGIES}")
@@ -46,6 +50,7 @@ class NegativeSampler:
                 f"the statement pool ({self.pool_size}) must be larger than num_negative_samples ({self.num_negatives})"
             )
         self.positives = {int(k): set(v) for k, v in positives.items()}
+        self.known_negatives = {int(k): set(v) for k, v in (known_negatives or {}).items()}
         self.margin = margin
         self.refresh_steps = refresh_steps
         self.generator = torch.Generator().manual_seed(seed)
@@ -91,6 +96,14 @@ class NegativeSampler:
             raise ValueError("a user has fewer non-positive statements in the pool than num_negative_samples")
         if self.strategy == "random":
             return self._random(excluded, self.num_negatives)
+        if self.strategy == "labeled":
+            known = torch.zeros_like(excluded)
+            for row, user in enumerate(user_index.tolist()):
+                idx = list(self.known_negatives.get(int(user), ()))
+                if idx:
+                    known[row, idx] = True
+            keys = torch.rand(excluded.shape, generator=self.generator) + known.float()  # known ones first
+            return keys.masked_fill(excluded, -1.0).topk(self.num_negatives, dim=1).indices
         if self.pool_vectors is None:
             raise RuntimeError(f"{self.strategy} negatives need refresh() with the item tower first")
         scores = user_vectors.detach().float().cpu() @ self.pool_vectors.T

@@ -183,7 +183,7 @@ def build_negative_sampler(config: ModelConfig, batches: PairBatches, seed: int)
     return NegativeSampler(
         config.negative_sampling, config.num_negative_samples, batches.statement_features,
         batches.positives_by_user(), margin=config.semi_hard_margin, refresh_steps=config.negative_refresh_steps,
-        seed=seed,
+        seed=seed, known_negatives=batches.negatives_by_user() if config.negative_sampling == "labeled" else None,
     )
 
 

@@ -35,6 +35,7 @@ class PairBatches:
         self.user_feature_source = user_features or featurizer.user_features
         self.featurizer = featurizer
         self.batch_size = batch_size
+        self.split = split
         self.seed = seed
         self.user_ids = sorted(dataset.users)
         self.statement_ids = sorted(dataset.statements)
@@ -60,6 +61,14 @@ class PairBatches:
 
     def users_in_pairs(self) -> list[UserData]:
         return [self.dataset.users[self.user_ids[u]] for u in np.unique(self.pairs[:, 0]).tolist()]
+
+    def negatives_by_user(self) -> dict[int, set[int]]:
+        """Label-0 (known false) statements per user in this split."""
+        out: dict[int, set[int]] = {}
+        for lab in self.dataset.labels_in(self.split):
+            if lab.label == 0:
+                out.setdefault(self.user_position[lab.user_id], set()).add(self.statement_position[lab.statement_id])
+        return out
 
     def positives_by_user(self) -> dict[int, set[int]]:
         out: dict[int, set[int]] = {}
