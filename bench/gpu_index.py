@@ -129,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     texts = [s["text"] for s in statements[: min(args.raw_count, args.count)]]
     raw_rate = raw_inference(work / "model" / "item_tower", texts, args.batch_size, device, dtype)
 
+    # Append, never replace: on the GPU machine Ray itself is importable only through the inherited PYTHONPATH.
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     ray.init(address="local", num_gpus=gpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     start = time.perf_counter()
     manifest = build_index(work / "model", work / "data", work / "index", min_actors=actors, max_actors=actors,
