@@ -1,6 +1,6 @@
 """Indexing throughput: the Ray Data job (autoscaled item-tower actors) vs one process encoding in a loop.
 
-    .venv/bin/python bench/bench_indexing.py                      # MiniLM, 3,000 statements, 2 CPU actors
+    .venv/bin/python bench/bench_indexing.py                      # MiniLM, 5,000 statements, 2 CPU actors
     .venv/bin/python bench/bench_indexing.py --preset tiny --count 500
 
 Both sides encode the same statements with the same saved model and the same CPU budget (the job's actors
@@ -45,9 +45,9 @@ def make_statements(count: int) -> list[dict[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="minilm", help="item/user backbone preset (default: %(default)s)")
-    parser.add_argument("--count", type=int, default=3000, help="statements to index (default: %(default)s)")
+    parser.add_argument("--count", type=int, default=5000, help="statements to index (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--min-actors", type=int, default=1)
+    parser.add_argument("--min-actors", type=int, default=2)
     parser.add_argument("--max-actors", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="keep model, input and index here (default: a temp dir)")
     args = parser.parse_args(argv)
