@@ -1,7 +1,7 @@
 """GPU indexing throughput: the Ray Data indexing job vs raw bf16 inference of the same item tower.
 
 On one GPU (the lead's command; Ray, DeepSpeed and usearch come from the bundle):
-    source .gpu/env.sh && PYTHONPATH=. python bench/gpu_index.py --count 100000
+    source .gpu/env.sh && PYTHONPATH=. python3 bench/gpu_index.py --count 100000 --result $OUT/gpu_index.json
 Here on CPU, as a check of the script:
     .venv/bin/python bench/gpu_index.py --preset tiny --count 500
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--actors", type=int, default=None, help="actor pool size (default: GPUs, or 1 on CPU)")
     parser.add_argument("--workdir", default=None, help="keep model, input and index here (default: a temp dir)")
+    parser.add_argument("--result", default=None, help="also write the result JSON to this file")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -163,10 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"job: {job_seconds:.1f} s, first encoded batch after {build['first_batch_seconds']:.1f} s, ANN inserts "
           f"{build['ann_add_seconds']:.1f} s (waited {build['ann_wait_seconds']:.1f} s after the stream); "
           f"setup {setup_seconds:.1f} s; ANN recall@10 vs exact: {recall:.3f}")
-    print(json.dumps({"device": name, "count": args.count, "raw_stmt_per_s": round(raw_rate, 1),
-                      "job_stmt_per_s": round(job_rate, 1), "ratio": round(job_rate / raw_rate, 3),
-                      "job_seconds": round(job_seconds, 1), "first_batch_s": build["first_batch_seconds"],
-                      "recall_at_10": recall}))
+    result = {"device": name, "count": args.count, "raw_stmt_per_s": round(raw_rate, 1),
+              "job_stmt_per_s": round(job_rate, 1), "ratio": round(job_rate / raw_rate, 3),
+              "job_seconds": round(job_seconds, 1), "first_batch_s": build["first_batch_seconds"],
+              "recall_at_10": recall, "build": build}
+    print(json.dumps(result))
+    if args.result:
+        Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result).write_text(json.dumps(result, indent=2))
     return 0
 
 
