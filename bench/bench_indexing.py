@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     del encoder
 
     # --- the Ray Data job -------------------------------------------------------------------------------
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)  # append
     ray.init(address="local", num_cpus=args.max_actors + 1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     start = time.perf_counter()
     manifest = build_index(model_dir, work / "data", work / "index", min_actors=args.min_actors,
