@@ -208,3 +208,17 @@ def test_evaluate_cli_prints_model_and_baseline(tiny_model_dir, sample_data_dir,
     overall = next(line for line in out.splitlines() if line.startswith("overall"))
     assert f"{metrics['overall']['auc']:.3f} / {metrics['baseline']['overall']['auc']:.3f}" in overall
 
+
+
+def test_identity_projection_on_frozen_backbones_is_the_baseline(tiny_model_config, sample_data_dir, tmp_path):
+    """projection_init=identity + mean pooling: the untrained model and the baseline score every label alike."""
+    from uue.model.backbone import TINY_HIDDEN
+    from uue.model.uue_model import UUEModel
+
+    config = tiny_model_config.model_copy(update={
+        "embedding_dim": TINY_HIDDEN, "projection_init": "identity", "use_attention_pooling": False,
+        "freeze_user_backbone": True, "freeze_item_backbone": True})
+    model_dir = UUEModel.from_config(config, seed=0).save_pretrained(tmp_path / "model")
+    result = evaluate_model(model_dir, sample_data_dir, tmp_path / "eval", report=False, progress=False)
+    for key in ("auc", "mean_user_auc", "f1", "ndcg@10", "mrr@10", "threshold"):
+        assert result["overall"][key] == pytest.approx(result["baseline"]["overall"][key], abs=1e-5), key

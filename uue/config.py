@@ -79,6 +79,10 @@ class ModelConfig(_Strict):
     cache_chunk_vectors: bool = False
     """With freeze_user_backbone: encode each user's chunks once (uue.chunk_cache) and train the user side
     (pooling, metadata fusion, projection) on the cached chunk vectors; the CPU-friendly path."""
+    projection_init: Literal["random", "identity"] = "random"
+    """"identity" starts both projections at the identity (needs embedding_dim == the backbones' hidden size):
+    with frozen backbones and mean pooling the untrained model then IS the pretrained embedding space, and
+    training learns a correction, which keeps what the backbone knows about statements never trained on."""
     cache_statement_vectors: bool = False
     """With freeze_item_backbone: encode each statement once and train the item projection on the cache."""
 

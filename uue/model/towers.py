@@ -25,6 +25,19 @@ class MetadataFusion(nn.Module):
         return pooled + self.mlp(metadata.to(pooled.dtype))
 
 
+def build_projection(hidden: int, config: ModelConfig) -> nn.Linear:
+    """hidden -> embedding_dim; random (PyTorch default) or, with projection_init="identity", the identity."""
+    projection = nn.Linear(hidden, config.embedding_dim)
+    if config.projection_init == "identity":
+        if hidden != config.embedding_dim:
+            raise ValueError(f"projection_init='identity' needs embedding_dim == the backbone hidden size ({hidden}), "
+                             f"got {config.embedding_dim}")
+        with torch.no_grad():
+            nn.init.eye_(projection.weight)
+            nn.init.zeros_(projection.bias)
+    return projection
+
+
 class UserTower(nn.Module):
     """Encode each chunk, attention-pool the chunk vectors, fuse metadata, project, L2-normalise."""
 
@@ -42,7 +55,7 @@ class UserTower(nn.Module):
         self.metadata = (
             MetadataFusion(config.metadata_dim, hidden, config.dropout) if config.use_user_metadata else None
         )
-        self.projection = nn.Linear(hidden, config.embedding_dim)
+        self.projection = build_projection(hidden, config)
 
     def encode_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, L) chunk tokens -> (N, H) chunk vectors, `micro_batch` chunks at a time.
@@ -112,7 +125,7 @@ class ItemTower(nn.Module):
         self.metadata = (
             MetadataFusion(config.item_metadata_dim, hidden, config.dropout) if config.use_item_metadata else None
         )
-        self.projection = nn.Linear(hidden, config.embedding_dim)
+        self.projection = build_projection(hidden, config)
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
