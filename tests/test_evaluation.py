@@ -129,6 +129,8 @@ def test_evaluate_model_writes_metrics_report_and_plots(tiny_model_dir, sample_d
         for key in ("auc", "mean_user_auc", "f1", "precision@10", "recall@10", "f1@10", "ndcg@10", "mrr@10"):
             assert 0.0 <= block["overall"][key] <= 1.0, key
         assert 0.0 <= block["ece"] <= 1.0
+        group_aucs = [g["auc"] for g in block["groups"].values() if g["auc"] is not None]
+        assert block["overall"]["macro_auc"] == pytest.approx(float(np.mean(group_aucs)))
         assert set(block["embedding_statistics"]) >= {"alignment", "uniformity_users", "effective_rank_users"}
         assert block["user_similarity"]["pairs"] == math.comb(block["overall"]["users"], 2)
     assert result["threshold"]["source"] == "'validation' labels"
