@@ -83,6 +83,9 @@ class ModelConfig(_Strict):
     """"identity" starts both projections at the identity (needs embedding_dim == the backbones' hidden size):
     with frozen backbones and mean pooling the untrained model then IS the pretrained embedding space, and
     training learns a correction, which keeps what the backbone knows about statements never trained on."""
+    freeze_item_projection: bool = False
+    """Keep the item tower's projection fixed (with frozen item backbone + identity init: statements stay in
+    the pretrained space and only the user tower learns to point into it, as in locked-image tuning)."""
     cache_statement_vectors: bool = False
     """With freeze_item_backbone: encode each statement once and train the item projection on the cache."""
 

@@ -80,6 +80,7 @@ class UUEModel(nn.Module):
             torch.manual_seed(seed + 2)  # heads identical on every worker
             user_tower = UserTower(TextEncoder(user_backbone), config)
             item_tower = ItemTower(TextEncoder(item_backbone), config)
+        item_tower.projection.requires_grad_(not config.freeze_item_projection)
         return cls(config, user_tower, item_tower, user_tok, item_tok)
 
     def clamped_logit_scale(self) -> torch.Tensor:
@@ -163,6 +164,7 @@ class UUEModel(nn.Module):
             model.logit_scale.copy_(load_file(str(folder / "logit_scale.safetensors"))["logit_scale"])
         freeze_backbone(model.user_tower.encoder.backbone, config.freeze_user_backbone, config.user_trainable_layers)
         freeze_backbone(model.item_tower.encoder.backbone, config.freeze_item_backbone, config.item_trainable_layers)
+        model.item_tower.projection.requires_grad_(not config.freeze_item_projection)
         return model.to(map_location)
 
 
