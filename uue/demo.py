@@ -122,13 +122,15 @@ def run_demo(config_path: str | None = None, overrides: list[str] | None = None)
 
     _step(5, f"report: {eval_dir / 'report.md'}", started)
     print_comparison(metrics)
-    verdicts = []
     for subset in ("seen", "zero_shot"):
-        if subset in metrics and subset in metrics.get("baseline", {}):
-            mine, base = metrics[subset]["auc"], metrics["baseline"][subset]["auc"]
-            verdicts.append(f"{subset}: AUC {mine:.3f} vs baseline {base:.3f} "
-                            f"({'better' if mine > base else 'NOT better'})")
-    print("      " + "; ".join(verdicts))
+        if subset not in metrics or subset not in metrics.get("baseline", {}):
+            continue
+        parts = []
+        for key in ("auc", "macro_auc", "ndcg@10"):
+            mine, base = metrics[subset].get(key), metrics["baseline"][subset].get(key)
+            if mine is not None and base is not None:
+                parts.append(f"{key} {mine:.3f} vs {base:.3f} ({'better' if mine > base else 'NOT better'})")
+        print(f"      {subset}, trained vs baseline: " + ", ".join(parts))
     if metrics.get("ece") is not None:
         print(f"      calibration error on test users (ECE): {metrics['ece']:.3f}")
     print(f"      metrics: {eval_dir / 'metrics.json'}; plots: {eval_dir}/*.png")
