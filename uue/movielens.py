@@ -213,32 +213,43 @@ def pack_lines(lines: Sequence[str], timestamps: Sequence[int], max_tokens: int,
                count_tokens: Callable[[list[str]], list[int]]) -> list[UserChunk]:
     """Greedily pack lines (in order) into chunks whose text stays within `max_tokens` tokens.
 
-    Lines are joined with newlines, which every tokenizer here treats as a boundary, so a chunk's
-    token count is the sum of its lines' counts; a single line longer than the budget is its own chunk
-    (and the featurizer truncates it).
+    Packing estimates a chunk's tokens as its lines' counts plus the newline separators' (zero for
+    WordPiece, one byte for byte-level tokenizers); every chunk is then counted exactly and split
+    where the estimate was short. A single line longer than the budget is its own chunk (the featurizer
+    truncates it).
     """
     counts = count_tokens(list(lines))
-    chunks: list[UserChunk] = []
-    current: list[str] = []
+    separator = count_tokens(["a\nb"])[0] - sum(count_tokens(["a", "b"]))
+    groups: list[list[int]] = []
+    current: list[int] = []
     used = 0
-    last_ts = 0
-    for line, ts, n in zip(lines, timestamps, counts, strict=True):
-        if current and used + n > max_tokens:
-            chunks.append(UserChunk("\n".join(current), PLATFORM, _iso(last_ts)))
-            current, used = [], 0
-        current.append(line)
-        used += n
-        last_ts = ts
+    for index, n in enumerate(counts):
+        extra = n + (separator if current else 0)
+        if current and used + extra > max_tokens:
+            groups.append(current)
+            current, used, extra = [], 0, n
+        current.append(index)
+        used += extra
+
     if current:
-        chunks.append(UserChunk("\n".join(current), PLATFORM, _iso(last_ts)))
-    return chunks
+        groups.append(current)
+
+    def fits(group: list[int]) -> list[list[int]]:
+        if len(group) == 1 or count_tokens(["\n".join(lines[i] for i in group)])[0] <= max_tokens:
+            return [group]
+        half = len(group) // 2
+        return fits(group[:half]) + fits(group[half:])
+
+    exact = [part for group in groups for part in fits(group)]
+    return [UserChunk("\n".join(lines[i] for i in group), PLATFORM, _iso(timestamps[group[-1]])) for group in exact]
 
 
 def _chunk_budget(tokenizer, max_chunk_length: int) -> int:
     """Tokens left for text once special tokens and the "[movielens] " prefix the featurizer adds are paid."""
-    specials = len(tokenizer("x")["input_ids"]) - len(tokenizer("x", add_special_tokens=False)["input_ids"])
-    prefix = len(tokenizer(f"[{PLATFORM}]", add_special_tokens=False)["input_ids"])
-    budget = max_chunk_length - specials - prefix
+    # What the featurizer adds around a chunk's text: special tokens and "[movielens] " (see chunk_text).
+    wrapped = len(tokenizer(f"[{PLATFORM}] x")["input_ids"])
+    overhead = wrapped - len(tokenizer("x", add_special_tokens=False)["input_ids"])
+    budget = max_chunk_length - overhead
     if budget < 8:
         raise ValueError(f"max_chunk_length={max_chunk_length} leaves only {budget} tokens for history text")
     return budget
