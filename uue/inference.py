@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +69,8 @@ class UUEInference:
 
     @torch.inference_mode()
     def encode_statements(self, statements: Sequence[Statement | str]) -> np.ndarray:
-        vectors = []
-        for start in range(0, len(statements), self.batch_size):
-            feats = self.featurizer.statement_features(statements[start : start + self.batch_size])
-            batch = {k: torch.as_tensor(v).to(self.device) for k, v in feats.items()}
-            vectors.append(self.model.encode_statements(trim_batch(batch)).float().cpu().numpy())
-        return np.concatenate(vectors) if vectors else np.zeros((0, self.model.config.embedding_dim), np.float32)
+        return encode_statements_in_batches(self.featurizer, statements, self.batch_size, self.device,
+                                            self.model.encode_statements, self.model.config.embedding_dim)
 
     def get_user_embedding(self, chunks: Sequence[ChunkLike], metadata: dict | None = None) -> np.ndarray:
         user = UserData(user_id="", chunks=as_chunks(chunks), metadata=metadata)
@@ -86,6 +82,20 @@ class UUEInference:
     def compute_similarity(self, chunks: Sequence[ChunkLike], text: str) -> float:
         """Cosine similarity (dot product of unit vectors) of a user and a statement, in [-1, 1]."""
         return float(self.get_user_embedding(chunks) @ self.get_statement_embedding(text))
+
+
+def encode_statements_in_batches(
+    featurizer: Featurizer, statements: Sequence[Statement | str], batch_size: int, device: torch.device,
+    encode: Callable[[dict[str, torch.Tensor]], torch.Tensor], dimension: int,
+) -> np.ndarray:
+    """Featurize and encode statements `batch_size` at a time with `encode` (item_* features -> vectors)."""
+    vectors = []
+    with torch.inference_mode():
+        for start in range(0, len(statements), batch_size):
+            feats = featurizer.statement_features(statements[start : start + batch_size])
+            batch = trim_batch({k: torch.as_tensor(v).to(device) for k, v in feats.items()})
+            vectors.append(encode(batch).float().cpu().numpy())
+    return np.concatenate(vectors) if vectors else np.zeros((0, dimension), np.float32)
 
 
 # The seed design called the class that loads a saved model and scores users an evaluator.

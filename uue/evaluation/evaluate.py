@@ -28,6 +28,7 @@ from uue.data.readers import UUEDataset, load_dataset
 from uue.data.schema import Label, Statement, UserData
 from uue.evaluation.analysis import embedding_statistics, user_similarity
 from uue.evaluation.metrics import best_threshold, f1_at, mean_user_auc, retrieval_metrics, roc_auc
+from uue.inference import encode_statements_in_batches
 from uue.model.backbone import TextEncoder, load_backbone
 from uue.model.uue_model import UUEModel
 
@@ -60,14 +61,9 @@ class ModelEmbedder:
             vectors.append(self.model.encode_users(batch).float().cpu().numpy())
         return np.concatenate(vectors) if vectors else np.zeros((0, self.model.config.embedding_dim), np.float32)
 
-    @torch.inference_mode()
     def statements(self, statements: Sequence[Statement]) -> np.ndarray:
-        vectors = []
-        for start in range(0, len(statements), self.batch_size):
-            feats = self.featurizer.statement_features(statements[start : start + self.batch_size])
-            batch = trim_batch({k: torch.as_tensor(v).to(self.device) for k, v in feats.items()})
-            vectors.append(self.model.encode_statements(batch).float().cpu().numpy())
-        return np.concatenate(vectors) if vectors else np.zeros((0, self.model.config.embedding_dim), np.float32)
+        return encode_statements_in_batches(self.featurizer, statements, self.batch_size, self.device,
+                                            self.model.encode_statements, self.model.config.embedding_dim)
 
 
 class BaselineEmbedder:
@@ -91,15 +87,13 @@ class BaselineEmbedder:
         means = np.stack([self.cache.chunk_vectors(u).mean(0) for u in users])
         return means / np.clip(np.linalg.norm(means, axis=1, keepdims=True), 1e-12, None)
 
-    @torch.inference_mode()
     def statements(self, statements: Sequence[Statement]) -> np.ndarray:
-        vectors = []
-        for start in range(0, len(statements), self.batch_size):
-            feats = self.featurizer.statement_features(statements[start : start + self.batch_size])
-            batch = trim_batch({k: torch.as_tensor(v).to(self.device) for k, v in feats.items()})
-            vectors.append(self.item_encoder(batch["item_input_ids"], batch["item_attention_mask"]).float().cpu())
-        out = torch.nn.functional.normalize(torch.cat(vectors), dim=-1)
-        return out.numpy()
+        def encode(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            pooled = self.item_encoder(batch["item_input_ids"], batch["item_attention_mask"]).float()
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+        return encode_statements_in_batches(self.featurizer, statements, self.batch_size, self.device, encode,
+                                            self.item_encoder.hidden_size)
 
 
 # ------------------------------------------------------------------------------------------- scoring
