@@ -62,6 +62,7 @@ def _worker(rank: int, data_dir: str, init_file: str, out_file: str) -> None:
         g /= WORLD
     if rank == 0:
         torch.save({"loss": float(loss_t) / WORLD, "grads": grads}, out_file)
+    dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 

@@ -16,23 +16,39 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward all-reduces the gathered gradient and keeps this rank's slice.
+
+    Built on the public, synchronous collectives (`all_gather`, `all_reduce`), which every backend
+    (NCCL, gloo) implements; the gradient is a few batch x dim floats, so an all-reduce in place of a
+    reduce-scatter costs nothing measurable.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world = dist.get_world_size()
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        summed = grad_output.contiguous().clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from every rank along dim 0; gradients flow back to each rank's slice.
 
-    Backward sums the gradient of every rank's loss w.r.t. this rank's slice (a reduce-scatter), so
-    averaging parameter gradients across ranks afterwards equals the gradient of one big batch.
+    Every rank must pass the same number of rows. Backward sums the gradient of every rank's loss
+    w.r.t. this rank's slice, so averaging parameter gradients across ranks afterwards equals the
+    gradient of one big batch.
     """
     if not is_distributed() or dist.get_world_size() == 1:
         return tensor
-    try:
-        from torch.distributed._functional_collectives import all_gather_tensor_autograd
-
-        gathered = all_gather_tensor_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
-        return gathered.wait() if hasattr(gathered, "wait") else gathered
-    except (ImportError, RuntimeError, NotImplementedError):
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    return _AllGatherWithGrad.apply(tensor)
 
 
 @torch.no_grad()
