@@ -34,6 +34,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_config, tmp_path):
     # per epoch... here 128 / 8 = 16) exercise every piece of state a resume must restore.
     cfg = tiny_model_config.model_copy(update={
         "dropout": 0.1, "negative_sampling": "semi_hard", "num_negative_samples": 2, "negative_refresh_steps": 2,
+        "label_loss_weight": 0.5, "labels_per_user": 3,  # the label sampler's draws must resume too
     })
     n = 3
     full = UUETrainer(_experiment(cfg, tmp_path / "full", max_steps=2 * n))

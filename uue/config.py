@@ -83,6 +83,19 @@ class ModelConfig(_Strict):
     """"identity" starts both projections at the identity (needs embedding_dim == the backbones' hidden size):
     with frozen backbones and mean pooling the untrained model then IS the pretrained embedding space, and
     training learns a correction, which keeps what the backbone knows about statements never trained on."""
+    projection_rank: int = Field(0, ge=0)
+    """0: each projection is a full Linear. r > 0: it is the identity plus a rank-r correction
+    (x + up(down(x)), `up` zero-initialised; needs embedding_dim == the backbone hidden size): training
+    can move only r directions of the pretrained space, so what the backbone knows about statements
+    never trained on (zero-shot) is kept instead of being diluted by directions fitted to seen ones."""
+    label_loss_weight: float = Field(0.0, ge=0)
+    """Weight of a pointwise loss beside InfoNCE (uue.label_loss): binary cross-entropy on each batch
+    user's own labelled statements, label 1 and label 0 as they occur in the training split, on
+    logit_scale * cosine + a learned bias. In-batch softmax only learns which statement fits a user
+    *relatively*; this term teaches absolute scores (how often a kind of statement is true), which the
+    pooled AUC over users and statement families, and calibration, need."""
+    labels_per_user: int = Field(16, gt=0)
+    """Labelled statements drawn (uniformly, with replacement) per batch user for the label loss."""
     freeze_item_projection: bool = False
     """Keep the item tower's projection fixed (with frozen item backbone + identity init: statements stay in
     the pretrained space and only the user tower learns to point into it, as in locked-image tuning)."""

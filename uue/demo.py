@@ -129,7 +129,9 @@ def run_demo(config_path: str | None = None, overrides: list[str] | None = None)
         for key in ("auc", "macro_auc", "ndcg@10"):
             mine, base = metrics[subset].get(key), metrics["baseline"][subset].get(key)
             if mine is not None and base is not None:
-                parts.append(f"{key} {mine:.3f} vs {base:.3f} ({'better' if mine > base else 'NOT better'})")
+                verdict = ("same to 3 decimals" if round(mine, 3) == round(base, 3)
+                           else "better" if mine > base else "NOT better")
+                parts.append(f"{key} {mine:.3f} vs {base:.3f} ({verdict})")
         print(f"      {subset}, trained vs baseline: " + ", ".join(parts))
     if metrics.get("ece") is not None:
         print(f"      calibration error on test users (ECE): {metrics['ece']:.3f}")

@@ -24,6 +24,17 @@ Strategy = str
 STRATEGIES = ("none", "random", "hard", "semi_hard", "labeled")
 
 
+def gather_pool_features(pool: Mapping[str, torch.Tensor], indices: torch.Tensor,
+                         device: torch.device) -> dict[str, torch.Tensor]:
+    """Item features of the statements at `indices` (any shape), on `device`, trimmed of shared padding."""
+    features = {k: v[indices].to(device) for k, v in pool.items()}
+    if "input_ids" in features:
+        features["input_ids"], features["attention_mask"] = trim_token_columns(
+            features["input_ids"], features["attention_mask"]
+        )
+    return features
+
+
 class NegativeSampler:
     """Picks `num_negatives` statement indices per user and hands their features to the item tower."""
 
@@ -126,12 +137,7 @@ class NegativeSampler:
         positive_scores = (user_vectors * positive_item_vectors).sum(-1)
         indices = self.select(user_vectors, user_index, positive_scores)
         device = user_vectors.device
-        features = {k: v[indices].to(device) for k, v in self.pool.items()}
-        if "input_ids" in features:
-            features["input_ids"], features["attention_mask"] = trim_token_columns(
-                features["input_ids"], features["attention_mask"]
-            )
-        return indices.to(device), features
+        return indices.to(device), gather_pool_features(self.pool, indices, device)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "pool_vectors": self.pool_vectors,

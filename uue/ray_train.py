@@ -40,6 +40,7 @@ from uue.config import REPO_ROOT, ExperimentConfig, ModelConfig
 from uue.data.featurize import Featurizer, trim_batch
 from uue.data.readers import UUEDataset, load_dataset
 from uue.data.schema import parse_statement, parse_user, statement_to_record, user_to_record
+from uue.label_loss import UserLabelSampler
 from uue.loss import InfoNCELoss
 from uue.model.uue_model import UUEModel
 from uue.negatives import NegativeSampler
@@ -158,6 +159,8 @@ class TrainingPlan:
     statement_ids: list[str]
     statements: list[dict[str, Any]]
     positives: dict[int, list[int]] = field(default_factory=dict)
+    labels: dict[int, list[list[int]]] = field(default_factory=dict)
+    """(statement index, 0/1) of every training-split label per user: labeled negatives and the label loss."""
 
     @classmethod
     def build(cls, dataset: UUEDataset, config: ExperimentConfig, world_size: int | None = None) -> TrainingPlan:
@@ -190,8 +193,11 @@ class TrainingPlan:
         positives: dict[int, list[int]] = {}
         for user, statement in pairs.tolist():
             positives.setdefault(user, []).append(statement)
+        labels: dict[int, list[list[int]]] = {}
+        for lab in dataset.labels_in(config.data.train_split):
+            labels.setdefault(user_pos[lab.user_id], []).append([statement_pos[lab.statement_id], int(lab.label)])
         return cls(rows, total, steps_per_epoch, world_size, batch, user_ids, statement_ids, statement_records,
-                   positives)
+                   positives, labels)
 
     def to_ray_dataset(self, config: ExperimentConfig) -> ray.data.Dataset:
         """A Ray Dataset of the plan, featurized in `map_batches` tasks; one block per worker batch."""
@@ -283,15 +289,26 @@ def _dump_gathered_weights(engine: Any, path: Path, rank: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- the worker
-def _build_negative_sampler(config: ModelConfig, featurizer: Featurizer, plan: dict[str, Any],
-                            seed: int) -> NegativeSampler | None:
-    if config.negative_sampling == "none" or config.num_negative_samples == 0:
-        return None
+def _build_samplers(config: ModelConfig, featurizer: Featurizer, plan: dict[str, Any],
+                    seed: int) -> dict[str, NegativeSampler | UserLabelSampler | None]:
+    """This rank's negative sampler and label-loss sampler (None where the config has them off)."""
+    samplers: dict[str, NegativeSampler | UserLabelSampler | None] = {"negative_sampler": None, "label_sampler": None}
+    wants_negatives = config.negative_sampling != "none" and config.num_negative_samples > 0
+    if not wants_negatives and config.label_loss_weight == 0:
+        return samplers
     pool = featurizer.statement_features([parse_statement(r, "<statements>", i + 1)
                                           for i, r in enumerate(plan["statements"])])
-    positives = {int(u): set(s) for u, s in plan["positives"].items()}
-    return NegativeSampler(config.negative_sampling, config.num_negative_samples, pool, positives,
-                           margin=config.semi_hard_margin, refresh_steps=config.negative_refresh_steps, seed=seed)
+    labels = {int(u): [tuple(pair) for pair in pairs] for u, pairs in plan.get("labels", {}).items()}
+    if wants_negatives:
+        positives = {int(u): set(s) for u, s in plan["positives"].items()}
+        known = {u: {s for s, value in pairs if value == 0} for u, pairs in labels.items()}
+        samplers["negative_sampler"] = NegativeSampler(
+            config.negative_sampling, config.num_negative_samples, pool, positives, margin=config.semi_hard_margin,
+            refresh_steps=config.negative_refresh_steps, seed=seed,
+            known_negatives=known if config.negative_sampling == "labeled" else None)
+    if config.label_loss_weight > 0:
+        samplers["label_sampler"] = UserLabelSampler(labels, config.labels_per_user, pool, seed=seed + 7919)
+    return samplers
 
 
 def _mean_across_ranks(value: float) -> float:
@@ -315,7 +332,7 @@ def _batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     return real, processed
 
 
-def _save_checkpoint(engine: Any, sampler: NegativeSampler | None, step: int, epoch: int, rank: int,
+def _save_checkpoint(engine: Any, samplers: dict[str, Any], step: int, epoch: int, rank: int,
                      metrics: dict[str, Any], total_steps: int, resumable: bool = True) -> None:
     """Every rank writes its DeepSpeed shard and RNG state, rank 0 the model folder; then all report."""
     import ray.train
@@ -326,7 +343,8 @@ def _save_checkpoint(engine: Any, sampler: NegativeSampler | None, step: int, ep
             engine.save_checkpoint(str(folder / DEEPSPEED_FOLDER), tag=f"step_{step}")
         weights = full_state_dict(engine)
         (folder / "ranks").mkdir()
-        torch.save({"rng": _rng_state(), "negative_sampler": sampler.state_dict() if sampler else None},
+        torch.save({"rng": _rng_state(), **{name: sampler.state_dict() if sampler else None
+                                             for name, sampler in samplers.items()}},
                    folder / "ranks" / f"rank_{rank}.pt")
         if rank == 0:
             unwrap(engine).save_pretrained(folder / MODEL_FOLDER, state_dict=weights)
@@ -339,7 +357,7 @@ def _save_checkpoint(engine: Any, sampler: NegativeSampler | None, step: int, ep
                          checkpoint_dir_name=f"step_{step:06d}")
 
 
-def _restore(engine: Any, sampler: NegativeSampler | None, rank: int) -> int:
+def _restore(engine: Any, samplers: dict[str, Any], rank: int) -> int:
     """Load the last reported checkpoint, if any, into the engine; returns the step it was taken at."""
     import ray.train
 
@@ -361,8 +379,9 @@ def _restore(engine: Any, sampler: NegativeSampler | None, rank: int) -> int:
         if rank_file.is_file():  # a different world size resumes with fresh RNG streams
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
             _set_rng_state(rank_state["rng"])
-            if sampler is not None and rank_state["negative_sampler"] is not None:
-                sampler.load_state_dict(rank_state["negative_sampler"])
+            for name, sampler in samplers.items():
+                if sampler is not None and rank_state.get(name) is not None:
+                    sampler.load_state_dict(rank_state[name])
     return step
 
 
@@ -387,13 +406,14 @@ def train_fn(loop_config: dict[str, Any]) -> None:
     model = UUEModel.from_config(config.model, seed=seed)  # identical weights on every rank
     torch.manual_seed(seed + rank)  # dropout draws differ per rank, like different examples
     featurizer = Featurizer(config.model, model.user_tokenizer, model.item_tokenizer)
-    sampler = _build_negative_sampler(config.model, featurizer, plan, seed + rank)
+    samplers = _build_samplers(config.model, featurizer, plan, seed + rank)
+    sampler, label_sampler = samplers["negative_sampler"], samplers["label_sampler"]
     schedule = warmup_cosine(total_steps, config.model.warmup_ratio)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, config.model), config=loop_config["deepspeed"],
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
-    start_step = _restore(engine, sampler, rank)
+    start_step = _restore(engine, samplers, rank)
     optimization = DeepSpeedOptimization(engine)
     loss_fn = InfoNCELoss()
     log_path = Path(config.training.output_dir) / "metrics.jsonl"
@@ -430,7 +450,7 @@ def train_fn(loop_config: dict[str, Any]) -> None:
             optimization.before_step = None
         real_tokens, processed_tokens = _batch_tokens(batch)
         started = time.perf_counter()
-        metrics = train_step(engine, batch, loss_fn, optimization, sampler)
+        metrics = train_step(engine, batch, loss_fn, optimization, sampler, label_sampler)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_seconds = time.perf_counter() - started
@@ -462,14 +482,14 @@ def train_fn(loop_config: dict[str, Any]) -> None:
         if step >= total_steps:
             break
         if every and step % every == 0:
-            _save_checkpoint(engine, sampler, step, epoch, rank, metrics, total_steps)
+            _save_checkpoint(engine, samplers, step, epoch, rank, metrics, total_steps)
         waited = time.perf_counter()
     if step < total_steps:
         raise RuntimeError(f"rank {rank}: the shard ran out after {step} of {total_steps} steps")
     if probe.weights_dump_dir:
         _dump_gathered_weights(engine, Path(probe.weights_dump_dir) / "gathered_weights.pt", rank)
     # The last checkpoint is the result: the model folder in the single-process format, plus resumable state.
-    _save_checkpoint(engine, sampler, step, epoch, rank, metrics, total_steps,
+    _save_checkpoint(engine, samplers, step, epoch, rank, metrics, total_steps,
                      resumable=config.distributed.resumable_final_checkpoint)
     if batch_log is not None:
         batch_log.close()
@@ -534,7 +554,7 @@ def run_training(config: ExperimentConfig, probe: TrainProbe | None = None, resu
             "experiment": experiment.model_dump(),
             "deepspeed": deepspeed_config(config, dist.num_workers),
             "plan": {"total_steps": plan.total_steps, "batch_size": plan.batch_size,
-                     "statements": plan.statements, "positives": plan.positives},
+                     "statements": plan.statements, "positives": plan.positives, "labels": plan.labels},
             "probe": asdict(probe) if probe else None,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,

@@ -26,6 +26,7 @@ from uue.config import ExperimentConfig, ModelConfig
 from uue.data.featurize import Featurizer, trim_batch
 from uue.data.pairs import BatchPosition, PairBatches
 from uue.data.readers import UUEDataset, load_dataset
+from uue.label_loss import UserLabelSampler, label_loss
 from uue.loss import InfoNCELoss
 from uue.model.uue_model import UUEModel
 from uue.negatives import NegativeSampler
@@ -151,14 +152,22 @@ def train_step(
     loss_fn: InfoNCELoss,
     optimization: Optimization,
     negative_sampler: NegativeSampler | None = None,
+    label_sampler: UserLabelSampler | None = None,
 ) -> dict[str, float]:
-    """One optimisation step on one batch: forward, symmetric InfoNCE, backward, clip, step."""
+    """One optimisation step on one batch: forward, symmetric InfoNCE (+ the weighted label loss when a
+    label sampler is given), backward, clip, step."""
     device = next(unwrap(model).parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in trim_batch(batch).items()}
     model.train()
     with autocast_for(device):
-        out = model(batch, negative_sampler=negative_sampler)
+        out = model(batch, negative_sampler=negative_sampler, label_sampler=label_sampler)
         loss, metrics = loss_fn(out, batch["user_index"], batch["statement_index"])
+        if out.label_items is not None:
+            pointwise = label_loss(out.user, out.label_items, out.label_values, out.label_mask, out.logit_scale,
+                                   out.label_bias)
+            metrics["info_nce"] = loss.detach()
+            metrics["label_loss"] = pointwise.detach()
+            loss = loss + unwrap(model).config.label_loss_weight * pointwise
     optimization.backward(loss)
     grad_norm = optimization.step()
     unwrap(model).clamp_logit_scale_()
@@ -185,6 +194,13 @@ def build_negative_sampler(config: ModelConfig, batches: PairBatches, seed: int)
         batches.positives_by_user(), margin=config.semi_hard_margin, refresh_steps=config.negative_refresh_steps,
         seed=seed, known_negatives=batches.negatives_by_user() if config.negative_sampling == "labeled" else None,
     )
+
+
+def build_label_sampler(config: ModelConfig, batches: PairBatches, seed: int) -> UserLabelSampler | None:
+    if config.label_loss_weight == 0:
+        return None
+    return UserLabelSampler(batches.labels_by_user(), config.labels_per_user, batches.statement_features,
+                            seed=seed + 7919)
 
 
 def _rng_state() -> dict:
@@ -242,6 +258,7 @@ class UUETrainer:
         self.optimization = TorchOptimization(self.model, self.config.model, self.total_steps)
         self.loss_fn = InfoNCELoss()
         self.negative_sampler = build_negative_sampler(self.config.model, self.batches, seed)
+        self.label_sampler = build_label_sampler(self.config.model, self.batches, seed)
         self.output_dir = Path(self.config.training.output_dir)
         self.step = 0
         self.position = BatchPosition(0, 0)
@@ -254,6 +271,7 @@ class UUETrainer:
             "step": self.step, "epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch,
             "optimization": self.optimization.state_dict(), "rng": _rng_state(),
             "negative_sampler": self.negative_sampler.state_dict() if self.negative_sampler else None,
+            "label_sampler": self.label_sampler.state_dict() if self.label_sampler else None,
             "config": self.config.model_dump(),
         }, folder / TRAINING_STATE)
         self._prune_checkpoints()
@@ -275,6 +293,8 @@ class UUETrainer:
         self.optimization.load_state_dict(state["optimization"])
         if self.negative_sampler and state["negative_sampler"]:
             self.negative_sampler.load_state_dict(state["negative_sampler"])
+        if self.label_sampler and state.get("label_sampler"):
+            self.label_sampler.load_state_dict(state["label_sampler"])
         _set_rng_state(state["rng"])
         self.step = state["step"]
         self.position = BatchPosition(state["epoch"], state["batch_in_epoch"])
@@ -299,7 +319,8 @@ class UUETrainer:
             while self.step < stop_at:
                 refresh_negatives(self.model, self.negative_sampler, self.step, self.device)
                 position, batch = next(stream)
-                metrics = train_step(self.model, batch, self.loss_fn, self.optimization, self.negative_sampler)
+                metrics = train_step(self.model, batch, self.loss_fn, self.optimization, self.negative_sampler,
+                                     self.label_sampler)
                 self.step += 1
                 nxt = position.batch_in_epoch + 1
                 self.position = (BatchPosition(position.epoch, nxt) if nxt < self.batches.batches_per_epoch

@@ -70,6 +70,14 @@ class PairBatches:
                 out.setdefault(self.user_position[lab.user_id], set()).add(self.statement_position[lab.statement_id])
         return out
 
+    def labels_by_user(self) -> dict[int, list[tuple[int, int]]]:
+        """Every (statement position, 0/1 label) of each user in this split, for the label loss."""
+        out: dict[int, list[tuple[int, int]]] = {}
+        for lab in self.dataset.labels_in(self.split):
+            out.setdefault(self.user_position[lab.user_id], []).append(
+                (self.statement_position[lab.statement_id], int(lab.label)))
+        return out
+
     def positives_by_user(self) -> dict[int, set[int]]:
         out: dict[int, set[int]] = {}
         for u, s in self.pairs.tolist():

@@ -25,13 +25,32 @@ class MetadataFusion(nn.Module):
         return pooled + self.mlp(metadata.to(pooled.dtype))
 
 
-def build_projection(hidden: int, config: ModelConfig) -> nn.Linear:
-    """hidden -> embedding_dim; random (PyTorch default) or, with projection_init="identity", the identity."""
+class LowRankResidualProjection(nn.Module):
+    """x + up(down(x)) with a rank-`rank` bottleneck; `up` starts at zero, so the untrained head is the identity."""
+
+    def __init__(self, hidden: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(rank, hidden)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.down(x))
+
+
+def build_projection(hidden: int, config: ModelConfig) -> nn.Module:
+    """hidden -> embedding_dim: a Linear (random, or the identity with projection_init="identity"), or with
+    projection_rank > 0 the identity plus a trainable rank-r correction."""
+    if config.projection_rank or config.projection_init == "identity":
+        if hidden != config.embedding_dim:
+            what = f"projection_rank={config.projection_rank}" if config.projection_rank else "identity projection_init"
+            raise ValueError(f"{what} needs embedding_dim == the backbone hidden size ({hidden}), "
+                             f"got {config.embedding_dim}")
+    if config.projection_rank:
+        return LowRankResidualProjection(hidden, config.projection_rank)
     projection = nn.Linear(hidden, config.embedding_dim)
     if config.projection_init == "identity":
-        if hidden != config.embedding_dim:
-            raise ValueError(f"projection_init='identity' needs embedding_dim == the backbone hidden size ({hidden}), "
-                             f"got {config.embedding_dim}")
         with torch.no_grad():
             nn.init.eye_(projection.weight)
             nn.init.zeros_(projection.bias)

@@ -2,7 +2,7 @@
 
 On disk a model is a folder:
     uue.json                  format version and the ModelConfig
-    logit_scale.safetensors   the learned temperature (log scale)
+    logit_scale.safetensors   the learned temperature (log scale) and the label-loss bias
     user_tower/, item_tower/  one folder per tower:
         tower.json            which tower, the ModelConfig, the backbone's pooling
         backbone/             a plain Hugging Face model + tokenizer (AutoModel/AutoTokenizer.from_pretrained)
@@ -31,6 +31,7 @@ from uue.model.backbone import TextEncoder, freeze_backbone, load_backbone
 from uue.model.towers import ItemTower, UserTower
 
 if TYPE_CHECKING:
+    from uue.label_loss import UserLabelSampler
     from uue.negatives import NegativeSampler
 
 FORMAT_VERSION = 1
@@ -45,6 +46,10 @@ class UUEOutput:
     logit_scale: torch.Tensor  # (1,) exp of the clamped log-scale
     negatives: torch.Tensor | None = None  # (B, K, D) sampled negative statements per user
     negative_ids: torch.Tensor | None = None  # (B, K) their statement indices
+    label_items: torch.Tensor | None = None  # (B, K, D) statements drawn from each user's labels (label loss)
+    label_values: torch.Tensor | None = None  # (B, K) their 0/1 labels
+    label_mask: torch.Tensor | None = None  # (B, K) which draws are real
+    label_bias: torch.Tensor | None = None  # (1,) the label loss's learned bias
 
 
 class UUEModel(nn.Module):
@@ -68,6 +73,8 @@ class UUEModel(nn.Module):
         self.logit_scale = nn.Parameter(
             torch.full((1,), math.log(1.0 / config.temperature)), requires_grad=config.learn_temperature
         )
+        # The label loss's logit offset (uue.label_loss); only trained when that loss is on.
+        self.label_bias = nn.Parameter(torch.zeros(1), requires_grad=config.label_loss_weight > 0)
 
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0) -> UUEModel:
@@ -106,8 +113,17 @@ class UUEModel(nn.Module):
             text_vectors=batch.get(f"{prefix}_text_vectors"),
         )
 
+    def _encode_statement_sets(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, K, ...) item features of K statements per user -> (B, K, D) unit vectors."""
+        b, k = next(iter(features.values())).shape[:2]
+        flat = {name: value.flatten(0, 1) for name, value in features.items()}
+        vectors = self.item_tower(flat.get("input_ids"), flat.get("attention_mask"), flat.get("metadata"),
+                                  text_vectors=flat.get("text_vectors"))
+        return vectors.view(b, k, -1)
+
     def forward(
-        self, batch: dict[str, torch.Tensor], negative_sampler: NegativeSampler | None = None, task: str = "train"
+        self, batch: dict[str, torch.Tensor], negative_sampler: NegativeSampler | None = None, task: str = "train",
+        label_sampler: UserLabelSampler | None = None,
     ) -> UUEOutput | torch.Tensor:
         """Everything the loss needs, computed inside one forward (ZeRO-3 gathers parameters only here).
 
@@ -123,14 +139,13 @@ class UUEModel(nn.Module):
         negatives = negative_ids = None
         if negative_sampler is not None and negative_sampler.num_negatives > 0:
             negative_ids, neg_batch = negative_sampler.sample(users.detach(), batch["user_index"], items.detach())
-            b, k = negative_ids.shape
-            flat_batch = {k: v.flatten(0, 1) for k, v in neg_batch.items()}
-            flat = self.item_tower(
-                flat_batch.get("input_ids"), flat_batch.get("attention_mask"), flat_batch.get("metadata"),
-                text_vectors=flat_batch.get("text_vectors"),
-            )
-            negatives = flat.view(b, k, -1)
-        return UUEOutput(users, items, self.clamped_logit_scale(), negatives, negative_ids)
+            negatives = self._encode_statement_sets(neg_batch)
+        out = UUEOutput(users, items, self.clamped_logit_scale(), negatives, negative_ids)
+        if label_sampler is not None:
+            draw = label_sampler.sample(batch["user_index"].cpu(), users.device)
+            out.label_items = self._encode_statement_sets(draw.features)
+            out.label_values, out.label_mask, out.label_bias = draw.values, draw.mask, self.label_bias
+        return out
 
     # ------------------------------------------------------------------ on-disk format
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -142,7 +157,10 @@ class UUEModel(nn.Module):
             json.dumps({"format": "uue-model", "version": FORMAT_VERSION, "model_config": self.config.model_dump()},
                        indent=2)
         )
-        save_file({"logit_scale": state["logit_scale"]}, str(folder / "logit_scale.safetensors"))
+        scalars = {"logit_scale": state["logit_scale"]}
+        if "label_bias" in state:
+            scalars["label_bias"] = state["label_bias"]
+        save_file(scalars, str(folder / "logit_scale.safetensors"))
         for name, tower, tokenizer in (
             ("user", self.user_tower, self.user_tokenizer),
             ("item", self.item_tower, self.item_tokenizer),
@@ -160,8 +178,11 @@ class UUEModel(nn.Module):
         user_tower, user_tok = load_tower(folder / "user_tower", map_location)
         item_tower, item_tok = load_tower(folder / "item_tower", map_location)
         model = cls(config, user_tower, item_tower, user_tok, item_tok)  # type: ignore[arg-type]
+        scalars = load_file(str(folder / "logit_scale.safetensors"))
         with torch.no_grad():
-            model.logit_scale.copy_(load_file(str(folder / "logit_scale.safetensors"))["logit_scale"])
+            model.logit_scale.copy_(scalars["logit_scale"])
+            if "label_bias" in scalars:  # folders written before the label loss existed have none
+                model.label_bias.copy_(scalars["label_bias"])
         freeze_backbone(model.user_tower.encoder.backbone, config.freeze_user_backbone, config.user_trainable_layers)
         freeze_backbone(model.item_tower.encoder.backbone, config.freeze_item_backbone, config.item_trainable_layers)
         model.item_tower.projection.requires_grad_(not config.freeze_item_projection)

@@ -1,0 +1,86 @@
+"""The pointwise label loss: binary cross-entropy on each batch user's own labelled statements.
+
+InfoNCE with in-batch negatives learns which statement fits a user better than the others in the
+batch; every score is relative, so a statement that is true of most users ("enjoys drama movies") and
+one true of few ("works as a lawyer") end up on the same footing. The training split also says which
+statements are *false* of a user (label 0). This loss draws, for every user of the batch, statements
+from that user's labels as they occur (1 and 0 alike, uniformly with replacement) and fits
+`logit_scale * cosine + bias` to the label, so that scores also carry how often a kind of statement is
+true. The bias is the model's `label_bias` parameter; the weight is `model.label_loss_weight`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from uue.negatives import gather_pool_features
+
+
+@dataclass
+class LabelDraw:
+    """The labelled statements drawn for one batch: (B, K) pool indices, 0/1 values, and which are real."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor
+    features: dict[str, torch.Tensor]
+
+
+class UserLabelSampler:
+    """Draws `per_user` of each user's labelled statements (pool index, 0/1) and their item features."""
+
+    def __init__(self, labels_by_user: Mapping[int, Sequence[tuple[int, int]]], per_user: int,
+                 pool_features: Mapping[str, np.ndarray | torch.Tensor], seed: int = 0):
+        if per_user < 1:
+            raise ValueError(f"labels_per_user must be >= 1, got {per_user}")
+        self.per_user = per_user
+        self.pool = {k.removeprefix("item_"): torch.as_tensor(v) for k, v in pool_features.items()}
+        pool_size = int(next(iter(self.pool.values())).shape[0])
+        self.labels: dict[int, torch.Tensor] = {}
+        for user, pairs in labels_by_user.items():
+            table = torch.as_tensor(np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+            if len(table) == 0:
+                continue
+            if int(table[:, 0].min()) < 0 or int(table[:, 0].max()) >= pool_size:
+                raise ValueError(f"user {user}: a labelled statement index is outside the pool of {pool_size}")
+            if not bool(((table[:, 1] == 0) | (table[:, 1] == 1)).all()):
+                raise ValueError(f"user {user}: labels must be 0 or 1")
+            self.labels[int(user)] = table
+        if not self.labels:
+            raise ValueError("label_loss_weight > 0 needs labelled statements in the training split; there are none")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, user_index: torch.Tensor, device: torch.device) -> LabelDraw:
+        """Users without labels get masked-out rows (they add nothing to the loss)."""
+        rows = len(user_index)
+        indices = torch.zeros(rows, self.per_user, dtype=torch.long)
+        values = torch.zeros(rows, self.per_user)
+        mask = torch.zeros(rows, self.per_user, dtype=torch.bool)
+        for row, user in enumerate(user_index.tolist()):
+            table = self.labels.get(int(user))
+            if table is None:
+                continue
+            picks = table[torch.randint(len(table), (self.per_user,), generator=self.generator)]
+            indices[row], values[row], mask[row] = picks[:, 0], picks[:, 1].float(), True
+        features = gather_pool_features(self.pool, indices, device)
+        return LabelDraw(indices.to(device), values.to(device), mask.to(device), features)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def label_loss(user: torch.Tensor, label_items: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+               logit_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy over the real draws; `user` (B, D), `label_items` (B, K, D) unit vectors."""
+    logits = logit_scale * torch.einsum("bd,bkd->bk", user, label_items) + bias
+    weights = mask.to(logits.dtype)
+    losses = F.binary_cross_entropy_with_logits(logits.float(), values.float(), reduction="none")
+    return (losses * weights).sum() / weights.sum().clamp(min=1.0)
