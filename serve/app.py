@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,7 @@ class UUEIngress:
             dimension=user_info["dimension"], limits=self.args.limits,
             statement_model_name=self.args.statement_model_name, user_model_name=self.args.user_model_name,
             calibrator=PlattCalibrator.load(self.args.model_dir), index=index, metrics=metrics,
+            admin_token=os.environ.get(self.args.admin_token_env) or None,
         )
         self._poller = asyncio.get_running_loop().create_task(self._poll_index()) if index else None
 

@@ -375,3 +375,47 @@ def test_prometheus_endpoint_has_serve_and_uue_metrics(server, ray_session):
     assert not missing, f"metrics missing from :{port}/metrics: {missing}"
     lines = [line for line in text.splitlines() if line.startswith("ray_uue_http_requests_total{")]
     assert any('route="/embed/statements"' in line and 'status="200"' in line for line in lines), lines[:5]
+
+
+def test_admin_routes_need_the_token_or_a_loopback_client(model_dir, indexes):
+    """With a token: 401 without it or with a wrong one, the reload with it (real HTTP on 127.0.0.1).
+    Without a token: a non-loopback client gets 403, a loopback one gets through."""
+    import asyncio
+
+    import uvicorn
+
+    from uue.serving.local import build_local_app
+
+    token = "s3cret-admin-token"
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_local_app(model_dir, index=str(indexes["pointer"]), admin_token=token),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.monotonic() + 60
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.05)
+            missing = client.post("/admin/reload-index")
+            wrong = client.post("/admin/reload-index", headers={"Authorization": f"Bearer {token}x"})
+            right = client.post("/admin/reload-index", headers={"Authorization": f"Bearer {token}"})
+            health = client.get("/health")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert missing.status_code == wrong.status_code == 401
+    assert missing.json()["error"]["param"] == "authorization"
+    assert right.status_code == 200 and right.json()["version"] in (indexes["v1_version"], indexes["v2_version"])
+    assert health.status_code == 200  # the other routes need no token
+
+    open_app = build_local_app(model_dir, index=str(indexes["pointer"]))
+
+    async def call(client_host: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=open_app, client=(client_host, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://uue") as client:
+            return await client.post("/admin/reload-index")
+
+    remote, local = asyncio.run(call("10.0.0.7")), asyncio.run(call("127.0.0.1"))
+    assert remote.status_code == 403 and "loopback" in remote.json()["error"]["message"]
+    assert local.status_code == 200

@@ -12,7 +12,9 @@ peer one that runs both towers in-process. Routes:
     POST /retrieve               {"user": {...}, "k": 10} -> top-k statements of the index
     POST /v1/embeddings          OpenAI-compatible (input string or list; encoding_format float|base64)
     GET  /v1/models              OpenAI-compatible model list
-    POST /admin/reload-index     re-read the index location now (replicas also poll it)
+    POST /admin/reload-index     re-read the index location now (replicas also poll it); needs
+                                 `Authorization: Bearer <admin token>` when one is configured, else a
+                                 loopback client
 
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with 400 for malformed JSON,
 422 for wrong types/empty text, 413 for bodies or lists over the configured limits, 404 for unknown
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -77,6 +80,8 @@ class ServingService:
     calibrator: PlattCalibrator | None = None
     index: IndexSlot | None = None
     metrics: ServingMetrics | None = None
+    admin_token: str | None = None
+    """Bearer token of the /admin routes; None: they answer loopback clients only."""
 
     def probabilities(self, similarities: np.ndarray) -> list[float | None]:
         if self.calibrator is None:
@@ -90,6 +95,23 @@ class ServingService:
         if current is None:
             raise RequestError(503, f"statement index not loaded yet ({self.index.last_error or 'loading'})")
         return current
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def check_admin(request: Request, admin_token: str | None) -> None:
+    """401 without the configured bearer token; with none configured, 403 for any non-loopback client."""
+    if admin_token:
+        sent = request.headers.get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {admin_token}".encode()):
+            raise RequestError(401, "admin routes need 'Authorization: Bearer <token>' (the admin token)",
+                               "authorization")
+        return
+    client = request.client.host if request.client else None
+    if client not in LOOPBACK_HOSTS:
+        raise RequestError(403, f"admin routes answer loopback clients only (this one is {client}); configure "
+                                "an admin token (ServeArgs.admin_token_env) to call them remotely")
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -286,7 +308,8 @@ def build_http_app(service: ServingService) -> FastAPI:
         }
 
     @app.post("/admin/reload-index")
-    async def reload_index() -> dict[str, Any]:
+    async def reload_index(request: Request) -> dict[str, Any]:
+        check_admin(request, service.admin_token)
         if service.index is None:
             raise RequestError(409, "no statement index configured: start the server with `index` set")
         try:

@@ -30,7 +30,8 @@ class InProcessBackend:
 
 
 def build_local_app(model_dir: str | Path, limits: RequestLimits | None = None, device: str | None = None,
-                    dtype: str = "float32", index: str | None = None) -> FastAPI:
+                    dtype: str = "float32", index: str | None = None,
+                    admin_token: str | None = None) -> FastAPI:
     from uue.indexing import checkpoint_fingerprint
     from uue.serving.http import ServingService, build_http_app
     from uue.serving.index_slot import IndexSlot
@@ -44,4 +45,5 @@ def build_local_app(model_dir: str | Path, limits: RequestLimits | None = None, 
     return build_http_app(ServingService(
         backend=backend, model_fingerprint=fingerprint, dimension=backend.users.dimension,
         limits=limits or RequestLimits(), calibrator=PlattCalibrator.load(model_dir), index=slot,
+        admin_token=admin_token,
     ))

@@ -94,6 +94,10 @@ class ServeArgs(_Strict):
     """The `model` name of `/v1/embeddings` for statement vectors."""
     user_model_name: str = "uue-users"
     """The `model` name of `/v1/embeddings` where each input string is one user's whole history."""
+    admin_token_env: str = "UUE_ADMIN_TOKEN"
+    """The environment variable (in the ingress replicas' environment: runtime_env `env_vars` or a
+    Kubernetes secret) holding the bearer token of the `/admin/*` routes. Set, they require
+    `Authorization: Bearer <token>`; unset, they answer loopback clients (127.0.0.1, ::1) only."""
     limits: RequestLimits = RequestLimits()
     user_tower: TowerDeploymentArgs = TowerDeploymentArgs(max_batch_size=256, max_ongoing_requests=256)
     item_tower: TowerDeploymentArgs = TowerDeploymentArgs()
