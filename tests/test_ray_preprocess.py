@@ -270,3 +270,21 @@ def test_preprocess_cli_reports_a_bad_config_without_starting_ray(tmp_path, caps
                  "model.max_chunk_length=1"])
     assert code == 2
     assert "model.max_chunk_length" in capsys.readouterr().err
+
+
+def test_dataset_and_index_input_read_an_object_store_uri_with_its_query_options(s3_bucket, sample_data_dir):
+    """Credentials and ?endpoint_override=... configure the filesystem that opens every listed file."""
+    from uue.data.readers import load_dataset
+    from uue.indexing import input_files, read_statement_files
+
+    s3, s3_uri = s3_bucket
+    pafs.copy_files(str(sample_data_dir), "uue/sample", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3)
+    local, remote = load_dataset(sample_data_dir), load_dataset(s3_uri("sample"))
+    assert remote.users == local.users and remote.statements == local.statements and remote.labels == local.labels
+
+    files, contract, filesystem = input_files(s3_uri("sample"))
+    assert contract and files == ["s3://uue/sample/statements.jsonl"]  # no credentials in the names
+    rows = list(read_statement_files({"path": np.array(files)}, contract, "statement_id", "text", 1000,
+                                     filesystem=filesystem))
+    assert [sid for block in rows for sid in block["statement_id"]] == list(local.statements)

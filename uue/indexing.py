@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from uue.data.readers import SHARD_SUFFIXES, iter_file_records, table_files
+from uue.data.readers import SHARD_SUFFIXES, iter_file_records, resolve_filesystem, table_files
 from uue.data.schema import DataValidationError, Statement, parse_statement
 
 logger = logging.getLogger(__name__)
@@ -101,21 +101,22 @@ def checkpoint_fingerprint(folder: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- input
-def input_files(input_uri: str, id_column: str = "statement_id", text_column: str = "text") -> tuple[list[str], bool]:
-    """(files to read, whether they hold data-contract `statements` records).
+def input_files(input_uri: str, id_column: str = "statement_id", text_column: str = "text"
+                ) -> tuple[list[str], bool, pafs.FileSystem]:
+    """(files to read, whether they hold data-contract `statements` records, the filesystem that opens them).
+
+    Files are named `scheme://path` (credentials and query options of the input URI left out); open them
+    with the returned filesystem (`path_inside`), which carries those options.
 
     Contract records (a data-contract folder, or a file/folder named `statements`) are validated with
     `parse_statement`; any other .jsonl/.parquet file or folder of shards is read as a table whose
     `id_column` and `text_column` are used and other columns ignored.
     """
     uri = str(input_uri)
+    fs, root = resolve_filesystem(uri)
     try:
         files, contract = table_files(uri, "statements"), True
     except FileNotFoundError:
-        if "://" in uri:
-            fs, root = pafs.FileSystem.from_uri(uri)
-        else:
-            fs, root = pafs.LocalFileSystem(), str(Path(uri).resolve())
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.File:
             found = [info.path]
@@ -140,7 +141,7 @@ def input_files(input_uri: str, id_column: str = "statement_id", text_column: st
             f"input {uri} holds data-contract statements (statement_id, text): id_column/text_column "
             f"({id_column!r}, {text_column!r}) apply only to other tables"
         )
-    return files, contract
+    return files, contract, fs
 
 
 def _table_statement(record: dict[str, Any], file: str, row: int, id_column: str, text_column: str) -> Statement:
@@ -160,7 +161,8 @@ def _table_statement(record: dict[str, Any], file: str, row: int, id_column: str
 
 
 def read_statement_files(
-    batch: dict[str, np.ndarray], contract: bool, id_column: str, text_column: str, rows_per_block: int
+    batch: dict[str, np.ndarray], contract: bool, id_column: str, text_column: str, rows_per_block: int,
+    filesystem: pafs.FileSystem | None = None,
 ) -> Iterator[dict[str, list]]:
     """Ray Data UDF: file paths -> validated statement rows (errors name the file, row and field).
 
@@ -168,7 +170,7 @@ def read_statement_files(
     """
     for path in batch["path"]:
         rows: dict[str, list] = {"statement_id": [], "text": [], "context": [], "metadata": [], "source": []}
-        for file, row, record in iter_file_records(str(path)):
+        for file, row, record in iter_file_records(str(path), filesystem=filesystem):
             if contract:
                 st = parse_statement(record, file, row)
             else:
@@ -417,7 +419,7 @@ def build_index(
     _check_output(out)
     model_folder, tower_folder = resolve_item_tower(checkpoint)
     fingerprint = checkpoint_fingerprint(model_folder)
-    files, contract = input_files(str(input_uri), id_column, text_column)
+    files, contract, filesystem = input_files(str(input_uri), id_column, text_column)
     tower_meta = json.loads((tower_folder / "tower.json").read_text())
     dimension = int(tower_meta["model_config"]["embedding_dim"])
     version = new_version(fingerprint)
@@ -435,7 +437,8 @@ def build_index(
     try:
         ds = ray.data.from_items([{"path": f} for f in files]).map_batches(
             read_statement_files, batch_size=1, fn_kwargs=dict(
-                contract=contract, id_column=id_column, text_column=text_column, rows_per_block=batch_size),
+                contract=contract, id_column=id_column, text_column=text_column, rows_per_block=batch_size,
+                filesystem=filesystem),
         )
         # One block per batch, so the actor pool has queued work to scale up on even for a single input file.
         ds = ds.repartition(target_num_rows_per_block=batch_size)

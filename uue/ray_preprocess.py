@@ -24,7 +24,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ import pyarrow.parquet as pq
 from uue.config import ExperimentConfig, ModelConfig
 from uue.data.chunking import split_long_chunks
 from uue.data.featurize import Featurizer
-from uue.data.readers import table_files
+from uue.data.readers import path_inside, resolve_filesystem, table_files
 from uue.data.schema import (
     TABLES,
     DataValidationError,
@@ -56,13 +55,6 @@ _KEY_FIELD = {"users": "user_id", "statements": "statement_id"}
 
 
 # ---------------------------------------------------------------------------------- filesystems
-def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI that pyarrow understands."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
-
-
 def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
     with fs.open_output_stream(path) as stream:
         stream.write(text.encode("utf-8"))
@@ -237,7 +229,7 @@ def _read_validated(input_uri: str, table: str):
     fs, _ = resolve_filesystem(input_uri)
     # table_files names URI files `scheme://path` (credentials and ?endpoint_override=... dropped, which keeps
     # them out of reports); the input's own filesystem opens them by path.
-    inner = [f.split("://", 1)[1] if "://" in f else f for f in files]
+    inner = [path_inside(f) for f in files]
     display = dict(zip(inner, files, strict=True))
     file_rank = {p: i for i, p in enumerate(inner)}
     ds = ray.data.read_binary_files(inner, filesystem=fs, include_paths=True)

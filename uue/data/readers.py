@@ -29,15 +29,22 @@ from uue.data.schema import (
 SHARD_SUFFIXES = (".jsonl", ".parquet")
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI that pyarrow understands; a URI's credentials
+    and query options (`?endpoint_override=...&region=...`) configure the filesystem."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
+def path_inside(file: str) -> str:
+    """The path of a file named by `table_files` inside its folder's filesystem (drops `scheme://`)."""
+    return file.split("://", 1)[1] if "://" in file else file
+
+
 def table_files(folder: str, name: str) -> list[str]:
     """The files holding table `name` in `folder`: NAME.jsonl, NAME.parquet, or shards under NAME/."""
-    fs, root = _filesystem(folder)
+    fs, root = resolve_filesystem(folder)
     found = []
     for suffix in SHARD_SUFFIXES:
         info = fs.get_file_info(f"{root}/{name}{suffix}")
@@ -51,18 +58,23 @@ def table_files(folder: str, name: str) -> list[str]:
         raise FileNotFoundError(
             f"no {name!r} table in {folder}: expected {name}.jsonl, {name}.parquet or a folder {name}/ of shards"
         )
+    # Files are named `scheme://path`, without the folder URI's credentials and query options (which keeps
+    # them out of error messages and reports): open them with the folder's filesystem (`path_inside`).
     return [f if "://" not in folder else f"{folder.split('://')[0]}://{f}" for f in found]
 
 
 def iter_records(folder: str, name: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """Yield (file, row, record) for table `name`; rows count from 1 (JSONL: the line number)."""
+    fs, _ = resolve_filesystem(folder)
     for path in table_files(folder, name):
-        yield from iter_file_records(path)
+        yield from iter_file_records(path, filesystem=fs)
 
 
-def iter_file_records(path: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """Yield (file, row, record) for one .jsonl or .parquet file (local path or URI)."""
-    fs, inner = _filesystem(path)
+def iter_file_records(path: str, filesystem: pafs.FileSystem | None = None
+                      ) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """Yield (file, row, record) for one .jsonl or .parquet file: a local path or URI, or a file named by
+    `table_files` opened with its folder's `filesystem`."""
+    fs, inner = (filesystem, path_inside(path)) if filesystem is not None else resolve_filesystem(path)
     if path.endswith(".jsonl"):
         with fs.open_input_stream(inner) as stream:
             for line_no, raw in enumerate(stream.read().decode("utf-8").splitlines(), start=1):
