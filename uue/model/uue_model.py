@@ -95,7 +95,12 @@ class UUEModel(nn.Module):
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
-        """After an optimizer step, keep the parameter itself inside its bound (gradient dies at the clamp)."""
+        """After an optimizer step, keep the parameter itself inside its bound (gradient dies at the clamp).
+
+        Under DeepSpeed the optimizer steps its own fp32 master copy (and ZeRO-3 leaves this rank an empty
+        placeholder), so the stored value may sit above the bound there; `clamped_logit_scale`, which every
+        forward uses, bounds the value the loss sees either way.
+        """
         self.logit_scale.clamp_(max=math.log(self.config.max_logit_scale))
 
     def encode_users(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
