@@ -17,7 +17,7 @@ from uue.label_loss import UserLabelSampler, label_loss
 from uue.loss import InfoNCELoss
 from uue.model import UUEModel
 from uue.model.towers import LowRankResidualProjection
-from uue.training import TorchOptimization, build_label_sampler, train_step
+from uue.training import TorchOptimization, build_samplers, train_step
 
 POOL = {"item_text_vectors": np.arange(40, dtype=np.float32).reshape(10, 4)}
 LABELS = {0: [(1, 1), (2, 0), (3, 0), (4, 1)], 1: [(5, 0)]}
@@ -79,6 +79,11 @@ def test_label_loss_matches_a_plain_python_reference():
 def _batches(cfg, model, sample_data_dir) -> PairBatches:
     return PairBatches(load_dataset(sample_data_dir), Featurizer(cfg, model.user_tokenizer, model.item_tokenizer),
                        cfg.batch_size)
+
+
+def build_label_sampler(cfg, batches: PairBatches, seed: int) -> UserLabelSampler | None:
+    return build_samplers(cfg, batches.statement_features, batches.positives_by_user(), batches.labels_by_user(),
+                          seed).label
 
 
 def test_train_step_adds_the_weighted_label_loss_and_learns_its_bias(tiny_model_config, sample_data_dir):
@@ -154,7 +159,7 @@ def test_ray_plan_carries_the_labels_the_samplers_need(tiny_model_config, sample
     samplers = _build_samplers(cfg, Featurizer(cfg, model.user_tokenizer, model.item_tokenizer),
                                {"statements": plan.statements, "positives": plan.positives, "labels": plan.labels},
                                seed=0)
-    label_sampler, negative_sampler = samplers["label_sampler"], samplers["negative_sampler"]
+    label_sampler, negative_sampler = samplers.label, samplers.negative
     assert isinstance(label_sampler, UserLabelSampler)
     for user, pairs in plan.labels.items():
         assert negative_sampler.known_negatives.get(user, set()) == {s for s, v in pairs if v == 0}

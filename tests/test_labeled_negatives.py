@@ -30,7 +30,7 @@ def test_trainer_feeds_the_users_label_zero_statements(tiny_model_config, sample
         training=TrainingConfig(output_dir=str(tmp_path), max_steps=2, progress_bar=False))
     config.data.path = str(sample_data_dir)
     trainer = UUETrainer(config)
-    known = trainer.negative_sampler.known_negatives
+    known = trainer.samplers.negative.known_negatives
     dataset = trainer.dataset
     expected = {(lab.user_id, lab.statement_id) for lab in dataset.labels_in("train") if lab.label == 0}
     got = {(trainer.batches.user_ids[u], trainer.batches.statement_ids[s]) for u, ss in known.items() for s in ss}

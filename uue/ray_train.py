@@ -13,7 +13,7 @@ Determinism is what makes resuming exact: the plan has one block per worker batc
 checkpoint already trained on, so no step is repeated or lost.
 
 Checkpoints (`ray.train.report`) hold the DeepSpeed state of every rank (`deepspeed/`), each rank's RNG
-and negative-sampler state, the step, and the full model in the single-process format (`model/`,
+and sampler state (negatives, label loss), the step, and the full model in the single-process format (`model/`,
 gathered from the shards under ZeRO-3), so any checkpoint is also a loadable model.
 """
 
@@ -40,17 +40,18 @@ from uue.config import REPO_ROOT, ExperimentConfig, ModelConfig
 from uue.data.featurize import Featurizer, trim_batch
 from uue.data.readers import UUEDataset, load_dataset
 from uue.data.schema import parse_statement, parse_user, statement_to_record, user_to_record
-from uue.label_loss import UserLabelSampler
 from uue.loss import InfoNCELoss
 from uue.model.uue_model import UUEModel
-from uue.negatives import NegativeSampler
 from uue.training import (
+    Samplers,
     _rng_state,
     _set_rng_state,
+    build_samplers,
     param_groups,
     refresh_negatives,
     train_step,
     unwrap,
+    wants_samplers,
     warmup_cosine,
 )
 
@@ -289,26 +290,15 @@ def _dump_gathered_weights(engine: Any, path: Path, rank: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- the worker
-def _build_samplers(config: ModelConfig, featurizer: Featurizer, plan: dict[str, Any],
-                    seed: int) -> dict[str, NegativeSampler | UserLabelSampler | None]:
-    """This rank's negative sampler and label-loss sampler (None where the config has them off)."""
-    samplers: dict[str, NegativeSampler | UserLabelSampler | None] = {"negative_sampler": None, "label_sampler": None}
-    wants_negatives = config.negative_sampling != "none" and config.num_negative_samples > 0
-    if not wants_negatives and config.label_loss_weight == 0:
-        return samplers
+def _build_samplers(config: ModelConfig, featurizer: Featurizer, plan: dict[str, Any], seed: int) -> Samplers:
+    """This rank's samplers from the plan (the statement pool is featurized only when one is on)."""
+    if not wants_samplers(config):
+        return Samplers()
     pool = featurizer.statement_features([parse_statement(r, "<statements>", i + 1)
                                           for i, r in enumerate(plan["statements"])])
-    labels = {int(u): [tuple(pair) for pair in pairs] for u, pairs in plan.get("labels", {}).items()}
-    if wants_negatives:
-        positives = {int(u): set(s) for u, s in plan["positives"].items()}
-        known = {u: {s for s, value in pairs if value == 0} for u, pairs in labels.items()}
-        samplers["negative_sampler"] = NegativeSampler(
-            config.negative_sampling, config.num_negative_samples, pool, positives, margin=config.semi_hard_margin,
-            refresh_steps=config.negative_refresh_steps, seed=seed,
-            known_negatives=known if config.negative_sampling == "labeled" else None)
-    if config.label_loss_weight > 0:
-        samplers["label_sampler"] = UserLabelSampler(labels, config.labels_per_user, pool, seed=seed + 7919)
-    return samplers
+    positives = {int(u): set(s) for u, s in plan["positives"].items()}
+    labels = {int(u): [(s, value) for s, value in pairs] for u, pairs in plan.get("labels", {}).items()}
+    return build_samplers(config, pool, positives, labels, seed)
 
 
 def _mean_across_ranks(value: float) -> float:
@@ -332,7 +322,7 @@ def _batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     return real, processed
 
 
-def _save_checkpoint(engine: Any, samplers: dict[str, Any], step: int, epoch: int, rank: int,
+def _save_checkpoint(engine: Any, samplers: Samplers, step: int, epoch: int, rank: int,
                      metrics: dict[str, Any], total_steps: int, resumable: bool = True) -> None:
     """Every rank writes its DeepSpeed shard and RNG state, rank 0 the model folder; then all report."""
     import ray.train
@@ -343,8 +333,7 @@ def _save_checkpoint(engine: Any, samplers: dict[str, Any], step: int, epoch: in
             engine.save_checkpoint(str(folder / DEEPSPEED_FOLDER), tag=f"step_{step}")
         weights = full_state_dict(engine)
         (folder / "ranks").mkdir()
-        torch.save({"rng": _rng_state(), **{name: sampler.state_dict() if sampler else None
-                                             for name, sampler in samplers.items()}},
+        torch.save({"rng": _rng_state(), **samplers.state_dict()},
                    folder / "ranks" / f"rank_{rank}.pt")
         if rank == 0:
             unwrap(engine).save_pretrained(folder / MODEL_FOLDER, state_dict=weights)
@@ -357,7 +346,7 @@ def _save_checkpoint(engine: Any, samplers: dict[str, Any], step: int, epoch: in
                          checkpoint_dir_name=f"step_{step:06d}")
 
 
-def _restore(engine: Any, samplers: dict[str, Any], rank: int) -> int:
+def _restore(engine: Any, samplers: Samplers, rank: int) -> int:
     """Load the last reported checkpoint, if any, into the engine; returns the step it was taken at."""
     import ray.train
 
@@ -379,9 +368,7 @@ def _restore(engine: Any, samplers: dict[str, Any], rank: int) -> int:
         if rank_file.is_file():  # a different world size resumes with fresh RNG streams
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
             _set_rng_state(rank_state["rng"])
-            for name, sampler in samplers.items():
-                if sampler is not None and rank_state.get(name) is not None:
-                    sampler.load_state_dict(rank_state[name])
+            samplers.load_state_dict(rank_state)
     return step
 
 
@@ -407,7 +394,6 @@ def train_fn(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(seed + rank)  # dropout draws differ per rank, like different examples
     featurizer = Featurizer(config.model, model.user_tokenizer, model.item_tokenizer)
     samplers = _build_samplers(config.model, featurizer, plan, seed + rank)
-    sampler, label_sampler = samplers["negative_sampler"], samplers["label_sampler"]
     schedule = warmup_cosine(total_steps, config.model.warmup_ratio)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, config.model), config=loop_config["deepspeed"],
@@ -442,7 +428,7 @@ def train_fn(loop_config: dict[str, Any]) -> None:
             waited = time.perf_counter()
             continue
         data_seconds = time.perf_counter() - waited
-        refresh_negatives(engine, sampler, step, device)
+        refresh_negatives(engine, samplers.negative, step, device)
         if probe.gradient_dump_step == step + 1 and probe.gradient_dump_dir:
             dump_to = Path(probe.gradient_dump_dir) / f"step_{step + 1}.pt"
             optimization.before_step = lambda eng, dump_to=dump_to: _dump_gradients(eng, dump_to, rank)
@@ -450,7 +436,7 @@ def train_fn(loop_config: dict[str, Any]) -> None:
             optimization.before_step = None
         real_tokens, processed_tokens = _batch_tokens(batch)
         started = time.perf_counter()
-        metrics = train_step(engine, batch, loss_fn, optimization, sampler, label_sampler)
+        metrics = train_step(engine, batch, loss_fn, optimization, samplers.negative, samplers.label)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_seconds = time.perf_counter() - started

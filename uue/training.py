@@ -186,21 +186,54 @@ class TrainResult:
     last_checkpoint: Path | None = None
 
 
-def build_negative_sampler(config: ModelConfig, batches: PairBatches, seed: int) -> NegativeSampler | None:
-    if config.negative_sampling == "none" or config.num_negative_samples == 0:
-        return None
-    return NegativeSampler(
-        config.negative_sampling, config.num_negative_samples, batches.statement_features,
-        batches.positives_by_user(), margin=config.semi_hard_margin, refresh_steps=config.negative_refresh_steps,
-        seed=seed, known_negatives=batches.negatives_by_user() if config.negative_sampling == "labeled" else None,
-    )
+def wants_negative_sampler(config: ModelConfig) -> bool:
+    return config.negative_sampling != "none" and config.num_negative_samples > 0
 
 
-def build_label_sampler(config: ModelConfig, batches: PairBatches, seed: int) -> UserLabelSampler | None:
-    if config.label_loss_weight == 0:
-        return None
-    return UserLabelSampler(batches.labels_by_user(), config.labels_per_user, batches.statement_features,
-                            seed=seed + 7919)
+def wants_samplers(config: ModelConfig) -> bool:
+    """Whether the config uses any statement sampler (and so needs the statement pool's features)."""
+    return wants_negative_sampler(config) or config.label_loss_weight > 0
+
+
+@dataclass
+class Samplers:
+    """The statement samplers of one training process: sampled negatives and the label loss's draws."""
+
+    negative: NegativeSampler | None = None
+    label: UserLabelSampler | None = None
+
+    def state_dict(self) -> dict[str, dict | None]:
+        """Keys as stored in training states and Ray Train rank files."""
+        return {"negative_sampler": self.negative.state_dict() if self.negative else None,
+                "label_sampler": self.label.state_dict() if self.label else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the samplers the state has (a state from before the label loss has no label_sampler)."""
+        if self.negative and state.get("negative_sampler"):
+            self.negative.load_state_dict(state["negative_sampler"])
+        if self.label and state.get("label_sampler"):
+            self.label.load_state_dict(state["label_sampler"])
+
+
+def build_samplers(config: ModelConfig, pool_features: dict[str, np.ndarray], positives: dict[int, set[int]],
+                   labels: dict[int, list[tuple[int, int]]], seed: int) -> Samplers:
+    """The samplers the config turns on, over the statement pool (positions index `pool_features`).
+
+    `positives` and `labels` ((statement, 0/1) per user) come from the training split; the label-0 statements
+    are the `labeled` strategy's known negatives. The single-process trainer and Ray Train workers both build
+    them here, so the two paths sample alike.
+    """
+    samplers = Samplers()
+    if wants_negative_sampler(config):
+        known = ({u: {s for s, value in pairs if value == 0} for u, pairs in labels.items()}
+                 if config.negative_sampling == "labeled" else None)
+        samplers.negative = NegativeSampler(
+            config.negative_sampling, config.num_negative_samples, pool_features, positives,
+            margin=config.semi_hard_margin, refresh_steps=config.negative_refresh_steps, seed=seed,
+            known_negatives=known)
+    if config.label_loss_weight > 0:
+        samplers.label = UserLabelSampler(labels, config.labels_per_user, pool_features, seed=seed + 7919)
+    return samplers
 
 
 def _rng_state() -> dict:
@@ -257,8 +290,8 @@ class UUETrainer:
         self.total_steps = self.config.training.max_steps or epochs_steps
         self.optimization = TorchOptimization(self.model, self.config.model, self.total_steps)
         self.loss_fn = InfoNCELoss()
-        self.negative_sampler = build_negative_sampler(self.config.model, self.batches, seed)
-        self.label_sampler = build_label_sampler(self.config.model, self.batches, seed)
+        self.samplers = build_samplers(self.config.model, self.batches.statement_features,
+                                       self.batches.positives_by_user(), self.batches.labels_by_user(), seed)
         self.output_dir = Path(self.config.training.output_dir)
         self.step = 0
         self.position = BatchPosition(0, 0)
@@ -270,8 +303,7 @@ class UUETrainer:
         torch.save({
             "step": self.step, "epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch,
             "optimization": self.optimization.state_dict(), "rng": _rng_state(),
-            "negative_sampler": self.negative_sampler.state_dict() if self.negative_sampler else None,
-            "label_sampler": self.label_sampler.state_dict() if self.label_sampler else None,
+            **self.samplers.state_dict(),
             "config": self.config.model_dump(),
         }, folder / TRAINING_STATE)
         self._prune_checkpoints()
@@ -291,10 +323,7 @@ class UUETrainer:
         self.model.load_state_dict(loaded.state_dict())
         state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
         self.optimization.load_state_dict(state["optimization"])
-        if self.negative_sampler and state["negative_sampler"]:
-            self.negative_sampler.load_state_dict(state["negative_sampler"])
-        if self.label_sampler and state.get("label_sampler"):
-            self.label_sampler.load_state_dict(state["label_sampler"])
+        self.samplers.load_state_dict(state)
         _set_rng_state(state["rng"])
         self.step = state["step"]
         self.position = BatchPosition(state["epoch"], state["batch_in_epoch"])
@@ -317,10 +346,10 @@ class UUETrainer:
         started = time.perf_counter()
         with log_path.open("a") as log:
             while self.step < stop_at:
-                refresh_negatives(self.model, self.negative_sampler, self.step, self.device)
+                refresh_negatives(self.model, self.samplers.negative, self.step, self.device)
                 position, batch = next(stream)
-                metrics = train_step(self.model, batch, self.loss_fn, self.optimization, self.negative_sampler,
-                                     self.label_sampler)
+                metrics = train_step(self.model, batch, self.loss_fn, self.optimization, self.samplers.negative,
+                                     self.samplers.label)
                 self.step += 1
                 nxt = position.batch_in_epoch + 1
                 self.position = (BatchPosition(position.epoch, nxt) if nxt < self.batches.batches_per_epoch

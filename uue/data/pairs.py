@@ -62,14 +62,6 @@ class PairBatches:
     def users_in_pairs(self) -> list[UserData]:
         return [self.dataset.users[self.user_ids[u]] for u in np.unique(self.pairs[:, 0]).tolist()]
 
-    def negatives_by_user(self) -> dict[int, set[int]]:
-        """Label-0 (known false) statements per user in this split."""
-        out: dict[int, set[int]] = {}
-        for lab in self.dataset.labels_in(self.split):
-            if lab.label == 0:
-                out.setdefault(self.user_position[lab.user_id], set()).add(self.statement_position[lab.statement_id])
-        return out
-
     def labels_by_user(self) -> dict[int, list[tuple[int, int]]]:
         """Every (statement position, 0/1 label) of each user in this split, for the label loss."""
         out: dict[int, list[tuple[int, int]]] = {}
