@@ -102,6 +102,23 @@ class ModelConfig(_Strict):
     cache_statement_vectors: bool = False
     """With freeze_item_backbone: encode each statement once and train the item projection on the cache."""
 
+    attention: Literal["padded", "packed"] = "padded"
+    """How the towers' backbones see a batch. "padded": the Hugging Face forward on (N, L) padded batches with
+    SDPA (the reference). "packed": padding-free (uue.model.packing): each batch is unpadded and its
+    sequences laid end to end in packs of pack_tokens tokens, attention confined to each sequence."""
+    pack_tokens: int = Field(8192, gt=0)
+    """Tokens per pack (a static shape; the packed path's micro-batch, replacing encode_micro_batch)."""
+    pack_max_sequences: int | None = Field(None, gt=0)
+    """Sequences per pack at most (None: pack_tokens // 8); bounds the per-pack boundary table."""
+    pack_backend: Literal["auto", "varlen", "flex", "sdpa_mask"] = "auto"
+    """Packed attention kernel: varlen (torch.nn.attention.varlen, CUDA bf16/fp16), flex (document block mask),
+    sdpa_mask (dense block-diagonal mask, any device); auto picks varlen, else flex on CUDA, else sdpa_mask."""
+    compile_layers: bool = False
+    """Packed path: torch.compile each transformer layer (regional compilation; static pack shapes)."""
+    checkpoint_granularity: Literal["chunks", "layers"] = "chunks"
+    """Packed user tower with gradient_checkpointing_chunks: recompute whole packs ("chunks": least memory,
+    one extra forward) or each layer's inside ("layers": keeps layer inputs, frees attention/MLP activations)."""
+
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
         if self.use_attention_pooling and self.attention_heads < 1:
@@ -110,6 +127,11 @@ class ModelConfig(_Strict):
             raise ValueError("cache_chunk_vectors needs freeze_user_backbone: true (a trained backbone changes them)")
         if self.cache_statement_vectors and not self.freeze_item_backbone:
             raise ValueError("cache_statement_vectors needs freeze_item_backbone: true")
+        if self.attention == "packed":
+            longest = max(self.max_chunk_length, self.max_statement_length + self.max_context_length)
+            if self.pack_tokens < longest:
+                raise ValueError(f"pack_tokens={self.pack_tokens} must hold the longest sequence ({longest} tokens: "
+                                 "max_chunk_length, or max_statement_length + max_context_length)")
         return self
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,6 +16,9 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from uue.model.packing import PackedRunner, PackingOptions, encode_packed, padded_to_flat, ragged_to_flat
+from uue.model.packing import resolve_backend as resolve_pack_backend
 
 PoolingKind = Literal["mean", "last_token"]
 
@@ -260,17 +264,48 @@ def pool_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor, kind:
 
 
 class TextEncoder(nn.Module):
-    """A backbone plus its pooling: token ids -> one vector per text."""
+    """A backbone plus its pooling: token ids -> one vector per text.
 
-    def __init__(self, backbone: nn.Module):
+    `attention="padded"` runs the Hugging Face forward on (N, L) batches (SDPA); "packed" unpads them and
+    encodes padding-free packs (uue.model.packing), and `encode_ragged` takes token lists directly.
+    """
+
+    def __init__(self, backbone: nn.Module, attention: Literal["padded", "packed"] = "padded",
+                 packing: PackingOptions | None = None):
         super().__init__()
         self.backbone = backbone
         self.pooling: PoolingKind = pooling_kind_for(backbone.config)
+        self.attention = attention
+        self._packed: PackedRunner | None = None
+        if attention == "packed":
+            self.use_packing(packing or PackingOptions())
+
+    def use_packing(self, options: PackingOptions) -> None:
+        """Switch to the packed path (registers the "uue_packed" attention with transformers)."""
+        self.attention = "packed"
+        self._packed = PackedRunner(self.backbone, options, causal=self.pooling == "last_token")
 
     @property
     def hidden_size(self) -> int:
         return int(self.backbone.config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self._packed is not None:
+            return self._encode_flat(*padded_to_flat(input_ids, attention_mask))
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return pool_hidden_states(hidden, attention_mask, self.pooling)
+
+    def encode_ragged(self, sequences: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor:
+        """Token id lists (no padding, no special tokens added) -> (N, H) vectors, through the packed path."""
+        if self._packed is None:
+            raise ValueError("encode_ragged needs the packed path (model.attention: packed)")
+        device = self.backbone.get_input_embeddings().weight.device
+        return self._encode_flat(*ragged_to_flat(sequences, device))
+
+    def _encode_flat(self, lengths: list[int], gather: torch.Tensor, flat_ids: torch.Tensor) -> torch.Tensor:
+        runner = self._packed
+        assert runner is not None
+        weight = self.backbone.get_input_embeddings().weight
+        backend = resolve_pack_backend(runner.options.backend, weight.device, weight.dtype,
+                                  torch.is_grad_enabled() and weight.requires_grad)
+        return encode_packed(runner, self.pooling, lengths, gather, flat_ids, backend)

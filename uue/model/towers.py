@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from uue.config import ModelConfig
 from uue.model.backbone import TextEncoder
+from uue.model.packing import PackingOptions
 from uue.model.pooling import AttentionPooling, MeanChunkPooling
 
 
@@ -57,6 +60,14 @@ def build_projection(hidden: int, config: ModelConfig) -> nn.Module:
     return projection
 
 
+def packing_options(config: ModelConfig, checkpointing: bool) -> PackingOptions:
+    """The packed path's options from the model config (checkpointing: the user tower's chunk recompute)."""
+    return PackingOptions(
+        pack_tokens=config.pack_tokens, max_sequences=config.pack_max_sequences, backend=config.pack_backend,
+        compile_layers=config.compile_layers, checkpointing=config.checkpoint_granularity if checkpointing else "none",
+    )
+
+
 class UserTower(nn.Module):
     """Encode each chunk, attention-pool the chunk vectors, fuse metadata, project, L2-normalise."""
 
@@ -75,6 +86,8 @@ class UserTower(nn.Module):
             MetadataFusion(config.metadata_dim, hidden, config.dropout) if config.use_user_metadata else None
         )
         self.projection = build_projection(hidden, config)
+        if config.attention == "packed":
+            encoder.use_packing(packing_options(config, config.gradient_checkpointing_chunks))
 
     def encode_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, L) chunk tokens -> (N, H) chunk vectors, `micro_batch` chunks at a time.
@@ -82,6 +95,8 @@ class UserTower(nn.Module):
         Under gradient the micro-batches are checkpointed, so only the chunk vectors stay alive between
         forward and backward: memory grows with the number of chunks by H floats each, not by activations.
         """
+        if self.encoder.attention == "packed":  # packs are the micro-batches; checkpointing per packing options
+            return self.encoder(input_ids, attention_mask)
         outputs = []
         recompute = self.checkpoint_chunks and torch.is_grad_enabled() and any(
             p.requires_grad for p in self.encoder.parameters()
@@ -100,6 +115,13 @@ class UserTower(nn.Module):
     ) -> torch.Tensor:
         """(B, C, L) tokens -> (B, C, H) vectors; only real chunks are encoded, padding stays zero."""
         batch, chunks, length = input_ids.shape
+        if self.encoder.attention == "packed":  # real rows picked on the host: no device-side boolean indexing
+            real_rows = chunk_mask.reshape(-1).bool().cpu().nonzero().squeeze(1).to(input_ids.device)
+            flat_ids = input_ids.reshape(batch * chunks, length).index_select(0, real_rows)
+            flat_mask = attention_mask.reshape(batch * chunks, length).index_select(0, real_rows)
+            encoded = self.encode_chunks(flat_ids, flat_mask)
+            vectors = encoded.new_zeros(batch * chunks, encoded.size(-1)).index_copy(0, real_rows, encoded)
+            return vectors.view(batch, chunks, -1)
         real = chunk_mask.bool().reshape(-1)
         flat_ids = input_ids.reshape(batch * chunks, length)[real]
         flat_mask = attention_mask.reshape(batch * chunks, length)[real]
@@ -126,6 +148,26 @@ class UserTower(nn.Module):
             if input_ids is None or attention_mask is None:
                 raise ValueError("UserTower needs input_ids and attention_mask, or chunk_vectors")
             chunk_vectors = self.chunk_vectors(input_ids, attention_mask, chunk_mask)
+        return self._head(chunk_vectors, chunk_mask, metadata)
+
+    def forward_ragged(
+        self, chunks: Sequence[Sequence[Sequence[int] | torch.Tensor]], metadata: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Ragged users (each a list of chunk token lists) -> (B, embedding_dim), packed, never padded."""
+        if any(len(user) == 0 for user in chunks):
+            raise ValueError("every user needs at least one chunk (a user has an empty chunk list)")
+        counts = [len(user) for user in chunks]
+        encoded = self.encoder.encode_ragged([c for user in chunks for c in user])
+        width = max(counts)
+        slots = torch.tensor([u * width + c for u, n in enumerate(counts) for c in range(n)], device=encoded.device)
+        vectors = encoded.new_zeros(len(chunks) * width, encoded.size(-1)).index_copy(0, slots, encoded)
+        chunk_mask = torch.zeros(len(chunks) * width, dtype=torch.bool)
+        chunk_mask[slots.cpu()] = True
+        return self._head(vectors.view(len(chunks), width, -1), chunk_mask.view(len(chunks), width).to(encoded.device),
+                          metadata)
+
+    def _head(self, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor, metadata: torch.Tensor | None
+              ) -> torch.Tensor:
         pooled = self.pooling(chunk_vectors, chunk_mask)
         if self.metadata is not None:
             if metadata is None:
@@ -145,6 +187,8 @@ class ItemTower(nn.Module):
             MetadataFusion(config.item_metadata_dim, hidden, config.dropout) if config.use_item_metadata else None
         )
         self.projection = build_projection(hidden, config)
+        if config.attention == "packed":
+            encoder.use_packing(packing_options(config, checkpointing=False))
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -158,6 +202,14 @@ class ItemTower(nn.Module):
             raise ValueError("ItemTower needs input_ids and attention_mask, or text_vectors")
         else:
             pooled = self.encoder(input_ids, attention_mask)
+        return self._head(pooled, metadata)
+
+    def forward_ragged(self, statements: Sequence[Sequence[int] | torch.Tensor], metadata: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """Ragged statement token lists -> (N, embedding_dim), packed, never padded."""
+        return self._head(self.encoder.encode_ragged(statements), metadata)
+
+    def _head(self, pooled: torch.Tensor, metadata: torch.Tensor | None) -> torch.Tensor:
         if self.metadata is not None:
             if metadata is None:
                 raise ValueError("use_item_metadata is on but the batch has no item metadata")

@@ -1,0 +1,256 @@
+"""Padding-free packed towers (uue.model.packing) against the padded Hugging Face reference, on CPU.
+
+Tolerances (float32, tiny random presets): chunk vectors within 1e-5 absolute (measured: 2.4e-7 BERT,
+1.0e-6 Qwen3, whose padded reference puts left-padded tokens at shifted RoPE positions); every parameter
+gradient within 1e-4 of its own largest entry plus 1e-6 of the largest gradient of the model (measured:
+1.1e-6 relative; gradients that are zero in exact arithmetic, BERT's key biases, are float noise and only
+meet the absolute term).
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from uue.config import ModelConfig
+from uue.model import flops
+from uue.model.backbone import TextEncoder, load_backbone
+from uue.model.packing import PackingOptions, PackLayout, plan_packs, resolve_backend
+from uue.model.towers import ItemTower, UserTower
+
+MAX_LEN = 24
+LENGTHS = [1, MAX_LEN, 7, 13, MAX_LEN, 2, 18, 1, 9, 5, MAX_LEN, 3]
+VECTOR_ATOL = 1e-5
+GRAD_RTOL, GRAD_ATOL_OF_MAX = 1e-4, 1e-6
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-qwen3"])
+def backbone(request):
+    model, tokenizer = load_backbone(request.param, seed=0)
+    return request.param, model, tokenizer
+
+
+def _sequences(seed: int, lengths: list[int]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 250, (n,), generator=g) for n in lengths]
+
+
+def _pad(sequences: list[torch.Tensor], side: str, length: int = MAX_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.zeros(len(sequences), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        span = slice(length - len(s), length) if side == "left" else slice(0, len(s))
+        ids[i, span], mask[i, span] = s, 1
+    return ids, mask
+
+
+def _assert_grads_close(reference: torch.nn.Module, other: torch.nn.Module) -> None:
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert grads, "the reference produced no gradients"
+    largest = max(g.abs().max().item() for g in grads.values())
+    others = dict(other.named_parameters())
+    for name, g in grads.items():
+        h = others[name].grad
+        assert h is not None, f"{name}: no gradient on the packed path"
+        tol = GRAD_RTOL * g.abs().max().item() + GRAD_ATOL_OF_MAX * largest
+        diff = (g - h).abs().max().item()
+        assert diff <= tol, f"{name}: gradient differs by {diff:.3g} > {tol:.3g}"
+    for name, p in other.named_parameters():
+        if name not in grads:
+            assert p.grad is None or p.grad.abs().max().item() == 0.0, f"{name}: gradient only on the packed path"
+
+
+def test_plan_packs_keeps_order_and_budgets():
+    plan = plan_packs([3, 5, 2, 8, 1, 1, 1], pack_tokens=8, max_sequences=2)
+    assert plan == [[0, 1], [2], [3], [4, 5], [6]]
+    with pytest.raises(ValueError, match="sequence 1 has 9 tokens"):
+        plan_packs([2, 9], 8, 4)
+    with pytest.raises(ValueError, match="sequence 0 is empty"):
+        plan_packs([0], 8, 4)
+    t = PackLayout([0, 1], [3, 2], pack_tokens=8, max_sequences=3).host_tensors()
+    assert t["positions"].tolist() == [0, 1, 2, 0, 1, 0, 0, 0]
+    assert t["segment"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert t["cu_seqlens"].tolist() == [0, 3, 5, 8, 8]
+    assert t["last"].tolist() == [2, 4]
+
+
+def test_packed_vectors_and_gradients_equal_padded(backbone):
+    """Both architectures, lengths 1..max, several packs: vectors and every parameter gradient match."""
+    name, model, tokenizer = backbone
+    reference = TextEncoder(copy.deepcopy(model))
+    packed = TextEncoder(copy.deepcopy(model), "packed", PackingOptions(pack_tokens=40, max_sequences=4))
+    assert packed.backbone.config._attn_implementation == "uue_packed"
+    sequences = _sequences(0, LENGTHS)
+    ids, mask = _pad(sequences, tokenizer.padding_side)
+    weights = torch.randn(len(sequences), reference.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    expected = reference(ids, mask)
+    got = packed(ids, mask)
+    ragged = packed.encode_ragged(sequences)
+    assert (expected - got).abs().max().item() <= VECTOR_ATOL
+    assert torch.equal(got, ragged)  # padded input is unpadded to exactly the ragged packs
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    _assert_grads_close(reference, packed)
+
+    # The same model in padded mode (registered attention without a pack = HF's SDPA) is the reference.
+    with torch.no_grad():
+        same_model_padded = TextEncoder(packed.backbone)(ids, mask)
+        assert (same_model_padded - reference(ids, mask)).abs().max().item() <= 1e-6
+
+
+def test_vector_does_not_depend_on_pack_boundaries(backbone):
+    """A sequence's vector is the same whatever precedes it and wherever the pack boundaries fall."""
+    _, model, _ = backbone
+    sequences = _sequences(2, LENGTHS)
+    vectors = []
+    with torch.no_grad():
+        for pack_tokens, prefix in ((MAX_LEN, 0), (37, 3), (64, 5), (300, 1)):
+            encoder = TextEncoder(copy.deepcopy(model), "packed", PackingOptions(pack_tokens=pack_tokens))
+            filler = _sequences(10 + prefix, [MAX_LEN - 3, 4, 11, 1, 17][:prefix])
+            vectors.append(encoder.encode_ragged(filler + sequences)[prefix:])
+    for other in vectors[1:]:
+        assert (other - vectors[0]).abs().max().item() <= VECTOR_ATOL
+
+
+def test_flex_backend_forward_matches_on_cpu(backbone):
+    """flex_attention with a document block mask (forward only: torch 2.13 has no CPU flex backward)."""
+    _, model, tokenizer = backbone
+    sequences = _sequences(3, LENGTHS[:6])
+    ids, mask = _pad(sequences, tokenizer.padding_side)
+    with torch.no_grad():
+        expected = TextEncoder(copy.deepcopy(model))(ids, mask)
+        flex = TextEncoder(copy.deepcopy(model), "packed", PackingOptions(pack_tokens=64, backend="flex"))
+        assert (flex(ids, mask) - expected).abs().max().item() <= VECTOR_ATOL
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        resolve_backend("flex", torch.device("cpu"), torch.float32, training=True)
+    with pytest.raises(ValueError, match="varlen needs"):
+        resolve_backend("varlen", torch.device("cpu"), torch.float32, training=False)
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32, training=True) == "sdpa_mask"
+
+
+def _tower_config(**overrides) -> ModelConfig:
+    base = dict(user_model_name="tiny-qwen3", item_model_name="tiny-qwen3", embedding_dim=16, attention_heads=4,
+                max_chunk_length=MAX_LEN, max_statement_length=12, max_context_length=0, dropout=0.0,
+                encode_micro_batch=3, gradient_checkpointing_chunks=False, pack_tokens=48, pack_max_sequences=6)
+    return ModelConfig(**{**base, **overrides})
+
+
+def _user_batch(side: str):
+    chunk_lengths = [[5, MAX_LEN, 1], [9], [MAX_LEN, 2, 13, 7]]
+    users = [_sequences(20 + u, lengths) for u, lengths in enumerate(chunk_lengths)]
+    width = max(len(u) for u in users)
+    ids = torch.zeros(len(users), width, MAX_LEN, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    chunk_mask = torch.zeros(len(users), width, dtype=torch.bool)
+    for u, chunks in enumerate(users):
+        i, m = _pad(chunks, side)
+        ids[u, : len(chunks)], mask[u, : len(chunks)], chunk_mask[u, : len(chunks)] = i, m, True
+    return users, ids, mask, chunk_mask
+
+
+def test_towers_select_packed_by_config_and_match_padded():
+    """model.attention=packed: the user tower on (B, C, L) batches and ragged users, the item tower too."""
+    model, tokenizer = load_backbone("tiny-qwen3", seed=0)
+    torch.manual_seed(0)
+    padded = UserTower(TextEncoder(copy.deepcopy(model)), _tower_config())
+    packed = UserTower(TextEncoder(copy.deepcopy(model)), _tower_config(attention="packed"))
+    packed.load_state_dict(padded.state_dict())
+    users, ids, mask, chunk_mask = _user_batch(tokenizer.padding_side)
+    expected = padded(chunk_mask, ids, mask)
+    got = packed(chunk_mask, ids, mask)
+    assert (expected - got).abs().max().item() <= VECTOR_ATOL
+    assert (packed.forward_ragged(users) - got).abs().max().item() <= VECTOR_ATOL
+    weights = torch.randn_like(expected)
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    _assert_grads_close(padded, packed)
+
+    item_padded = ItemTower(TextEncoder(copy.deepcopy(model)), _tower_config())
+    item_packed = ItemTower(TextEncoder(copy.deepcopy(model)), _tower_config(attention="packed"))
+    item_packed.load_state_dict(item_padded.state_dict())
+    statements = _sequences(30, [3, 12, 1, 8])
+    s_ids, s_mask = _pad(statements, tokenizer.padding_side, 12)
+    with torch.no_grad():
+        reference = item_padded(s_ids, s_mask)
+        assert (item_packed(s_ids, s_mask) - reference).abs().max().item() <= VECTOR_ATOL
+        assert (item_packed.forward_ragged(statements) - reference).abs().max().item() <= VECTOR_ATOL
+
+
+def test_packed_config_rejects_bad_input():
+    with pytest.raises(ValueError, match="pack_tokens=16 must hold the longest sequence"):
+        _tower_config(attention="packed", pack_tokens=16)
+    model, _ = load_backbone("tiny", seed=0)
+    encoder = TextEncoder(model, "packed", PackingOptions(pack_tokens=32))
+    holes = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0]])
+    with pytest.raises(ValueError, match=r"rows \[0\] are empty or not contiguous"):
+        encoder(torch.ones_like(holes), holes)
+
+
+def test_checkpoint_granularities_give_the_same_gradients():
+    """No recompute, whole-pack recompute and per-layer recompute: identical vectors and gradients."""
+    model, _ = load_backbone("tiny-qwen3", seed=0)
+    sequences = _sequences(4, LENGTHS)
+    weights = torch.randn(len(sequences), model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    results = []
+    for mode in ("none", "chunks", "layers"):
+        encoder = TextEncoder(copy.deepcopy(model), "packed",
+                              PackingOptions(pack_tokens=40, max_sequences=4, checkpointing=mode))
+        (encoder.encode_ragged(sequences) * weights).sum().backward()
+        results.append(encoder)
+    for other in results[1:]:
+        _assert_grads_close(results[0], other)
+
+
+def test_compiled_layers_agree_with_eager():
+    """Regional torch.compile of each decoder layer (static pack shape): outputs and gradients agree."""
+    model, _ = load_backbone("tiny-qwen3", seed=0)
+    sequences = _sequences(6, LENGTHS)
+    weights = torch.randn(len(sequences), model.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    encoders = []
+    for compiled in (False, True):
+        encoder = TextEncoder(copy.deepcopy(model), "packed",
+                              PackingOptions(pack_tokens=40, max_sequences=4, compile_layers=compiled))
+        vectors = encoder.encode_ragged(sequences)
+        (vectors * weights).sum().backward()
+        encoders.append((encoder, vectors.detach()))
+    (eager, v_eager), (compiled_encoder, v_compiled) = encoders
+    assert (v_eager - v_compiled).abs().max().item() <= VECTOR_ATOL
+    _assert_grads_close(eager, compiled_encoder)
+
+
+def test_flops_helpers():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert flops.useful_tokens(attention_mask=mask) == 3
+    assert flops.useful_tokens(lengths=[4, 1]) == 5
+    with pytest.raises(ValueError):
+        flops.useful_tokens()
+    model, _ = load_backbone("tiny-qwen3", seed=0)
+    n = flops.non_embedding_parameters(model)
+    assert n == sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    assert flops.flops_per_token(10) == 60 and flops.flops_per_token(10, recompute=True) == 80
+    assert flops.mfu(1000.0, 10, peak_flops=1e6) == pytest.approx(0.06)
+    assert flops.hfu(1000.0, 10, recompute=True, peak_flops=1e6) == pytest.approx(0.08)
+    assert flops.hfu(1000.0, 10, recompute=False, peak_flops=1e6) == flops.mfu(1000.0, 10, peak_flops=1e6)
+
+
+def test_gpu_train_bench_dry_run(tmp_path):
+    """bench/gpu_train.py --dry-run runs the four tower variants on the tiny preset on CPU, as a user runs it."""
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "bench"
+    run = subprocess.run([sys.executable, str(repo / "bench" / "gpu_train.py"), "--dry-run", "--output", str(out)],
+                         cwd=repo, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    import json
+
+    result = json.loads((out / "towers_result.json").read_text())
+    names = {r["variant"] for r in result["rows"]}
+    assert names == {"hf_padded_sdpa", "hf_compiled", "packed_eager", "packed_compiled"}
+    for row in result["rows"]:
+        assert row["useful_tokens_per_second"] > 0 and row["useful_tokens"] > 0
+    assert "vs HF+compile" in run.stdout

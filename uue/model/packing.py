@@ -1,0 +1,382 @@
+"""Padding-free encoding: ragged token sequences packed into fixed token budgets.
+
+Why: a padded (N, L) batch spends the same compute on a 12-token chunk as on a 250-token one. Here the
+sequences of a batch are laid end to end in packs of exactly `pack_tokens` tokens (a static shape, so a
+compiled layer is compiled once), each with its own position ids restarting at 0 and its boundaries
+(`cu_seqlens`); attention never crosses a boundary, and pooling reads each sequence at its boundaries
+(last token for decoders, masked mean for BERT-style encoders).
+
+Attention backends, all behind one attention function registered with the installed transformers'
+public `AttentionInterface` under the name "uue_packed" (so every Hugging Face layer calls it, unpatched):
+
+- "varlen": `torch.nn.attention.varlen.varlen_attn` (flash kernels: CUDA, bf16/fp16 only);
+- "flex": `flex_attention` with a document (block-diagonal, causal for decoders) `BlockMask`; forward
+  and backward on CUDA, forward only on CPU (torch 2.13 has no CPU flex backward);
+- "sdpa_mask": SDPA with a dense boolean block-diagonal mask: runs everywhere, with gradients (the CPU
+  path), O(pack_tokens^2) mask memory;
+- "auto": varlen on CUDA in bf16/fp16, flex on CUDA otherwise, sdpa_mask on CPU.
+
+Without packing kwargs the registered function is Hugging Face's own SDPA, so the padded path of the same
+model (the reference) is unchanged. Packed attention applies no attention-probability dropout (as flash
+varlen); hidden-state dropout still applies.
+
+Host syncs: the pack layout is planned on the host from host-side lengths (ragged input: none at all;
+a padded (N, L) batch: one device->host copy of its row lengths per call), and moved to the device with
+non-blocking copies; nothing in the per-pack loop reads a device value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+PackBackend = Literal["auto", "varlen", "flex", "sdpa_mask"]
+CheckpointGranularity = Literal["none", "chunks", "layers"]
+ATTN_IMPLEMENTATION = "uue_packed"
+_VARLEN_LENGTH_BUCKET = 64  # max sequence length handed to varlen, rounded up: few distinct compiled graphs
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+def plan_packs(lengths: Sequence[int], pack_tokens: int, max_sequences: int) -> list[list[int]]:
+    """Order-preserving next-fit: consecutive sequences share a pack until its tokens or slots run out.
+
+    Order is kept so pack outputs concatenate back in input order; next-fit wastes less than one
+    sequence per pack (under 2% for 250-token chunks in 16k-token packs).
+    """
+    if pack_tokens < 1 or max_sequences < 1:
+        raise ValueError(f"pack_tokens ({pack_tokens}) and max_sequences ({max_sequences}) must be >= 1")
+    packs: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index, n in enumerate(lengths):
+        if n < 1:
+            raise ValueError(f"sequence {index} is empty: every packed sequence needs at least one token")
+        if n > pack_tokens:
+            raise ValueError(f"sequence {index} has {n} tokens, more than pack_tokens={pack_tokens}")
+        if current and (used + n > pack_tokens or len(current) == max_sequences):
+            packs.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += n
+    if current:
+        packs.append(current)
+    return packs
+
+
+@dataclass
+class PackLayout:
+    """Host-side description of one pack: where each of its sequences lies in the `pack_tokens` row.
+
+    The tail after the last sequence is filler: it forms its own segment (attending only to itself) and its
+    outputs are discarded. `cu_seqlens` has a fixed length `max_sequences + 2` (zero-length segments repeat
+    the end) so that compiled code sees one shape.
+    """
+
+    sequences: list[int]  # indices into the encoded batch
+    lengths: list[int]
+    pack_tokens: int
+    max_sequences: int
+
+    @property
+    def useful_tokens(self) -> int:
+        return sum(self.lengths)
+
+    def host_tensors(self) -> dict[str, torch.Tensor]:
+        """Position ids, segment ids, cu_seqlens, last-token indices and lengths, on the CPU."""
+        lengths = torch.tensor(self.lengths, dtype=torch.long)
+        n, used = len(self.lengths), self.useful_tokens
+        starts = torch.cumsum(lengths, 0) - lengths
+        segment = torch.full((self.pack_tokens,), n, dtype=torch.long)  # filler = segment n
+        segment[:used] = torch.repeat_interleave(torch.arange(n), lengths)
+        positions = torch.zeros(self.pack_tokens, dtype=torch.long)  # filler at position 0 (BERT caps positions)
+        positions[:used] = torch.arange(used) - torch.repeat_interleave(starts, lengths)
+        cu = torch.full((self.max_sequences + 2,), self.pack_tokens, dtype=torch.int32)
+        cu[0] = 0
+        cu[1 : n + 1] = torch.cumsum(lengths, 0).to(torch.int32)
+        return {"positions": positions, "segment": segment, "cu_seqlens": cu,
+                "last": starts + lengths - 1, "lengths": lengths}
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.nn.attention.varlen` exists here and can run (its flash kernels: CUDA, half types)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+def resolve_backend(backend: PackBackend, device: torch.device, dtype: torch.dtype, training: bool) -> str:
+    """The concrete backend `auto` means on this device, or a clear error when the requested one cannot run."""
+    if backend == "auto":
+        if varlen_available(device, dtype):
+            return "varlen"
+        return "flex" if device.type == "cuda" else "sdpa_mask"
+    if backend == "varlen" and not varlen_available(device, dtype):
+        raise ValueError(f"pack_backend=varlen needs torch.nn.attention.varlen on CUDA in bf16/fp16 "
+                         f"(here: {device.type}, {dtype}); use auto, flex or sdpa_mask")
+    if backend == "flex" and device.type == "cpu" and training:
+        raise ValueError("pack_backend=flex has no backward on CPU in this torch; use sdpa_mask (or auto) to train")
+    return backend
+
+
+@dataclass
+class PackedAttention:
+    """What the registered attention function needs for one pack (passed as the `uue_pack` kwarg)."""
+
+    backend: str
+    causal: bool
+    cu_seqlens: torch.Tensor | None = None
+    max_length: int = 0
+    block_mask: Any = None
+    dense_mask: torch.Tensor | None = None
+
+
+def _document_block_mask(segment: torch.Tensor, causal: bool) -> Any:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document(b, h, q, kv):  # noqa: ANN001 (flex mask_mod signature)
+        keep = segment[q] == segment[kv]
+        return keep & (q >= kv) if causal else keep
+
+    length = segment.numel()
+    return create_block_mask(same_document, None, None, length, length, device=segment.device)
+
+
+def _dense_mask(segment: torch.Tensor, causal: bool) -> torch.Tensor:
+    keep = segment[:, None] == segment[None, :]
+    if causal:
+        keep = keep & torch.ones_like(keep).tril()
+    return keep[None, None]
+
+
+def build_packed_attention(backend: str, causal: bool, tensors: dict[str, torch.Tensor], max_length: int
+                           ) -> PackedAttention:
+    """The per-pack attention inputs for `backend`, from device tensors of `PackLayout.host_tensors`."""
+    if backend == "varlen":
+        bucket = min(tensors["segment"].numel(), _VARLEN_LENGTH_BUCKET * math.ceil(max_length / _VARLEN_LENGTH_BUCKET))
+        return PackedAttention(backend, causal, cu_seqlens=tensors["cu_seqlens"], max_length=bucket)
+    if backend == "flex":
+        return PackedAttention(backend, causal, block_mask=_document_block_mask(tensors["segment"], causal))
+    if backend == "sdpa_mask":
+        return PackedAttention(backend, causal, dense_mask=_dense_mask(tensors["segment"], causal))
+    raise ValueError(f"unknown pack backend {backend!r} (varlen, flex, sdpa_mask)")
+
+
+def packed_attention_forward(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The "uue_packed" attention: (1, H, T, D) packed queries -> (1, T, H, D); padded SDPA without a pack."""
+    pack: PackedAttention | None = kwargs.pop("uue_pack", None)
+    if pack is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    if pack.backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
+        out = varlen_attn(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_length, pack.max_length,
+                          scale=scaling, window_size=(-1, 0) if pack.causal else (-1, -1), enable_gqa=gqa)
+        return out.unsqueeze(0), None
+    if pack.backend == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        out = flex_attention(query, key, value, block_mask=pack.block_mask, scale=scaling, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=pack.dense_mask, scale=scaling,
+                                             enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_packed_attention() -> None:
+    """Register "uue_packed" with transformers' public attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, packed_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # the padded path's masks: as for sdpa
+
+
+# ------------------------------------------------------------------------------------- the packed model
+
+
+def _layers_and_kind(backbone: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The repeated blocks and how to run around them: "decoder" (Qwen3/Llama-style) or "encoder" (BERT)."""
+    if all(hasattr(backbone, a) for a in ("embed_tokens", "rotary_emb", "layers", "norm")):
+        return backbone.layers, "decoder"
+    encoder = getattr(backbone, "encoder", None)
+    if hasattr(backbone, "embeddings") and isinstance(getattr(encoder, "layer", None), nn.ModuleList):
+        return encoder.layer, "encoder"
+    raise ValueError(f"packed attention supports Qwen3/Llama-style decoders and BERT-style encoders, "
+                     f"not {type(backbone).__name__}")
+
+
+@dataclass(frozen=True)
+class PackingOptions:
+    """How a TextEncoder runs its packed path (ModelConfig: pack_tokens, pack_max_sequences, pack_backend,
+    compile_layers, checkpoint_granularity)."""
+
+    pack_tokens: int = 8192
+    max_sequences: int | None = None  # None: pack_tokens // 8
+    backend: PackBackend = "auto"
+    compile_layers: bool = False
+    checkpointing: CheckpointGranularity = "none"
+
+    @property
+    def slots(self) -> int:
+        return self.max_sequences or max(1, self.pack_tokens // 8)
+
+
+class PackedRunner:
+    """Runs a Hugging Face backbone over packs; owns the regionally compiled layers (not parameters)."""
+
+    def __init__(self, backbone: nn.Module, options: PackingOptions, causal: bool):
+        register_packed_attention()
+        self.backbone = backbone
+        self.options = options
+        self.causal = causal
+        self.layers, self.kind = _layers_and_kind(backbone)
+        if backbone.config._attn_implementation != ATTN_IMPLEMENTATION:
+            backbone.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self._compiled: list[nn.Module] | None = None
+
+    def layer_callables(self) -> list[nn.Module]:
+        """Each block, or (compile_layers) each block under `torch.compile`: regional compilation, one graph
+        reused by all blocks of the same shape because parameters are graph inputs."""
+        if not self.options.compile_layers:
+            return list(self.layers)
+        if self._compiled is None:
+            self._compiled = [torch.compile(layer, dynamic=False) for layer in self.layers]
+        return self._compiled
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: PackedAttention
+                      ) -> torch.Tensor:
+        """(T,) packed ids and positions -> (T, H) final token states, attention confined to segments."""
+        ids, pos = input_ids[None], positions[None]
+        model = self.backbone
+        if self.kind == "decoder":
+            hidden = model.embed_tokens(ids)
+            extra: dict[str, Any] = {"position_embeddings": model.rotary_emb(hidden, pos), "position_ids": pos,
+                                     "use_cache": False}
+        else:
+            hidden = model.embeddings(input_ids=ids, position_ids=pos, token_type_ids=torch.zeros_like(ids))
+            extra = {}
+        per_layer = self.options.checkpointing == "layers" and torch.is_grad_enabled()
+        for layer in self.layer_callables():
+            if per_layer:
+                hidden = checkpoint(layer, hidden, None, use_reentrant=False, uue_pack=attention, **extra)
+            else:
+                hidden = layer(hidden, None, uue_pack=attention, **extra)
+        if self.kind == "decoder":
+            hidden = model.norm(hidden)
+        return hidden[0]
+
+
+def pool_packed(hidden: torch.Tensor, tensors: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """(T, H) pack states -> (n, H): each segment's last token, or its mean (filler segment dropped)."""
+    if kind == "last_token":
+        return hidden[tensors["last"]]
+    n = tensors["lengths"].numel()
+    sums = hidden.new_zeros(n + 1, hidden.size(-1)).index_add_(0, tensors["segment"], hidden)[:n]
+    return sums / tensors["lengths"].to(hidden.dtype)[:, None]
+
+
+def _to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def encode_packed(
+    runner: PackedRunner, pooling: str, lengths: Sequence[int], gather: torch.Tensor, flat_ids: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    """Encode sequences whose tokens are `flat_ids[gather[starts[i] : starts[i] + lengths[i]]]` -> (N, H).
+
+    `gather` is a host tensor mapping each sequence's tokens (concatenated) to positions in `flat_ids`
+    (a device tensor); packs are built by one device gather each, with no host read of device values.
+    """
+    options = runner.options
+    device = flat_ids.device
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    outputs = []
+    longest = max(lengths, default=0)
+    grad = torch.is_grad_enabled()
+    for members in plan_packs(lengths, options.pack_tokens, options.slots):
+        layout = PackLayout(members, [lengths[i] for i in members], options.pack_tokens, options.slots)
+        host = layout.host_tensors()
+        index = torch.zeros(options.pack_tokens, dtype=torch.long)  # filler reads flat token 0 (discarded)
+        index[: layout.useful_tokens] = gather[offsets[members[0]] : offsets[members[-1] + 1]]
+        host["index"] = index
+        tensors = _to_device(host, device)
+        ids = flat_ids[tensors["index"]]
+        attention = build_packed_attention(backend, runner.causal, tensors, longest)
+
+        def run(ids: torch.Tensor, tensors: dict[str, torch.Tensor] = tensors,
+                attention: PackedAttention = attention) -> torch.Tensor:
+            return pool_packed(runner.hidden_states(ids, tensors["positions"], attention), tensors, pooling)
+
+        if grad and options.checkpointing == "chunks":
+            outputs.append(checkpoint(run, ids, use_reentrant=False))
+        else:
+            outputs.append(run(ids))
+    if not outputs:
+        return flat_ids.new_zeros((0, int(runner.backbone.config.hidden_size)), dtype=torch.float)
+    return torch.cat(outputs)
+
+
+def ragged_to_flat(sequences: Sequence[Sequence[int] | torch.Tensor], device: torch.device
+                   ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Ragged token lists -> (lengths, host gather index, flat device ids): no padding is ever built."""
+    parts = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in sequences]
+    lengths = [int(p.numel()) for p in parts]
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    return lengths, torch.arange(sum(lengths)), flat
+
+
+def padded_to_flat(input_ids: torch.Tensor, attention_mask: torch.Tensor
+                   ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """A padded (N, L) batch (left or right padded) -> (lengths, host gather index, flat device ids).
+
+    One device->host copy of per-row lengths and first-token offsets; a row whose mask has holes or is
+    empty is an error naming the row.
+    """
+    mask = attention_mask.to(torch.int32)
+    n, length = mask.shape
+    counts = mask.sum(1)
+    first = mask.argmax(1)
+    last = length - 1 - mask.flip(1).argmax(1)
+    stats = torch.stack([counts, first, last]).cpu()  # the one sync per call
+    counts_h, first_h, last_h = stats[0], stats[1], stats[2]
+    bad_rows = ((counts_h == 0) | (last_h - first_h + 1 != counts_h)).nonzero().flatten().tolist()
+    if bad_rows:
+        raise ValueError(f"attention_mask rows {bad_rows[:10]} are empty or not contiguous: the packed path needs "
+                         "each row's real tokens in one run (left or right padding)")
+    lengths = counts_h.tolist()
+    row_starts = torch.arange(n) * length + first_h
+    gather = torch.repeat_interleave(row_starts, counts_h) + (
+        torch.arange(int(counts_h.sum())) - torch.repeat_interleave(torch.cumsum(counts_h, 0) - counts_h, counts_h)
+    )
+    return lengths, gather, input_ids.reshape(-1)
