@@ -1,16 +1,29 @@
-"""Training throughput through the Ray Train + DeepSpeed path, against DESIGN.md's plain Hugging Face anchors.
+"""Training throughput of the user tower: plain and compiled Hugging Face against the packed path, then Ray Train.
 
-Runs what `python -m ray_jobs.train` runs (`uue.ray_train.run_training`: Ray Data featurization ->
-TorchTrainer -> DeepSpeed engine -> `train_step`) on a synthetic data-contract folder whose chunks fill
-`--chunk-tokens`, so that every step processes `users x chunks x chunk_tokens` user-tower tokens, like
-the anchor's batch of 64 x 256 tokens. Prints tokens/s, model FLOPs utilisation (6 x non-embedding
-backbone parameters x tokens / time / peak) and peak GPU memory beside the anchors (H100, random
-Qwen3-Embedding-0.6B shape, plain HF + SDPA: 46,000 tokens/s = 13% MFU), and writes bench_result.json.
+Part 1, "towers" (one process, one device): the same Qwen3-Embedding-0.6B-shaped user-tower backbone
+(preset `qwen3-0.6b-random`, last-token pooling) runs forward + backward + AdamW on the same token stream in
+four variants: plain Hugging Face padded + SDPA (`hf_padded_sdpa`), the same under `torch.compile`
+(`hf_compiled`), and this project's packed path (uue.model.packing) eager (`packed_eager`) and with
+regionally compiled layers (`packed_compiled`); then, on the full-length stream, the packed compiled path
+with chunk-level and per-layer activation checkpointing (memory per 1k tokens). Two streams: chunk lengths
+drawn from the MovieLens-100K chunks' length distribution (`movielens`: computed from the data via
+uue.movielens when recbole's copy of the data and the MiniLM tokenizer are installed, else the stored
+table below), and every chunk full length (`full`). Padded variants pad every chunk to --chunk-tokens (as
+the platform does); packed variants see the ragged chunks. Printed per variant: useful (non-padding)
+tokens/s, MFU on useful tokens (6N, uue.model.flops), HFU (8N when
+recomputing), peak GiB, GiB per 1k tokens of a step, and the ratios to the two Hugging Face peers.
 
-    # GPU (H100), from the repo root, with the Ray + DeepSpeed bundle of ../shared/gpu/pack.sh:
-    source .gpu/env.sh && PYTHONPATH=. python3 bench/gpu_train.py --steps 30
-    # CPU smoke test (tiny random towers):
-    .venv/bin/python bench/gpu_train.py --preset tiny --steps 3
+Part 2, "ray": the full Ray Train + DeepSpeed ZeRO-2 step (`uue.ray_train.run_training` on a synthetic
+data-contract folder whose chunks fill --chunk-tokens), beside DESIGN.md's anchors.
+
+    # GPU (H100/H200), from the repo root, with the Ray + DeepSpeed bundle of ../shared/gpu/pack.sh:
+    source .gpu/env.sh && PYTHONPATH=. python3 bench/gpu_train.py --output $OUT/bt
+    # only the tower comparison (no Ray/DeepSpeed needed):
+    PYTHONPATH=. python3 bench/gpu_train.py --mode towers --output $OUT/bt
+    # CPU dry run of the tower comparison (tiny-qwen3, float32, seconds):
+    .venv/bin/python bench/gpu_train.py --dry-run
+    # CPU smoke test of the Ray step (tiny random towers):
+    .venv/bin/python bench/gpu_train.py --mode ray --preset tiny --steps 3
 """
 
 from __future__ import annotations
@@ -34,27 +47,262 @@ H100_BF16_PEAK_FLOPS = 989e12
 WORDS = ("river summit ledger violin orbit harvest lantern cipher meadow falcon quartz ember tide forge "
          "pixel marble canyon signal velvet glacier compass thunder willow saffron beacon mosaic").split()
 
+# MovieLens-100K chunks (uue.movielens defaults, max_chunk_length=256, MiniLM WordPiece tokenizer, chunk text
+# as the featurizer writes it, special tokens included): 1,591 chunks, mean 178 tokens; counts per 16-token
+# bin (1-16, 17-32, ..., 241-256). Used when the data or tokenizer is not installed; rescaled to --chunk-tokens.
+MOVIELENS_LENGTH_BINS = (4, 16, 12, 17, 34, 99, 216, 194, 106, 66, 41, 34, 32, 25, 25, 670)
+MOVIELENS_BIN_TOKENS = 256
+
+VARIANTS = ("hf_padded_sdpa", "hf_compiled", "packed_eager", "packed_compiled")
+MEMORY_VARIANTS = ("packed_compiled_ckpt_chunks", "packed_compiled_ckpt_layers")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=("all", "towers", "ray"), default="all",
+                        help="towers: the one-process comparison; ray: the Ray Train step; all: both (default)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU check of the tower comparison: tiny-qwen3, float32, a few tiny steps, no Ray")
     parser.add_argument("--preset", default="qwen3-0.6b-random", help="backbone of both towers (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="towers: torch device (default: cuda when available)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=None,
                         help="first steps left out of the timing (default: min(5, steps // 3))")
-    parser.add_argument("--users", type=int, default=8, help="users per worker per step (default: %(default)s)")
-    parser.add_argument("--chunks", type=int, default=8, help="chunks per user (default: %(default)s)")
-    parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk (default: %(default)s)")
+    parser.add_argument("--chunks-per-step", type=int, default=64,
+                        help="towers: chunks per optimizer step (default: %(default)s, the anchor's 64 x 256)")
+    parser.add_argument("--pack-tokens", type=int, default=16384,
+                        help="towers: tokens per pack of the packed path (default: %(default)s)")
+    parser.add_argument("--pack-backend", default="auto", choices=("auto", "varlen", "flex", "sdpa_mask"),
+                        help="towers: packed attention kernel (default: %(default)s)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled variants (dry run: eager = tracing only)")
+    parser.add_argument("--lengths", choices=("movielens", "table"), default="movielens",
+                        help="towers: MovieLens lengths from the data (fallback: the stored table) or the table")
+    parser.add_argument("--streams", default="movielens,full", help="towers: comma list (default: %(default)s)")
+    parser.add_argument("--variants", default=",".join(VARIANTS + MEMORY_VARIANTS),
+                        help="towers: comma list (default: all)")
+    parser.add_argument("--users", type=int, default=8, help="ray: users per worker per step (default: %(default)s)")
+    parser.add_argument("--chunks", type=int, default=8, help="ray: chunks per user (default: %(default)s)")
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk at most (default: %(default)s)")
     parser.add_argument("--statement-tokens", type=int, default=32, help="(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: %(default)s)")
     parser.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3), help="(default: %(default)s)")
     parser.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto",
-                        help="one GPU per worker; auto: when CUDA is available (default: %(default)s)")
+                        help="ray: one GPU per worker; auto: when CUDA is available (default: %(default)s)")
     parser.add_argument("--chunk-checkpointing", action="store_true",
-                        help="recompute chunk activations in backward (off: comparable with the plain-HF anchor)")
+                        help="ray: recompute chunk activations in backward (off: comparable with the plain-HF anchor)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_FLOPS / 1e12,
-                        help="accelerator peak for MFU (default: H100 bf16 dense, %(default)s)")
+                        help="accelerator peak for MFU (default: H100/H200 bf16 dense, %(default)s)")
     parser.add_argument("--output", default=str(REPO_ROOT / "runs" / "bench_gpu_train"), help="(default: %(default)s)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.mode, args.preset, args.device = "towers", "tiny-qwen3", args.device or "cpu"
+        args.steps, args.warmup_steps, args.chunks_per_step = 2, 1, 6
+        args.chunk_tokens, args.pack_tokens, args.lengths, args.compile_backend = 32, 96, "table", "eager"
+    return args
+
+
+# --------------------------------------------------------------------------------------- token stream
+
+
+def movielens_lengths(chunk_tokens: int, source: str) -> tuple[list[int], str]:
+    """Chunk lengths of MovieLens-100K at `chunk_tokens` (from the data when possible) and where they came from."""
+    if source == "movielens":
+        try:
+            from uue.data.featurize import chunk_text
+            from uue.movielens import MovieLensOptions, convert_movielens, load_tokenizer
+
+            tokenizer_name = "minilm"
+            dataset, _ = convert_movielens(MovieLensOptions(max_chunk_length=chunk_tokens, tokenizer=tokenizer_name),
+                                           progress=False)
+            tokenizer = load_tokenizer(tokenizer_name)
+            texts = [chunk_text(c) for user in dataset.users.values() for c in user.chunks]
+            lengths = [min(chunk_tokens, len(ids)) for ids in tokenizer(texts)["input_ids"]]
+            return lengths, f"MovieLens-100K via uue.movielens ({tokenizer_name} tokenizer), {len(lengths)} chunks"
+        except Exception as err:  # noqa: BLE001 (any missing piece -> the stored table, said so in the output)
+            print(f"MovieLens lengths unavailable ({type(err).__name__}: {err}); using the stored table")
+    scale = chunk_tokens / MOVIELENS_BIN_TOKENS
+    rng = random.Random(1)
+    lengths = []
+    for b, count in enumerate(MOVIELENS_LENGTH_BINS):
+        lo, hi = 16 * b + 1, 16 * (b + 1)
+        lengths += [max(1, min(chunk_tokens, round(rng.randint(lo, hi) * scale))) for _ in range(count)]
+    return lengths, f"stored MovieLens-100K table ({sum(MOVIELENS_LENGTH_BINS)} chunks), scaled to {chunk_tokens}"
+
+
+def token_stream(lengths_pool: list[int], steps: int, chunks_per_step: int, vocab: int, seed: int = 0):
+    """`steps` lists of `chunks_per_step` random-token chunks whose lengths are drawn from `lengths_pool`."""
+    import torch
+
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randint(5, vocab, (rng.choice(lengths_pool),), generator=g) for _ in range(chunks_per_step)]
+            for _ in range(steps)]
+
+
+def left_pad(chunks, length: int):
+    """Chunks -> (N, length) ids and mask, left padded as Qwen3-Embedding is."""
+    import torch
+
+    ids = torch.zeros(len(chunks), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, c in enumerate(chunks):
+        ids[i, length - len(c):], mask[i, length - len(c):] = c, 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------ variants
+
+
+def run_variant(variant: str, args: argparse.Namespace, stream, device, dtype, warmup: int) -> dict:
+    """Forward + backward + AdamW over the stream with one variant; returns its measurements."""
+    import torch
+
+    from uue.model import flops
+    from uue.model.backbone import TextEncoder, load_backbone
+    from uue.model.packing import PackingOptions
+
+    backbone, _ = load_backbone(args.preset, seed=0)
+    backbone.to(device=device, dtype=dtype).train()
+    params_n = flops.non_embedding_parameters(backbone)
+    packed = variant.startswith("packed")
+    recompute = "ckpt" in variant
+    if packed:
+        checkpointing = "chunks" if variant.endswith("ckpt_chunks") else "layers" if recompute else "none"
+        encoder = TextEncoder(backbone, "packed", PackingOptions(
+            pack_tokens=args.pack_tokens, max_sequences=max(1, args.pack_tokens // 8), backend=args.pack_backend,
+            compile_layers="compiled" in variant, checkpointing=checkpointing, max_length=args.chunk_tokens,
+            compile_backend=args.compile_backend))
+
+        def encode(chunks):
+            return encoder.encode_ragged(chunks)
+    else:
+        model = torch.compile(backbone, backend=args.compile_backend) if variant == "hf_compiled" else backbone
+
+        def encode(chunks):
+            ids, mask = left_pad(chunks, args.chunk_tokens)
+            ids = ids.to(device, non_blocking=True)
+            full = all(len(c) == args.chunk_tokens for c in chunks)
+            mask = None if full else mask.to(device, non_blocking=True)  # no mask: SDPA's fast causal kernels
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, -1]
+
+    optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-5, fused=device.type == "cuda")
+    direction = torch.randn(backbone.config.hidden_size, device=device, dtype=dtype)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times, useful = [], []
+    first_step = None
+    for step, chunks in enumerate(stream):
+        if cuda:
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        vectors = encode(chunks)
+        loss = (vectors.float() @ direction.float()).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - started
+        if step == 0:
+            first_step = elapsed
+        if step >= warmup:
+            times.append(elapsed)
+            useful.append(sum(len(c) for c in chunks))
+    seconds = sum(times)
+    tps = sum(useful) / seconds
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    step_tokens = sum(useful) / len(useful)
+    processed = (args.chunk_tokens * len(stream[0])) if not packed else None
+    result = {
+        "variant": variant, "useful_tokens": sum(useful), "steps_measured": len(times),
+        "useful_tokens_per_second": tps, "step_seconds_mean": seconds / len(times), "first_step_seconds": first_step,
+        "mfu": flops.mfu(tps, params_n, args.peak_tflops * 1e12),
+        "hfu": flops.hfu(tps, params_n, recompute, args.peak_tflops * 1e12),
+        "peak_memory_gib": peak, "gib_per_1k_step_tokens": (peak / (step_tokens / 1000)) if peak else None,
+        "padded_tokens_per_step": processed, "non_embedding_params": params_n,
+    }
+    del optimizer, backbone
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_towers(args: argparse.Namespace) -> int:
+    """Part 1: the four variants (and the checkpointing choices) on each stream; prints the table."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from uue.model.backbone import build_byte_tokenizer
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(5, args.steps // 3)
+    if args.steps <= warmup:
+        raise SystemExit(f"--steps {args.steps} must exceed the {warmup} warm-up steps")
+    vocab = len(build_byte_tokenizer())
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS + MEMORY_VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown --variants {sorted(unknown)}; known: {', '.join(VARIANTS + MEMORY_VARIANTS)}")
+    out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows, sources = [], {}
+    started = time.perf_counter()
+    for stream_name in [s for s in args.streams.split(",") if s]:
+        if stream_name == "movielens":
+            pool, sources[stream_name] = movielens_lengths(args.chunk_tokens, args.lengths)
+        elif stream_name == "full":
+            pool, sources[stream_name] = [args.chunk_tokens], f"every chunk {args.chunk_tokens} tokens"
+        else:
+            raise SystemExit(f"unknown stream {stream_name!r} (movielens, full)")
+        stream = token_stream(pool, args.steps, args.chunks_per_step, vocab)
+        for variant in variants:
+            if variant in MEMORY_VARIANTS and stream_name != "full" and "full" in args.streams.split(","):
+                continue  # checkpointing's memory is measured on full-length chunks (production: 250 tokens)
+            row = run_variant(variant, args, stream, device, dtype, warmup)
+            row["stream"] = stream_name
+            rows.append(row)
+            print(f"  {stream_name:9s} {variant:28s} {row['useful_tokens_per_second']:12,.0f} useful tokens/s "
+                  f"(first step {row['first_step_seconds']:.1f} s)", flush=True)
+    summary = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
+        "preset": args.preset, "chunks_per_step": args.chunks_per_step, "chunk_tokens": args.chunk_tokens,
+        "pack_tokens": args.pack_tokens, "pack_backend": args.pack_backend,
+        "compile_backend": args.compile_backend, "steps": args.steps, "warmup": warmup,
+        "length_sources": sources, "rows": rows, "wall_seconds": time.perf_counter() - started,
+        "torch": torch.__version__,
+    }
+    for row in rows:
+        peers = {r["variant"]: r for r in rows if r["stream"] == row["stream"]}
+        for peer in ("hf_padded_sdpa", "hf_compiled"):
+            if peer in peers:
+                row[f"vs_{peer}"] = row["useful_tokens_per_second"] / peers[peer]["useful_tokens_per_second"]
+    (out / "towers_result.json").write_text(json.dumps(summary, indent=2))
+
+    print(f"\nUser-tower forward+backward+AdamW ({summary['device']}, {dtype}, preset {args.preset}, "
+          f"{args.chunks_per_step} chunks/step <= {args.chunk_tokens} tokens, packs of {args.pack_tokens}, "
+          f"{args.steps - warmup} timed steps after {warmup}; {out / 'towers_result.json'})")
+    for name, source in sources.items():
+        print(f"  stream {name}: {source}")
+    header = (f"{'stream':9s} {'variant':28s} {'useful tok/s':>12s} {'MFU':>7s} {'HFU':>7s} {'peak GiB':>8s} "
+              f"{'GiB/1k':>7s} {'vs HF':>6s} {'vs HF+compile':>13s}")
+    print(header)
+    for r in rows:
+        peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "n/a"
+        per_k = f"{r['gib_per_1k_step_tokens']:.2f}" if r["gib_per_1k_step_tokens"] else "n/a"
+        vs_hf = f"{r['vs_hf_padded_sdpa']:.2f}x" if "vs_hf_padded_sdpa" in r else "-"
+        vs_c = f"{r['vs_hf_compiled']:.2f}x" if "vs_hf_compiled" in r else "-"
+        print(f"{r['stream']:9s} {r['variant']:28s} {r['useful_tokens_per_second']:12,.0f} {100 * r['mfu']:6.2f}% "
+              f"{100 * r['hfu']:6.2f}% {peak:>8s} {per_k:>7s} {vs_hf:>6s} {vs_c:>13s}")
+    if device.type == "cpu":
+        print("(CPU: MFU/HFU are against --peak-tflops, a GPU figure; only the ratios mean anything here)")
+    return 0
 
 
 def write_synthetic_data(folder: Path, users: int, chunks: int, chunk_chars: int, statements: int) -> Path:
@@ -101,8 +349,8 @@ def non_embedding_parameters(preset: str) -> int:
     return total - model.get_input_embeddings().weight.numel()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_ray_step(args: argparse.Namespace) -> int:
+    """The full Ray Train + DeepSpeed step (unchanged from before the tower comparison)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
@@ -183,6 +431,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, anchor, ratio in rows:
         print(f"{name:28s} {value:>14s} {anchor:>18s} {ratio:>8s}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    status = 0
+    if args.mode in ("all", "towers"):
+        status = run_towers(args)
+    if args.mode in ("all", "ray"):
+        status = run_ray_step(args) or status
+    return status
 
 
 if __name__ == "__main__":

@@ -237,6 +237,8 @@ class PackingOptions:
     backend: PackBackend = "auto"
     compile_layers: bool = False
     checkpointing: CheckpointGranularity = "none"
+    max_length: int | None = None  # longest sequence fed (static varlen bound); None: per pack, bucketed
+    compile_backend: str = "inductor"  # "eager": dynamo tracing only (quick CPU checks of the compile path)
 
     @property
     def slots(self) -> int:
@@ -262,7 +264,8 @@ class PackedRunner:
         if not self.options.compile_layers:
             return list(self.layers)
         if self._compiled is None:
-            self._compiled = [torch.compile(layer, dynamic=False) for layer in self.layers]
+            self._compiled = [torch.compile(layer, dynamic=False, backend=self.options.compile_backend)
+                              for layer in self.layers]
         return self._compiled
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: PackedAttention
@@ -318,7 +321,7 @@ def encode_packed(
     for n in lengths:
         offsets.append(offsets[-1] + n)
     outputs = []
-    longest = max(lengths, default=0)
+    longest = options.max_length or max(lengths, default=0)
     grad = torch.is_grad_enabled()
     for members in plan_packs(lengths, options.pack_tokens, options.slots):
         layout = PackLayout(members, [lengths[i] for i in members], options.pack_tokens, options.slots)

@@ -60,11 +60,12 @@ def build_projection(hidden: int, config: ModelConfig) -> nn.Module:
     return projection
 
 
-def packing_options(config: ModelConfig, checkpointing: bool) -> PackingOptions:
+def packing_options(config: ModelConfig, checkpointing: bool, max_length: int) -> PackingOptions:
     """The packed path's options from the model config (checkpointing: the user tower's chunk recompute)."""
     return PackingOptions(
         pack_tokens=config.pack_tokens, max_sequences=config.pack_max_sequences, backend=config.pack_backend,
         compile_layers=config.compile_layers, checkpointing=config.checkpoint_granularity if checkpointing else "none",
+        max_length=max_length,
     )
 
 
@@ -87,7 +88,7 @@ class UserTower(nn.Module):
         )
         self.projection = build_projection(hidden, config)
         if config.attention == "packed":
-            encoder.use_packing(packing_options(config, config.gradient_checkpointing_chunks))
+            encoder.use_packing(packing_options(config, config.gradient_checkpointing_chunks, config.max_chunk_length))
 
     def encode_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, L) chunk tokens -> (N, H) chunk vectors, `micro_batch` chunks at a time.
@@ -188,7 +189,8 @@ class ItemTower(nn.Module):
         )
         self.projection = build_projection(hidden, config)
         if config.attention == "packed":
-            encoder.use_packing(packing_options(config, checkpointing=False))
+            encoder.use_packing(packing_options(
+                config, checkpointing=False, max_length=config.max_statement_length + config.max_context_length))
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
