@@ -27,6 +27,8 @@ non-blocking copies; nothing in the per-pack loop reads a device value.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,15 +78,18 @@ def plan_packs(lengths: Sequence[int], pack_tokens: int, max_sequences: int) -> 
 class PackLayout:
     """Host-side description of one pack: where each of its sequences lies in the `pack_tokens` row.
 
-    The tail after the last sequence is filler: it forms its own segment (attending only to itself) and its
-    outputs are discarded. `cu_seqlens` has a fixed length `max_sequences + 2` (zero-length segments repeat
-    the end) so that compiled code sees one shape.
+    The tail after the last sequence is filler: attending only to itself, outputs discarded. In `cu_seqlens`
+    it is cut into segments of at most `filler_segment` tokens (varlen kernels size their grid by the longest
+    segment; a longer one would leave outputs unwritten, and garbage times a zero gradient is still NaN).
+    `cu_seqlens` has the fixed length `max_sequences + 2 + ceil(pack_tokens / filler_segment)` (zero-length
+    segments repeat the end) so that compiled code sees one shape.
     """
 
     sequences: list[int]  # indices into the encoded batch
     lengths: list[int]
     pack_tokens: int
     max_sequences: int
+    filler_segment: int = 0  # 0: the whole tail is one segment
 
     @property
     def useful_tokens(self) -> int:
@@ -99,9 +104,13 @@ class PackLayout:
         segment[:used] = torch.repeat_interleave(torch.arange(n), lengths)
         positions = torch.zeros(self.pack_tokens, dtype=torch.long)  # filler at position 0 (BERT caps positions)
         positions[:used] = torch.arange(used) - torch.repeat_interleave(starts, lengths)
-        cu = torch.full((self.max_sequences + 2,), self.pack_tokens, dtype=torch.int32)
+        step = self.filler_segment or self.pack_tokens
+        cu = torch.full((self.max_sequences + 2 + math.ceil(self.pack_tokens / step),), self.pack_tokens,
+                        dtype=torch.int32)
         cu[0] = 0
         cu[1 : n + 1] = torch.cumsum(lengths, 0).to(torch.int32)
+        tail_ends = torch.tensor(list(range(used + step, self.pack_tokens, step)), dtype=torch.int32)
+        cu[n + 1 : n + 1 + tail_ends.numel()] = tail_ends
         return {"positions": positions, "segment": segment, "cu_seqlens": cu,
                 "last": starts + lengths - 1, "lengths": lengths}
 
@@ -165,9 +174,8 @@ def _dense_mask(segment: torch.Tensor, causal: bool) -> torch.Tensor:
 def build_packed_attention(backend: str, causal: bool, tensors: dict[str, torch.Tensor], max_length: int
                            ) -> PackedAttention:
     """The per-pack attention inputs for `backend`, from device tensors of `PackLayout.host_tensors`."""
-    if backend == "varlen":
-        bucket = min(tensors["segment"].numel(), _VARLEN_LENGTH_BUCKET * math.ceil(max_length / _VARLEN_LENGTH_BUCKET))
-        return PackedAttention(backend, causal, cu_seqlens=tensors["cu_seqlens"], max_length=bucket)
+    if backend == "varlen":  # max_length: bounds every segment of cu_seqlens, filler included
+        return PackedAttention(backend, causal, cu_seqlens=tensors["cu_seqlens"], max_length=max_length)
     if backend == "flex":
         return PackedAttention(backend, causal, block_mask=_document_block_mask(tensors["segment"], causal))
     if backend == "sdpa_mask":
@@ -191,8 +199,22 @@ def packed_attention_forward(
         from torch.nn.attention.varlen import varlen_attn
 
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
-        out = varlen_attn(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_length, pack.max_length,
-                          scale=scaling, window_size=(-1, 0) if pack.causal else (-1, -1), enable_gqa=gqa)
+        accepted = _varlen_parameters()
+        extra: dict[str, Any] = {}
+        if "window_size" in accepted:  # torch 2.13; older releases (2.9-2.11) take is_causal
+            extra["window_size"] = (-1, 0) if pack.causal else (-1, -1)
+        else:
+            extra["is_causal"] = pack.causal
+        if gqa and "enable_gqa" in accepted:
+            extra["enable_gqa"] = True
+        elif gqa:
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if "scale" in accepted:
+            extra["scale"] = scaling
+        elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-9:
+            raise ValueError(f"this torch's varlen_attn has no scale argument and the model scales by {scaling}")
+        out = varlen_attn(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_length, pack.max_length, **extra)
         return out.unsqueeze(0), None
     if pack.backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
@@ -202,6 +224,14 @@ def packed_attention_forward(
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=pack.dense_mask, scale=scaling,
                                              enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    """Keyword names the installed `varlen_attn` takes (its signature changed between torch releases)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def register_packed_attention() -> None:
@@ -321,17 +351,23 @@ def encode_packed(
     for n in lengths:
         offsets.append(offsets[-1] + n)
     outputs = []
-    longest = options.max_length or max(lengths, default=0)
+    longest_real = max(lengths, default=0)
+    if options.max_length and longest_real > options.max_length:
+        raise ValueError(f"a sequence has {longest_real} tokens, more than the packed path's max_length="
+                         f"{options.max_length}")
+    longest = options.max_length or longest_real
+    bucket = min(options.pack_tokens, _VARLEN_LENGTH_BUCKET * math.ceil(max(longest, 1) / _VARLEN_LENGTH_BUCKET))
     grad = torch.is_grad_enabled()
     for members in plan_packs(lengths, options.pack_tokens, options.slots):
-        layout = PackLayout(members, [lengths[i] for i in members], options.pack_tokens, options.slots)
+        layout = PackLayout(members, [lengths[i] for i in members], options.pack_tokens, options.slots,
+                            filler_segment=bucket if backend == "varlen" else 0)
         host = layout.host_tensors()
         index = torch.zeros(options.pack_tokens, dtype=torch.long)  # filler reads flat token 0 (discarded)
         index[: layout.useful_tokens] = gather[offsets[members[0]] : offsets[members[-1] + 1]]
         host["index"] = index
         tensors = _to_device(host, device)
         ids = flat_ids[tensors["index"]]
-        attention = build_packed_attention(backend, runner.causal, tensors, longest)
+        attention = build_packed_attention(backend, runner.causal, tensors, bucket)
 
         def run(ids: torch.Tensor, tensors: dict[str, torch.Tensor] = tensors,
                 attention: PackedAttention = attention) -> torch.Tensor:
