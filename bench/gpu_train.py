@@ -11,7 +11,8 @@ uue.movielens when recbole's copy of the data and the MiniLM tokenizer are insta
 table below), and every chunk full length (`full`). Padded variants pad every chunk to --chunk-tokens (as
 the platform does); packed variants see the ragged chunks. Printed per variant: useful (non-padding)
 tokens/s, MFU on useful tokens (6N, uue.model.flops), HFU (8N when
-recomputing), peak GiB, GiB per 1k tokens of a step, and the ratios to the two Hugging Face peers.
+recomputing), peak GiB, GiB per 1k useful tokens of what a step allocates above the weights and optimizer
+states (activations + gradients), and the ratios to the two Hugging Face peers.
 
 Part 2, "ray": the full Ray Train + DeepSpeed ZeRO-2 step (`uue.ray_train.run_training` on a synthetic
 data-contract folder whose chunks fill --chunk-tokens), beside DESIGN.md's anchors.
@@ -29,6 +30,7 @@ data-contract folder whose chunks fill --chunk-tokens), beside DESIGN.md's ancho
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -195,9 +197,13 @@ def run_variant(variant: str, args: argparse.Namespace, stream, device, dtype, w
         torch.cuda.reset_peak_memory_stats(device)
     times, useful = [], []
     first_step = None
+    base = 0
     for step, chunks in enumerate(stream):
         if cuda:
             torch.cuda.synchronize(device)
+            if step == warmup:  # weights and AdamW states exist now: what a step adds on top is its working set
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
         started = time.perf_counter()
         vectors = encode(chunks)
         loss = (vectors.float() @ direction.float()).mean()
@@ -216,16 +222,20 @@ def run_variant(variant: str, args: argparse.Namespace, stream, device, dtype, w
     tps = sum(useful) / seconds
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     step_tokens = sum(useful) / len(useful)
+    working = (peak - base / 2**30) if peak is not None else None
     processed = (args.chunk_tokens * len(stream[0])) if not packed else None
     result = {
         "variant": variant, "useful_tokens": sum(useful), "steps_measured": len(times),
         "useful_tokens_per_second": tps, "step_seconds_mean": seconds / len(times), "first_step_seconds": first_step,
         "mfu": flops.mfu(tps, params_n, args.peak_tflops * 1e12),
         "hfu": flops.hfu(tps, params_n, recompute, args.peak_tflops * 1e12),
-        "peak_memory_gib": peak, "gib_per_1k_step_tokens": (peak / (step_tokens / 1000)) if peak else None,
+        "peak_memory_gib": peak, "step_memory_gib": working,
+        "gib_per_1k_step_tokens": (working / (step_tokens / 1000)) if working else None,
         "padded_tokens_per_step": processed, "non_embedding_params": params_n,
     }
-    del optimizer, backbone
+    del optimizer, backbone, encode
+    torch._dynamo.reset()  # the next variant compiles (and pays its first step) on its own
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return result
