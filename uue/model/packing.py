@@ -198,7 +198,7 @@ def packed_attention_forward(
     if pack.backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (T, heads, D), as flash wants
         accepted = _varlen_parameters()
         extra: dict[str, Any] = {}
         if "window_size" in accepted:  # torch 2.13; older releases (2.9-2.11) take is_causal
