@@ -182,6 +182,16 @@ def test_towers_select_packed_by_config_and_match_padded():
     (got * weights).sum().backward()
     _assert_grads_close(padded, packed)
 
+    # A user's vector does not depend on where pack boundaries fall or on who precedes them in the batch.
+    with torch.no_grad():
+        wide = UserTower(TextEncoder(copy.deepcopy(model)), _tower_config(attention="packed", pack_tokens=200))
+        wide.load_state_dict(padded.state_dict())
+        alone = [wide.forward_ragged([user]) for user in users]
+        shifted = wide.forward_ragged([_sequences(40, [17, 3]), *users])[1:]
+        for u, vector in enumerate(alone):
+            assert (vector[0] - got[u]).abs().max().item() <= VECTOR_ATOL
+            assert (shifted[u] - got[u]).abs().max().item() <= VECTOR_ATOL
+
     item_padded = ItemTower(TextEncoder(copy.deepcopy(model)), _tower_config())
     item_packed = ItemTower(TextEncoder(copy.deepcopy(model)), _tower_config(attention="packed"))
     item_packed.load_state_dict(item_padded.state_dict())
