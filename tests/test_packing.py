@@ -248,6 +248,8 @@ def test_compiled_layers_agree_with_eager():
         assert (inductor.encode_ragged(sequences) - expected).abs().max().item() <= VECTOR_ATOL
     traced = encoder(compile_layers=True, compile_backend="aot_eager")
     got = traced.encode_ragged(sequences)
+    copied = copy.deepcopy(traced)  # the compiled cache is not copied; the copy compiles its own on use
+    assert copied._packed._compiled is None and copied._packed.backbone is copied.backbone
     assert (got - expected).abs().max().item() <= VECTOR_ATOL
     (got * weights).sum().backward()
     _assert_grads_close(eager, traced)

@@ -288,6 +288,10 @@ class PackedRunner:
             backbone.set_attn_implementation(ATTN_IMPLEMENTATION)
         self._compiled: list[nn.Module] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Compiled wrappers are a cache: copies and pickles (Ray, checkpoints) recompile on first use.
+        return {**self.__dict__, "_compiled": None}
+
     def layer_callables(self) -> list[nn.Module]:
         """Each block, or (compile_layers) each block under `torch.compile`: regional compilation, one graph
         reused by all blocks of the same shape because parameters are graph inputs."""
