@@ -12,14 +12,14 @@ from uue.model.backbone import PRESETS, ModelNotAvailableError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from uue.training import UUETrainer
+    from uue.train import UUETrainer
 
     config = load_config(args.config, args.overrides)
     trainer = UUETrainer(config)
     result = trainer.fit(resume_from="latest" if args.resume else None)
     last = result.history[-1] if result.history else {}
     print(f"trained {result.steps} steps; final loss {last.get('loss', float('nan')):.4f}; model: {result.model_dir}")
-    if result.model_dir is not None:
+    if result.model_dir is not None and trainer.dataset is not None:  # shards alone have no validation labels
         from uue.calibration import calibrate_model
 
         calibrator = calibrate_model(result.model_dir, trainer.dataset, config.data.validation_split)
