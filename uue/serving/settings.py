@@ -98,6 +98,10 @@ class ServeArgs(_Strict):
     """The environment variable (in the ingress replicas' environment: runtime_env `env_vars` or a
     Kubernetes secret) holding the bearer token of the `/admin/*` routes. Set, they require
     `Authorization: Bearer <token>`; unset, they answer loopback clients (127.0.0.1, ::1) only."""
+    tower_call_attempts: int = Field(3, ge=1)
+    """How often the ingress sends a tower call in all when the replica holding it dies (calls are pure)."""
+    retry_after_s: int = Field(5, ge=1)
+    """`Retry-After` of the 503 a client gets when no tower replica answered."""
     limits: RequestLimits = RequestLimits()
     user_tower: TowerDeploymentArgs = TowerDeploymentArgs(max_batch_size=256, max_ongoing_requests=256)
     item_tower: TowerDeploymentArgs = TowerDeploymentArgs()
