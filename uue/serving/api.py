@@ -30,24 +30,30 @@ class RequestError(Exception):
 LIMIT_KEY = "x-uue-limit"
 """Marks a schema bounded by a `RequestLimits` field; the app's OpenAPI document writes the configured bound
 there (maxLength, maxItems or maximum). Over the bound the request gets 413, as the document says."""
-MODEL_NAMES_KEY = "x-uue-model-names"
-"""Marks the OpenAI `model` field; the app's OpenAPI document lists the served model names there (enum)."""
+ENUM_KEY = "x-uue-enum"
+"""Marks a value the served model fixes ("model_names": the OpenAI `model` names, "dimension": the only
+`dimensions` it produces); the app's OpenAPI document lists the allowed values there (enum)."""
 
 
 class _Body(BaseModel):
-    # Python's `re` validates patterns, so `\S` means exactly what `str.strip()`/`str.isspace()` mean, and
-    # what a client generating from the OpenAPI document with Python's `re` means.
-    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
+    model_config = ConfigDict(extra="forbid")
+
+
+WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+              "\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff")
+r"""Python's whitespace (`str.isspace`) plus JSON Schema's (ECMA-262 `\s` adds U+FEFF): regex engines disagree
+on `\S`, so the documented pattern spells the class out and the server checks exactly these characters."""
+NOT_WHITESPACE = "[^" + "".join(f"\\u{ord(c):04x}" for c in WHITESPACE) + "]"
 
 
 def _non_empty(value: str) -> str:
-    if not value.strip():
+    if not value.strip(WHITESPACE):
         raise ValueError("must not be empty or whitespace")
     return value
 
 
 Text = Annotated[str, AfterValidator(_non_empty), WithJsonSchema(
-    {"type": "string", "minLength": 1, "pattern": r"\S", LIMIT_KEY: "max_text_chars",
+    {"type": "string", "minLength": 1, "pattern": NOT_WHITESPACE, LIMIT_KEY: "max_text_chars",
      "description": "Non-empty text (at least one non-whitespace character)."})]
 """A chunk, statement or input text: 422 when empty or whitespace, 413 over `max_text_chars`."""
 
@@ -72,7 +78,9 @@ def _limited(limit: str, **kwargs: Any) -> Any:
 class ChunkIn(_Body):
     text: Text
     platform: str | None = None
-    timestamp: str | None = Field(None, description="ISO-8601, e.g. 2025-06-01T08:00:00Z")
+    timestamp: str | None = Field(None, json_schema_extra={"format": "date-time"},
+                                  description="ISO-8601 (RFC 3339 date-time, e.g. 2025-06-01T08:00:00Z; a plain "
+                                              "date is accepted too)")
 
     @field_validator("timestamp")
     @classmethod
@@ -123,6 +131,11 @@ class EmbedStatementsRequest(_Body):
 class ScoreRequest(_Body):
     """One user against statements given as texts and/or as ids of statements in the loaded index."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [  # at least one of the two lists
+        {"required": ["statements"], "properties": {"statements": {"minItems": 1}}},
+        {"required": ["statement_ids"], "properties": {"statement_ids": {"minItems": 1}}},
+    ]})
+
     user: UserIn
     statements: list[_text_or(StatementIn)] = _limited("max_statements_per_request", default_factory=list)
     statement_ids: list[str] = _limited("max_statements_per_request", default_factory=list)
@@ -130,7 +143,8 @@ class ScoreRequest(_Body):
 
 class RetrieveRequest(_Body):
     user: UserIn
-    k: int = _limited("max_top_k", default=10, ge=1)
+    k: Annotated[int, _limited("max_top_k", ge=1)] | None = Field(
+        None, description="statements to return (default: 10, or `max_top_k` when that is smaller)")
 
 
 class EmbeddingsResponse(BaseModel):
@@ -185,11 +199,12 @@ class OpenAIEmbeddingsRequest(_Body):
     model_config = ConfigDict(extra="ignore")  # clients add fields (e.g. `user`) that change nothing here
     input: Annotated[Annotated[Text, Tag("string")] | Annotated[
         list[Text], _limited("max_statements_per_request", min_length=1), Tag("list")], Discriminator(_kind)]
-    model: str = Field(json_schema_extra={MODEL_NAMES_KEY: True},
+    model: str = Field(json_schema_extra={ENUM_KEY: "model_names"},
                        description="uue-statements (statement vectors) or uue-users (each input is one user's "
                                    "history); another name gets 404")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, gt=0)
+    dimensions: Annotated[int, Field(gt=0, json_schema_extra={ENUM_KEY: "dimension"})] | None = Field(
+        None, description="the model's dimension (vectors cannot be shortened; another value gets 400)")
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)

@@ -44,8 +44,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uue.calibration import PlattCalibrator
 from uue.data.schema import Statement, UserChunk, UserData
 from uue.serving.api import (
+    ENUM_KEY,
     LIMIT_KEY,
-    MODEL_NAMES_KEY,
     UNION_TAGS,
     EmbeddingsResponse,
     EmbedStatementsRequest,
@@ -169,19 +169,20 @@ def _error(status: int, message: str, param: str | None = None,
                         content={"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
-def _with_runtime_bounds(node: Any, limits: RequestLimits, model_names: list[str]) -> Any:
-    """Write the configured limits (`LIMIT_KEY`) and model names (`MODEL_NAMES_KEY`) into a JSON schema."""
+def _with_runtime_bounds(node: Any, limits: RequestLimits, enums: dict[str, list[Any]]) -> Any:
+    """Write the configured limits (`LIMIT_KEY`) and the served model's values (`ENUM_KEY`) into a JSON schema."""
     if isinstance(node, dict):
-        node = {key: _with_runtime_bounds(value, limits, model_names) for key, value in node.items()}
+        node = {key: _with_runtime_bounds(value, limits, enums) for key, value in node.items()}
         limit = node.pop(LIMIT_KEY, None)
         if limit is not None:
             bound = {"array": "maxItems", "string": "maxLength", "integer": "maximum"}[node["type"]]
             node[bound] = getattr(limits, limit)
-        if node.pop(MODEL_NAMES_KEY, False):
-            node["enum"] = model_names
+        enum = node.pop(ENUM_KEY, None)
+        if enum is not None:
+            node["enum"] = enums[enum]
         return node
     if isinstance(node, list):
-        return [_with_runtime_bounds(value, limits, model_names) for value in node]
+        return [_with_runtime_bounds(value, limits, enums) for value in node]
     return node
 
 
@@ -220,7 +221,8 @@ def build_http_app(service: ServingService) -> FastAPI:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             document = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            app.openapi_schema = _with_runtime_bounds(document, limits, model_names)
+            enums = {"model_names": model_names, "dimension": [service.dimension]}
+            app.openapi_schema = _with_runtime_bounds(document, limits, enums)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -306,7 +308,8 @@ def build_http_app(service: ServingService) -> FastAPI:
         if not body.statements and not body.statement_ids:
             raise RequestError(422, "give at least one of `statements` (texts) or `statement_ids`", "statements")
         statements = [as_statement(s) for s in body.statements]
-        check_statement_texts([s.text for s in statements] + body.statement_ids, limits, "statements")
+        check_statement_texts([s.text for s in statements], limits, "statements")
+        check_statement_texts(body.statement_ids, limits, "statement_ids")
         known: list[tuple[str, str, np.ndarray]] = []
         index_version = None
         if body.statement_ids:
@@ -340,15 +343,16 @@ def build_http_app(service: ServingService) -> FastAPI:
     @app.post("/retrieve", response_model=RetrieveResponse)
     async def retrieve(body: RetrieveRequest) -> RetrieveResponse:
         check_user(body.user, limits)
-        if body.k > limits.max_top_k:
-            raise RequestError(413, f"k: {body.k}, at most {limits.max_top_k} allowed", "k")
+        k = min(10, limits.max_top_k) if body.k is None else body.k
+        if k > limits.max_top_k:
+            raise RequestError(413, f"k: {k}, at most {limits.max_top_k} allowed", "k")
         index = service.loaded_index()  # one reference: the whole request uses this version
         user_vector = await embed_user(body.user.to_user())
-        hits = index.search(user_vector[None, :], body.k)[0]
+        hits = index.search(user_vector[None, :], k)[0]
         probabilities = service.probabilities(np.array([score for _, _, score in hits]))
         return RetrieveResponse(
             model_fingerprint=service.model_fingerprint, calibrated=service.calibrator is not None,
-            index_version=index.version, k=body.k,
+            index_version=index.version, k=k,
             scores=[ScoredStatement(statement_id=sid, text=text, similarity=score, probability=p)
                     for (sid, text, score), p in zip(hits, probabilities, strict=True)],
         )
