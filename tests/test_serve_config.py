@@ -82,11 +82,16 @@ def test_serve_config_builds_through_rays_builder_path(path, saved_model):
     _check_built_app(app_config, saved_model)
 
 
-def test_local_config_minimum_replicas_fit_two_cpus():
-    """`serve run serve/config.local.yaml` starts its own Ray on a 2-core machine: every minimum replica must
-    be schedulable there (and every replica at max scale too, so autoscaling never waits for CPUs)."""
-    (app_config,) = yaml.safe_load(SERVE_CONFIGS[0].read_text())["applications"]
-    args = ServeArgs.model_validate(app_config["args"])
+@pytest.mark.parametrize("source", ["config.local.yaml", "defaults"])
+def test_local_serving_fits_two_cpus(source):
+    """`serve run serve/config.local.yaml` and `serve run serve.app:build_app model_dir=...` (the defaults) start
+    on a 2-core machine: every minimum replica must be schedulable there (and every replica at max scale too,
+    so autoscaling never waits for CPUs)."""
+    if source == "defaults":
+        args = ServeArgs(model_dir="m")
+    else:
+        (app_config,) = yaml.safe_load(SERVE_CONFIGS[0].read_text())["applications"]
+        args = ServeArgs.model_validate(app_config["args"])
     parts = [args.user_tower, args.item_tower, args.ingress]
     assert sum(p.num_cpus * p.min_replicas for p in parts) <= 2
     assert sum(p.num_cpus * p.max_replicas for p in parts) <= 2

@@ -103,9 +103,11 @@ class ServeArgs(_Strict):
     retry_after_s: int = Field(5, ge=1)
     """`Retry-After` of the 503 a client gets when no tower replica answered."""
     limits: RequestLimits = RequestLimits()
-    user_tower: TowerDeploymentArgs = TowerDeploymentArgs(max_batch_size=256, max_ongoing_requests=256)
-    item_tower: TowerDeploymentArgs = TowerDeploymentArgs()
-    ingress: IngressArgs = IngressArgs()
+    # Defaults fit a 2-CPU machine (`serve run serve.app:build_app model_dir=...` with nothing else): one
+    # replica each reserves 0.4 + 0.4 + 0.2 CPUs, everything at max_replicas 2.0 (num_cpus is a scheduling share).
+    user_tower: TowerDeploymentArgs = TowerDeploymentArgs(num_cpus=0.4, max_batch_size=256, max_ongoing_requests=256)
+    item_tower: TowerDeploymentArgs = TowerDeploymentArgs(num_cpus=0.4)
+    ingress: IngressArgs = IngressArgs(num_cpus=0.2)
 
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:
