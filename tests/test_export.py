@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -39,20 +36,18 @@ def _cosines(exported_dir, model_dir) -> np.ndarray:
     return (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
 
 
-def test_cli_export_of_a_tiny_model_with_metadata_fusion(tmp_path):
+def test_cli_export_of_a_tiny_model_with_metadata_fusion(tmp_path, capsys):
     """BERT-style backbone, mean pooling, Linear projection, item metadata fusion (folded into the bias),
-    max_statement_length truncation (the long text): the CLI as users run it."""
-    _saved(tmp_path / "run" / "model", use_item_metadata=True)
-    out = tmp_path / "st"
-    done = subprocess.run([sys.executable, "-m", "uue.cli", "export", "sentence-transformers",
-                           "--checkpoint", str(tmp_path / "run"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "SentenceTransformer(" in done.stdout
-    assert _cosines(out, tmp_path / "run" / "model").min() >= 0.9999
+    max_statement_length truncation (the long text), through `uue export sentence-transformers`."""
     from uue.cli import main
 
-    assert main(["export", "sentence-transformers", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 2
+    _saved(tmp_path / "run" / "model", use_item_metadata=True)
+    out = tmp_path / "st"
+    command = ["export", "sentence-transformers", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]
+    assert main(command) == 0
+    assert "SentenceTransformer(" in capsys.readouterr().out
+    assert _cosines(out, tmp_path / "run" / "model").min() >= 0.9999
+    assert main(command) == 2 and "not empty" in capsys.readouterr().err  # never overwrites an export
 
 
 def test_export_of_a_decoder_with_a_low_rank_head(tmp_path):
