@@ -14,8 +14,10 @@ tokens/s, MFU on useful tokens (6N, uue.model.flops), HFU (8N when
 recomputing), peak GiB, GiB per 1k useful tokens of what a step allocates above the weights and optimizer
 states (activations + gradients), and the ratios to the two Hugging Face peers.
 
-Part 2, "ray": the full Ray Train + DeepSpeed ZeRO-2 step (`uue.ray_train.run_training` on a synthetic
-data-contract folder whose chunks fill --chunk-tokens), beside DESIGN.md's anchors.
+Part 2, "ray": the full Ray Train + DeepSpeed ZeRO-2 step, what `python -m ray_jobs.train` runs
+(`uue.train.ray.run_training`: Ray Data preprocessing -> user shards streamed to TorchTrainer -> DeepSpeed
+engine -> `train_step`) on a synthetic data-contract folder whose chunks fill --chunk-tokens, beside
+DESIGN.md's anchors; writes bench_result.json.
 
     # GPU (H100/H200), from the repo root, with the Ray + DeepSpeed bundle of ../shared/gpu/pack.sh:
     source .gpu/env.sh && PYTHONPATH=. python3 bench/gpu_train.py --output $OUT/bt
@@ -372,7 +374,7 @@ def run_ray_step(args: argparse.Namespace) -> int:
     import torch
 
     from uue.config import load_config
-    from uue.ray_train import run_training
+    from uue.train.ray import run_training
 
     use_gpu = args.gpu == "yes" or (args.gpu == "auto" and torch.cuda.is_available())
     warmup = args.warmup_steps if args.warmup_steps is not None else min(5, args.steps // 3)
