@@ -1,7 +1,7 @@
 """The UUE Ray Serve application: user-tower and item-tower deployments behind one FastAPI ingress.
 
     serve run serve/config.local.yaml                      # or: serve run serve.app:build_app model_dir=...
-    serve deploy serve/config.gpu.yaml                     # on a running cluster (KubeRay: cluster/rayservice.yaml)
+    RAY_AUTH_MODE=token serve deploy serve/config.gpu.yaml # on a running cluster (KubeRay: cluster/rayservice.yaml)
 
 Each tower is its own deployment with its own autoscaling and `@serve.batch` dynamic batching (the user
 tower's batches are bounded by a chunk budget, the item tower's by a statement count); the ingress

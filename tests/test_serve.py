@@ -371,7 +371,7 @@ def test_killing_a_tower_replica_under_load_loses_no_request(server, ray_session
     workers = [threading.Thread(target=keep_embedding, args=(w,)) for w in range(8)]
     for worker in workers:
         worker.start()
-    recovered_after = None
+    recovered_after, seen = None, []
     try:
         time.sleep(2.0)
         killed_at = time.monotonic()
@@ -380,8 +380,11 @@ def test_killing_a_tower_replica_under_load_loses_no_request(server, ray_session
         while time.monotonic() < deadline:
             app = serve.status().applications["uue"]
             tower = app.deployments["ItemTower"]
-            if app.status == "RUNNING" and tower.status == "HEALTHY" and \
-                    tower.replica_states.get("RUNNING", 0) == 2 and time.monotonic() > killed_at + 5:
+            seen.append(f"{app.status}/{tower.status}")
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#ItemTower#" in a["name"]]
+            # Healthy again: the dead replica is gone, its replacement runs, and Serve reports both as such.
+            if replicas[0]["name"] not in names and len(names) == 2 and app.status == "RUNNING" and \
+                    tower.status == "HEALTHY" and tower.replica_states.get("RUNNING", 0) == 2:
                 recovered_after = time.monotonic() - killed_at
                 break
             time.sleep(0.5)
@@ -397,8 +400,6 @@ def test_killing_a_tower_replica_under_load_loses_no_request(server, ray_session
         payload = json.loads(body)
         vector = payload["embeddings"][0] if "embeddings" in payload else payload["data"][0]["embedding"]
         np.testing.assert_allclose(vector, expected[text], atol=1e-5)
-    after = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#ItemTower#" in a["name"]]
-    assert replicas[0]["name"] not in after and len(after) == 2, after
     assert client.get("/health").json()["status"] == "ok"
     # Evidence that requests really were in flight on the dead replica: the ingress resent some.
     deadline, retries = time.monotonic() + 60, 0.0
@@ -408,7 +409,7 @@ def test_killing_a_tower_replica_under_load_loses_no_request(server, ray_session
         time.sleep(2)
     assert retries >= 1
     print(f"{len(results)} requests, 0 failed, {retries:.0f} tower calls resent; healthy again "
-          f"{recovered_after:.1f} s after the kill")
+          f"{recovered_after:.1f} s after the kill (app/ItemTower status seen: {sorted(set(seen))})")
 
 
 def test_index_slot_keeps_serving_when_a_new_version_is_bad(indexes, tmp_path):
