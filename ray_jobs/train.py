@@ -1,12 +1,15 @@
 """Ray Train + DeepSpeed training job: one worker per GPU (or CPU process), ZeRO stage from the config.
 
     ray job submit --working-dir . --runtime-env ray_jobs/runtime_env.yaml -- \
-        python -m ray_jobs.train --config configs/qwen3-embedding-0.6b.yaml distributed.num_workers=8
+        python -m ray_jobs.train --config configs/qwen3-embedding-0.6b.yaml \
+        data.path=s3://bucket/preprocessed distributed.num_workers=8
 
-Writes checkpoints under distributed.storage_path (default: training.output_dir/ray_train) and the final
-model to training.output_dir/model, in the same format as `uue train`. `--resume` continues the newest run
-under the storage path from its last checkpoint. Exit status: 0 on success, 2 on bad arguments, config or
-data, 1 when training failed.
+data.path is a `ray_jobs.preprocess` output (its fingerprint must match the config) or a raw data-contract
+folder, which is preprocessed first into data.preprocessed_dir. Writes checkpoints under
+distributed.storage_path (default: training.output_dir/ray_train) and the final model to
+training.output_dir/model, in the same format as `uue train`. `--resume` continues the newest run under the
+storage path from its last checkpoint. Exit status: 0 on success, 2 on bad arguments, config or data, 1 when
+training failed.
 """
 
 from __future__ import annotations

@@ -180,10 +180,11 @@ def test_preprocess_train_evaluate_through_ray_job_submit(ray_head, tmp_path):
     assert "succeeded" in output
     manifest = json.loads((preprocessed / "manifest.json").read_text())
     assert {t: c["written"] for t, c in manifest["tables"].items()} == {"users": 48, "statements": 16, "labels": 384}
-    assert manifest["rejects"]["count"] == 0
+    assert manifest["rejects"]["count"] == 0 and manifest["counts"]["train_users"] == 32
 
+    # The README's recipe: training streams the preprocessed shards (not the raw folder).
     _check(ray_head.submit(
-        "python", "-m", "ray_jobs.train", "--config", "configs/tiny.yaml", "data.path=uue/sample_data",
+        "python", "-m", "ray_jobs.train", "--config", "configs/tiny.yaml", f"data.path={preprocessed}",
         f"training.output_dir={run}", "training.max_steps=3", "model.batch_size=4", "distributed.num_workers=2",
         "distributed.zero_stage=2"), "train job")
     model = UUEModel.from_pretrained(run / "model")

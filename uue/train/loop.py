@@ -46,6 +46,8 @@ class TrainProbe:
     fail_at_step: int | None = None
     fail_rank: int = 0
     fail_marker: str | None = None
+    data_only: bool = False
+    """Stream and collate every batch but run no model step (bench/bench_data_scale.py: the data path alone)."""
 
 
 def mean_across_ranks(value: float) -> float:
@@ -136,8 +138,11 @@ class Loop:
                 self.optimization.before_step = None
             real_tokens, processed_tokens = batch_tokens(batch)
             step_started = time.perf_counter()
-            metrics = train_step(self.model, batch, self.loss_fn, self.optimization, self.samplers.negative,
-                                 self.samplers.label)
+            if self.probe.data_only:
+                metrics = {"loss": 0.0, "accuracy": 0.0}
+            else:
+                metrics = train_step(self.model, batch, self.loss_fn, self.optimization, self.samplers.negative,
+                                     self.samplers.label)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             local_loss = metrics["loss"]
