@@ -55,7 +55,8 @@ def make_statements(count: int, max_length: int = 32, mixed: bool = False) -> li
     for i in range(count):
         text = (f"#{i} a {ADJECTIVES[i % 10]} person who would enjoy {TOPICS[(i // 10) % len(TOPICS)]} "
                 f"and talks about it with friends")
-        rows.append({"statement_id": f"s{i:07d}", "text": text if cuts is None else text[: int(cuts[i])]})
+        cut = len(text) if cuts is None else max(int(cuts[i]), len(str(i)) + 3)  # "#<i> a": texts stay distinct
+        rows.append({"statement_id": f"s{i:07d}", "text": text[:cut]})
     return rows
 
 
