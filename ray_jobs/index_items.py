@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=index.batch_size, gpus_per_actor=index.gpus_per_actor, id_column=index.id_column,
             text_column=index.text_column, cpus_per_actor=index.cpus_per_actor, dtype=index.dtype,
             rows_per_shard=index.rows_per_shard, connectivity=index.connectivity,
-            expansion_search=index.expansion_search,
+            expansion_search=index.expansion_search, attention=index.attention,
+            compile_layers=index.compile_layers, pack_tokens=index.pack_tokens,
         )
     except (DataValidationError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"index_items: error: {err}", file=sys.stderr)

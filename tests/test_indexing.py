@@ -277,3 +277,58 @@ def test_fingerprint_follows_weights_and_checkpoint_layouts(tiny_model_dir, tiny
     assert checkpoint_fingerprint(step) == checkpoint_fingerprint(tiny_model_dir)
     other = UUEModel.from_config(tiny_model_config, seed=1).save_pretrained(tmp_path / "other")
     assert checkpoint_fingerprint(other) != checkpoint_fingerprint(tiny_model_dir)
+
+
+# ---------------------------------------------------------------------------------------------- packed actors
+def test_packed_indexing_writes_the_padded_vectors_and_answers_the_same_top_k(
+    contract_index, table_index, tiny_model_dir, sample_data_dir, table_dir, tmp_path
+):
+    """index.attention=packed (ragged ids tokenized in their own Ray Data stage, encoded padding-free) gives the
+    padded actors' vectors: float32 on CPU, max abs diff <= 1e-5, cosine >= 0.9999, and the same top-k."""
+    from ray_jobs.index_items import main
+
+    # Contract statements (context + metadata): packs of 64 tokens hold one or two statements, so a batch of
+    # 4 spans several packs with boundaries between them.
+    out = tmp_path / "contract-packed"
+    manifest = build_index(tiny_model_dir, sample_data_dir, out, batch_size=4, rows_per_shard=5, attention="packed",
+                           pack_tokens=64, **ONE_ACTOR)
+    assert manifest["build"]["attention"] == "packed" and manifest["build"]["pack_tokens"] == 64
+    # The table through the job's command line, default pack size (one pack per batch of 32).
+    table_out = tmp_path / "table-packed"
+    assert main(["--checkpoint", str(tiny_model_dir), "--input", str(table_dir), "--output", str(table_out),
+                 "--id-column", "item_id", "--text-column", "title", "--min-actors", "1", "--max-actors", "1",
+                 "--batch-size", "32", "index.attention=packed"]) == 0
+    for padded_dir, packed_dir in ((contract_index[0], out), (table_index, table_out)):
+        padded_ids, padded = raw_vectors(padded_dir)
+        packed_ids, packed = raw_vectors(packed_dir)
+        assert sorted(packed_ids) == sorted(padded_ids) and len(set(packed_ids)) == len(packed_ids)
+        by_id = dict(zip(packed_ids, packed, strict=True))
+        packed = np.stack([by_id[sid] for sid in padded_ids])
+        assert np.abs(packed - padded).max() <= 1e-5
+        assert (packed * padded).sum(1).min() >= 0.9999
+    assert StatementIndex.load(table_out).manifest["build"]["attention"] == "packed"
+
+    padded_index, packed_index = StatementIndex.load(table_index), StatementIndex.load(table_out)
+    rng = np.random.default_rng(1)
+    queries = padded_index.vectors[rng.choice(len(padded_index), 30, replace=False)]
+    queries = queries + 0.05 * rng.normal(size=queries.shape).astype(np.float32)
+    for exact in (True, False):
+        expected = [[sid for sid, _, _ in row] for row in padded_index.search(queries, 10, exact=exact)]
+        got = [[sid for sid, _, _ in row] for row in packed_index.search(queries, 10, exact=exact)]
+        if exact:
+            assert got == expected
+        else:  # two HNSW graphs: the same neighbours, up to the graph's own (tested) recall
+            overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, expected, strict=True)])
+            assert overlap >= 0.98, overlap
+
+
+def test_index_encoding_options_are_validated(tiny_model_dir):
+    from uue.indexing import index_model_config
+
+    saved = json.loads((tiny_model_dir / "item_tower" / "tower.json").read_text())["model_config"]
+    assert index_model_config(saved).attention == "padded"  # "model": what the tower was saved with
+    assert index_model_config(saved, "packed", compile_layers=True).compile_layers
+    with pytest.raises(ValueError, match="pack_tokens=16 must hold the longest sequence"):
+        index_model_config(saved, "packed", pack_tokens=16)
+    with pytest.raises(ValueError, match="use model, padded or packed"):
+        index_model_config(saved, "sparse")  # type: ignore[arg-type]

@@ -212,6 +212,14 @@ class IndexConfig(_Strict):
     """HNSW graph degree of the usearch index (recall vs. memory)."""
     expansion_search: int = Field(64, gt=0)
     """HNSW candidate list size at query time (recall vs. latency)."""
+    attention: Literal["model", "padded", "packed"] = "model"
+    """How the actors encode: "model" keeps the item tower's saved model.attention (padded unless trained
+    packed); "packed": Ray Data tokenizes in CPU tasks beside the actors (overlapped with encoding) and the
+    actors encode the ragged ids padding-free; "padded": the actors tokenize, pad and run the HF forward."""
+    compile_layers: bool | None = None
+    """Packed actors: torch.compile each transformer layer (regional compilation); None keeps model.compile_layers."""
+    pack_tokens: int | None = Field(None, gt=0)
+    """Packed actors: tokens per pack (None keeps model.pack_tokens); batch_size statements fill one or more."""
 
     @model_validator(mode="after")
     def _check_pool(self) -> IndexConfig:

@@ -16,6 +16,7 @@ killed run may be truncated, and the ANN graph has to be rebuilt over every vect
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +36,9 @@ import pyarrow.parquet as pq
 
 from uue.data.readers import SHARD_SUFFIXES, iter_file_records, resolve_filesystem, table_files
 from uue.data.schema import DataValidationError, Statement, parse_statement
+
+if TYPE_CHECKING:
+    from uue.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -196,14 +200,89 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-class ItemTowerEncoder:
-    """Ray Data callable class: one item tower per actor, loaded once, encoding a batch per call."""
+IndexAttention = Literal["model", "padded", "packed"]
 
-    def __init__(self, item_tower_folder: str, device: str = "cpu", dtype: str = "auto", num_threads: int = 1):
+
+def index_model_config(model_config: dict[str, Any], attention: IndexAttention = "model",
+                       compile_layers: bool | None = None, pack_tokens: int | None = None) -> ModelConfig:
+    """The item tower's saved ModelConfig with the index's encoding choices applied (and validated).
+
+    attention "model" keeps what the tower was saved with (model.attention; padded by default);
+    compile_layers / pack_tokens None keep the model's values.
+    """
+    from uue.config import ModelConfig
+
+    if attention not in ("model", "padded", "packed"):
+        raise ValueError(f"index attention {attention!r}: use model, padded or packed")
+    updates: dict[str, Any] = {}
+    if attention != "model":
+        updates["attention"] = attention
+    if compile_layers is not None:
+        updates["compile_layers"] = compile_layers
+    if pack_tokens is not None:
+        updates["pack_tokens"] = pack_tokens
+    try:
+        return ModelConfig.model_validate({**model_config, **updates})
+    except ValueError as err:  # e.g. pack_tokens shorter than the longest statement
+        raise ValueError(f"index encoding options {updates}: {err}") from None
+
+
+def _batch_statements(batch: dict[str, np.ndarray]) -> list[Statement]:
+    return [
+        Statement(statement_id=str(sid), text=str(text), context=str(ctx) or None,
+                  metadata=json.loads(meta) if meta else None)
+        for sid, text, ctx, meta in zip(
+            batch["statement_id"], batch["text"], batch["context"], batch["metadata"], strict=True)
+    ]
+
+
+@functools.lru_cache(maxsize=4)
+def _featurizer(item_tower_folder: str) -> Any:
+    """The tower's tokenizer + featurizer, loaded once per Ray worker process (tasks reuse their workers)."""
+    from transformers import AutoTokenizer
+
+    from uue.config import ModelConfig
+    from uue.data.featurize import Featurizer
+
+    meta = json.loads((Path(item_tower_folder) / "tower.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(Path(item_tower_folder) / "backbone")
+    return Featurizer(ModelConfig.model_validate(meta["model_config"]), tokenizer, tokenizer)
+
+
+def tokenize_statements(batch: dict[str, np.ndarray], item_tower_folder: str) -> dict[str, Any]:
+    """Ray Data UDF (CPU tasks, a stage of its own): statements -> ragged token ids (+ hashed item metadata).
+
+    Runs beside the item-tower actors, so the next batches are tokenized while the device encodes the
+    current one; the ids are unpadded (`Featurizer.statement_tokens`, the padded path's tokens minus padding).
+    """
+    from uue.data.featurize import hash_metadata
+
+    featurizer = _featurizer(item_tower_folder)
+    statements = _batch_statements(batch)
+    tokens = featurizer.statement_tokens(statements)
+    out: dict[str, Any] = {"statement_id": batch["statement_id"], "text": batch["text"], "source": batch["source"],
+                           "token_ids": [np.asarray(t, dtype=np.int64) for t in tokens]}
+    if featurizer.config.use_item_metadata:
+        dim = featurizer.config.item_metadata_dim
+        out["item_metadata"] = np.stack([hash_metadata(s.metadata, dim) for s in statements]).astype(np.float32)
+    return out
+
+
+class ItemTowerEncoder:
+    """Ray Data callable class: one item tower per actor, loaded once, encoding a batch per call.
+
+    Padded (today's default): the actor tokenizes and pads each batch, then runs the Hugging Face forward.
+    Packed: the batch arrives as ragged token ids from `tokenize_statements` and is encoded padding-free
+    (`ItemTower.forward_ragged`), optionally with regionally compiled layers.
+    """
+
+    def __init__(self, item_tower_folder: str, device: str = "cpu", dtype: str = "auto", num_threads: int = 1,
+                 attention: IndexAttention = "model", compile_layers: bool | None = None,
+                 pack_tokens: int | None = None):
         import torch
 
-        from uue.config import ModelConfig
         from uue.data.featurize import Featurizer
+        from uue.model.towers import packing_options
         from uue.model.uue_model import load_tower
 
         if device == "cpu":
@@ -213,24 +292,33 @@ class ItemTowerEncoder:
         self.tower, tokenizer = load_tower(item_tower_folder, map_location=self.device)
         self.tower.to(getattr(torch, resolve_dtype(dtype, device)))
         meta = json.loads((Path(item_tower_folder) / "tower.json").read_text())
-        self.featurizer = Featurizer(ModelConfig.model_validate(meta["model_config"]), tokenizer, tokenizer)
+        config = index_model_config(meta["model_config"], attention, compile_layers, pack_tokens)
+        self.attention = config.attention
+        encoder = self.tower.encoder
+        if self.attention == "packed":
+            encoder.use_packing(packing_options(
+                config, checkpointing=False, max_length=config.max_statement_length + config.max_context_length))
+        else:
+            encoder.use_padded()
+        self.featurizer = Featurizer(config, tokenizer, tokenizer)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from uue.data.featurize import trim_batch
-
         torch = self.torch
-        statements = [
-            Statement(statement_id=str(sid), text=str(text), context=str(ctx) or None,
-                      metadata=json.loads(meta) if meta else None)
-            for sid, text, ctx, meta in zip(
-                batch["statement_id"], batch["text"], batch["context"], batch["metadata"], strict=True)
-        ]
-        features = self.featurizer.statement_features(statements)
         with torch.inference_mode():
-            tensors = trim_batch({k: torch.as_tensor(v).to(self.device) for k, v in features.items()})
-            vectors = self.tower(
-                tensors["item_input_ids"], tensors["item_attention_mask"], tensors.get("item_metadata")
-            )
+            if self.attention == "packed":
+                metadata = None
+                if "item_metadata" in batch:
+                    metadata = torch.as_tensor(np.stack(list(batch["item_metadata"]))).to(self.device)
+                vectors = self.tower.forward_ragged([np.asarray(t, dtype=np.int64) for t in batch["token_ids"]],
+                                                    metadata)
+            else:
+                from uue.data.featurize import trim_batch
+
+                features = self.featurizer.statement_features(_batch_statements(batch))
+                tensors = trim_batch({k: torch.as_tensor(v).to(self.device) for k, v in features.items()})
+                vectors = self.tower(
+                    tensors["item_input_ids"], tensors["item_attention_mask"], tensors.get("item_metadata")
+                )
             # Re-normalise in float32: a bf16 unit vector is only unit to ~1e-2.
             vectors = torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()
         return {"statement_id": batch["statement_id"], "text": batch["text"], "source": batch["source"],
@@ -394,6 +482,9 @@ def build_index(
     connectivity: int = 16,
     expansion_search: int = 64,
     progress: bool = True,
+    attention: IndexAttention = "model",
+    compile_layers: bool | None = None,
+    pack_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Encode every statement of `input_uri` with the checkpoint's item tower and write an index to `output_uri`.
 
@@ -401,6 +492,11 @@ def build_index(
     with an actor pool autoscaled between `min_actors` and `max_actors` (each actor reserving
     `gpus_per_actor` GPUs when > 0). The driver streams the encoded batches into Parquet shards and the
     usearch index in a staging folder, which replaces `output_uri` when complete. Returns the manifest.
+
+    `attention` "packed" (or "model" with a tower saved with model.attention: packed) adds a CPU stage
+    `tokenize_statements` before the actors, so tokenizing overlaps with encoding, and the actors encode
+    padding-free packs of `pack_tokens` (default: model.pack_tokens) tokens, with `compile_layers`
+    (default: model.compile_layers) regionally compiled; "padded" tokenizes and pads in the actors.
     """
     import ray
     from tqdm.auto import tqdm
@@ -422,6 +518,7 @@ def build_index(
     files, contract, filesystem = input_files(str(input_uri), id_column, text_column)
     tower_meta = json.loads((tower_folder / "tower.json").read_text())
     dimension = int(tower_meta["model_config"]["embedding_dim"])
+    encoding = index_model_config(tower_meta["model_config"], attention, compile_layers, pack_tokens)
     version = new_version(fingerprint)
     device = "cuda" if gpus_per_actor > 0 else "cpu"
 
@@ -442,6 +539,9 @@ def build_index(
         )
         # One block per batch, so the actor pool has queued work to scale up on even for a single input file.
         ds = ds.repartition(target_num_rows_per_block=batch_size)
+        if encoding.attention == "packed":  # tokenized in CPU tasks while the actors encode earlier batches
+            ds = ds.map_batches(tokenize_statements, batch_size=batch_size, batch_format="numpy",
+                                fn_kwargs=dict(item_tower_folder=str(tower_folder)), udf_modifying_row_count=False)
         ds = ds.map_batches(
             ItemTowerEncoder,
             compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
@@ -450,12 +550,14 @@ def build_index(
             num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor if gpus_per_actor > 0 else None,
             fn_constructor_kwargs=dict(item_tower_folder=str(tower_folder), device=device, dtype=dtype,
-                                       num_threads=int(max(1, cpus_per_actor))),
+                                       num_threads=int(max(1, cpus_per_actor)), attention=attention,
+                                       compile_layers=compile_layers, pack_tokens=pack_tokens),
             udf_modifying_row_count=False,
         )
         writer = _ShardWriter(staging / VECTORS_DIR, dimension, rows_per_shard, connectivity, expansion_search)
         seen: dict[str, str] = {}
         first_batch_seconds = None
+        first_batch_rows = 0
         with tqdm(desc="indexing statements", unit="stmt", disable=not progress) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 ids = [str(s) for s in batch["statement_id"]]
@@ -469,6 +571,7 @@ def build_index(
                 bar.update(len(ids))
                 if first_batch_seconds is None:  # start-up: scheduling, actor start, loading the tower
                     first_batch_seconds = time.perf_counter() - started
+                    first_batch_rows = len(ids)
         stream_seconds = time.perf_counter() - started
         writer.close()
         ann_wait_seconds = time.perf_counter() - started - stream_seconds
@@ -476,6 +579,9 @@ def build_index(
             raise ValueError(f"input {input_uri}: no statements to index")
         writer.ann.save(str(staging / ANN_FILE))
         total_seconds = time.perf_counter() - started
+        # After start-up: rows after the first encoded batch over the stream's time after it.
+        steady_seconds = stream_seconds - (first_batch_seconds or 0.0)
+        steady_rate = (writer.count - first_batch_rows) / steady_seconds if steady_seconds > 0 else 0.0
         manifest = {
             "format": INDEX_FORMAT,
             "format_version": INDEX_FORMAT_VERSION,
@@ -496,11 +602,14 @@ def build_index(
                     "expansion_search": expansion_search},
             "build": {"min_actors": min_actors, "max_actors": max_actors, "batch_size": batch_size,
                       "gpus_per_actor": gpus_per_actor, "dtype": resolve_dtype(dtype, device),
-                      "first_batch_seconds": round(first_batch_seconds or 0.0, 3),
+                      "attention": encoding.attention, "compile_layers": encoding.compile_layers,
+                      "pack_tokens": encoding.pack_tokens if encoding.attention == "packed" else None,
+                      "first_batch_seconds": round(first_batch_seconds or 0.0, 3), "first_batch_rows": first_batch_rows,
                       "stream_seconds": round(stream_seconds, 3), "ann_add_seconds": round(writer.ann_seconds, 3),
                       "ann_wait_seconds": round(ann_wait_seconds, 3),
                       "total_seconds": round(total_seconds, 3),
-                      "statements_per_second": round(writer.count / total_seconds, 1)},
+                      "statements_per_second": round(writer.count / total_seconds, 1),
+                      "steady_statements_per_second": round(steady_rate, 1)},
         }
         # The manifest is written last inside staging, then the whole folder appears at `out` in one rename.
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))

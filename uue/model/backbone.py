@@ -285,6 +285,11 @@ class TextEncoder(nn.Module):
         self.attention = "packed"
         self._packed = PackedRunner(self.backbone, options, causal=self.pooling == "last_token")
 
+    def use_padded(self) -> None:
+        """Back to the padded Hugging Face forward (e.g. an index built padded from a tower saved packed)."""
+        self.attention = "padded"
+        self._packed = None
+
     @property
     def hidden_size(self) -> int:
         return int(self.backbone.config.hidden_size)
