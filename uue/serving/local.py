@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import FastAPI
 
 from uue.calibration import PlattCalibrator
-from uue.data.schema import Statement, UserData
+from uue.data.schema import Statement, UserChunk, UserData
 from uue.serving.encoders import StatementEncoder, UserEncoder
 from uue.serving.settings import RequestLimits
 
@@ -27,6 +27,16 @@ class InProcessBackend:
 
     async def embed_statements(self, statements: list[Statement]) -> tuple[np.ndarray, list[int]]:
         return await asyncio.to_thread(self.statements.encode, statements)
+
+    # The user tower split at the chunk vectors (uue.serving.users.ChunkBackend): the user store's path.
+    async def embed_chunks(self, chunks: list[UserChunk]) -> np.ndarray:
+        return await asyncio.to_thread(self.users.chunk_vectors, chunks)
+
+    async def pool_users(self, users: list[tuple[np.ndarray, dict | None]]) -> np.ndarray:
+        return await asyncio.to_thread(self.users.pool, users)
+
+    async def leave_one_out(self, vectors: np.ndarray, metadata: dict | None) -> np.ndarray:
+        return await asyncio.to_thread(self.users.leave_one_out, vectors, metadata)
 
 
 def build_local_app(model_dir: str | Path, limits: RequestLimits | None = None, device: str | None = None,
