@@ -20,7 +20,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from uue.data.schema import Statement, UserData
+from uue.data.schema import Statement, UserChunk, UserData
 from uue.serving.encoders import StatementEncoder, UserEncoder
 from uue.serving.settings import ServeArgs
 
@@ -46,6 +46,8 @@ class UserTowerDeployment:
                              f"num_chunks_per_user ({self.encoder.config.num_chunks_per_user})")
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._encode_chunks.set_max_batch_size(max_batch_size)
+        self._encode_chunks.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.chunks_encoded = Counter("uue_user_tower_chunks_total", description="Chunks encoded by the user tower.")
         self.stats = {"batches": 0, "users": 0, "largest_batch_users": 0, "largest_batch_chunks": 0}
 
@@ -64,6 +66,27 @@ class UserTowerDeployment:
         stats["largest_batch_users"] = max(stats["largest_batch_users"], len(users))
         stats["largest_batch_chunks"] = max(stats["largest_batch_chunks"], chunks)
         return list(vectors)
+
+    # The user store's calls (uue.serving.users): new chunks alone, batched across users up to max_batch_size
+    # chunks; pooling from stored chunk vectors (no encoder pass).
+    async def chunk_vectors(self, chunks: list[UserChunk]) -> np.ndarray:
+        if not chunks:
+            return np.zeros((0, self.encoder.hidden_size), np.float32)
+        return np.stack(await asyncio.gather(*(self._encode_chunks(chunk) for chunk in chunks)))
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005)
+    async def _encode_chunks(self, chunks: list[UserChunk]) -> list[np.ndarray]:
+        vectors = await asyncio.to_thread(self.encoder.chunk_vectors, chunks)
+        self.chunks_encoded.inc(len(chunks))
+        self.stats["chunk_batches"] = self.stats.get("chunk_batches", 0) + 1
+        self.stats["chunks_alone"] = self.stats.get("chunks_alone", 0) + len(chunks)
+        return list(vectors)
+
+    async def pool(self, users: list[tuple[np.ndarray, dict | None]]) -> np.ndarray:
+        return await asyncio.to_thread(self.encoder.pool, users)
+
+    async def leave_one_out(self, user: tuple[np.ndarray, dict | None]) -> np.ndarray:
+        return await asyncio.to_thread(self.encoder.leave_one_out, *user)
 
     def info(self) -> dict:
         return {**self.encoder.info(), **self.stats}
@@ -108,6 +131,16 @@ class HandleBackend:
     async def embed_statements(self, statements: list[Statement]) -> tuple[np.ndarray, list[int]]:
         return await self.item_tower.embed.remote(statements)
 
+    # The user tower split at the chunk vectors (uue.serving.users.ChunkBackend): the user store's path.
+    async def embed_chunks(self, chunks: list[UserChunk]) -> np.ndarray:
+        return await self.user_tower.chunk_vectors.remote(chunks)
+
+    async def pool_users(self, users: list[tuple[np.ndarray, dict | None]]) -> np.ndarray:
+        return await self.user_tower.pool.remote(users)
+
+    async def leave_one_out(self, vectors: np.ndarray, metadata: dict | None) -> np.ndarray:
+        return await self.user_tower.leave_one_out.remote((vectors, metadata))
+
 
 @serve.deployment(name="Ingress")
 @serve.ingress()
@@ -139,6 +172,13 @@ class UUEIngress:
             calibrator=PlattCalibrator.load(self.args.model_dir), index=index, metrics=metrics,
             admin_token=os.environ.get(self.args.admin_token_env) or None,
         )
+        self.service.num_chunks_per_user = user_info["num_chunks_per_user"]
+        if self.args.user_store is not None:
+            from uue.serving.users import open_user_service
+
+            self.service.users, self.service.api_keys = await asyncio.to_thread(
+                open_user_service, self.args.user_store, self.service.backend, fingerprint,
+                self.service.num_chunks_per_user)
         self._poller = asyncio.get_running_loop().create_task(self._poll_index()) if index else None
 
     async def _poll_index(self) -> None:

@@ -108,13 +108,19 @@ class EmbedStatementsRequest(_Body):
 class ScoreRequest(EmbedStatementsRequest):
     """One user against statements given as texts and/or as ids of statements in the loaded index."""
 
-    user: UserIn
+    user: UserIn | None = None
+    user_id: str | None = Field(None, description="A stored user (PUT /users/{user_id}) instead of `user`; "
+                                                  "needs an API key")
     statements: list[StatementIn | str] = Field(default_factory=list)
     statement_ids: list[str] = Field(default_factory=list)
+    explain: bool = False
+    """Per statement, the chunks that contributed most (leave-one-out: score minus score without the chunk)."""
+    explain_top: int = Field(3, ge=1, le=64)
 
 
 class RetrieveRequest(_Body):
-    user: UserIn
+    user: UserIn | None = None
+    user_id: str | None = Field(None, description="A stored user instead of `user`; needs an API key")
     k: int = Field(10, ge=1)
 
 
@@ -124,12 +130,25 @@ class EmbeddingsResponse(BaseModel):
     embeddings: list[list[float]]
 
 
+class ChunkContributionOut(BaseModel):
+    index: int
+    """The chunk's position: in the request's `user.chunks`, or in `GET /users/{user_id}`'s `chunks`."""
+    seq: int | None
+    """A stored chunk's arrival number (null for a user sent inline)."""
+    timestamp: str | None
+    platform: str | None
+    contribution: float
+    """The statement's similarity minus its similarity to the same user without this chunk."""
+
+
 class ScoredStatement(BaseModel):
     statement_id: str | None
     text: str
     similarity: float
     probability: float | None
     """Platt-calibrated P(statement true of user); null when the model folder has no calibration.json."""
+    explanation: list[ChunkContributionOut] | None = None
+    """With `explain: true`: the chunks that raised this score most, largest contribution first."""
 
 
 class ScoreResponse(BaseModel):
@@ -137,6 +156,7 @@ class ScoreResponse(BaseModel):
     calibrated: bool
     index_version: str | None
     scores: list[ScoredStatement]
+    explanation_method: Literal["leave_one_out"] | None = None
 
 
 class RetrieveResponse(ScoreResponse):
@@ -151,6 +171,9 @@ class OpenAIEmbeddingsRequest(_Body):
     model: str
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, gt=0)
+    input_type: Literal["text", "user_id"] = Field("text", description=(
+        "user_id (with the users model): each input is a stored user's id, answered with its stored vector; "
+        "needs an API key"))
 
     def texts(self) -> list[str]:
         items = [self.input] if isinstance(self.input, str) else list(self.input)
@@ -169,13 +192,13 @@ def _check_text(text: str, limits: RequestLimits, param: str) -> None:
 
 
 def check_user(user: UserIn, limits: RequestLimits, param: str = "user") -> None:
+    where = f"{param}.chunks" if param else "chunks"
     if len(user.chunks) > limits.max_chunks_per_user:
         raise RequestError(
-            413, f"{param}.chunks: {len(user.chunks)} chunks, at most {limits.max_chunks_per_user} per user allowed",
-            f"{param}.chunks",
+            413, f"{where}: {len(user.chunks)} chunks, at most {limits.max_chunks_per_user} per user allowed", where,
         )
     for i, chunk in enumerate(user.chunks):
-        _check_text(chunk if isinstance(chunk, str) else chunk.text, limits, f"{param}.chunks.{i}")
+        _check_text(chunk if isinstance(chunk, str) else chunk.text, limits, f"{where}.{i}")
 
 
 def check_users(users: list[UserIn], limits: RequestLimits, param: str = "users") -> None:

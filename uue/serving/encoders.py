@@ -49,7 +49,8 @@ class _TowerEncoder:
         return self.config.embedding_dim
 
     def info(self) -> dict:
-        return {"tower": self.tower_name, "dimension": self.dimension, "device": str(self.device)}
+        return {"tower": self.tower_name, "dimension": self.dimension, "device": str(self.device),
+                "num_chunks_per_user": self.config.num_chunks_per_user}
 
 
 class UserEncoder(_TowerEncoder):

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from uue.calibration import PlattCalibrator
 from uue.data.schema import Statement, UserChunk, UserData
 from uue.serving.encoders import StatementEncoder, UserEncoder
-from uue.serving.settings import RequestLimits
+from uue.serving.settings import RequestLimits, UserStoreArgs
 
 
 class InProcessBackend:
@@ -41,10 +41,12 @@ class InProcessBackend:
 
 def build_local_app(model_dir: str | Path, limits: RequestLimits | None = None, device: str | None = None,
                     dtype: str = "float32", index: str | None = None,
-                    admin_token: str | None = None) -> FastAPI:
+                    admin_token: str | None = None, user_store: UserStoreArgs | None = None) -> FastAPI:
+    """`user_store`: stored users (their API keys come from the env var it names, as under Serve)."""
     from uue.indexing import checkpoint_fingerprint
     from uue.serving.http import ServingService, build_http_app
     from uue.serving.index_slot import IndexSlot
+    from uue.serving.users import open_user_service
 
     backend = InProcessBackend(model_dir, device=device, dtype=dtype)
     fingerprint = checkpoint_fingerprint(model_dir)
@@ -52,8 +54,12 @@ def build_local_app(model_dir: str | Path, limits: RequestLimits | None = None, 
     if index:
         slot = IndexSlot(index, model_fingerprint=fingerprint, dimension=backend.users.dimension)
         slot.refresh()
-    return build_http_app(ServingService(
+    service = ServingService(
         backend=backend, model_fingerprint=fingerprint, dimension=backend.users.dimension,
         limits=limits or RequestLimits(), calibrator=PlattCalibrator.load(model_dir), index=slot,
-        admin_token=admin_token,
-    ))
+        admin_token=admin_token, num_chunks_per_user=backend.users.config.num_chunks_per_user,
+    )
+    if user_store is not None:
+        service.users, service.api_keys = open_user_service(user_store, backend, fingerprint,
+                                                            service.num_chunks_per_user)
+    return build_http_app(service)

@@ -17,6 +17,7 @@ near-identical chunks share credit (each alone is redundant); the response says 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +27,8 @@ import numpy as np
 from uue.data.featurize import select_chunk_indices
 from uue.data.schema import UserChunk, UserData
 from uue.serving.api import RequestError
+from uue.serving.auth import ApiKeys
+from uue.serving.settings import UserStoreArgs
 from uue.user_store import (
     ModelMismatchError,
     StoreConflictError,
@@ -33,6 +36,7 @@ from uue.user_store import (
     UserState,
     UserStore,
     merge_chunks,
+    open_user_store,
     text_hash,
     update_user,
 )
@@ -144,25 +148,44 @@ class UserService:
                           list(range(len(state.chunks))), list(state.chunks))
 
     async def inline(self, user: UserData) -> PooledUser:
-        """A user sent in the request, encoded through the same split path (its chunk vectors are kept for
-        the explanation; the vector equals the plain user encoding)."""
-        positions = select_chunk_indices(user.chunks, self.limit)
-        kept = [user.chunks[i] for i in positions]
-        vectors = await self.backend.embed_chunks(kept)
-        vector = (await self.backend.pool_users([(vectors, user.metadata)]))[0]
-        return PooledUser(vector, vectors, user.metadata, positions, kept)
+        return await inline_user(self.backend, user, self.limit)
 
     async def explain(self, user: PooledUser, statement_vectors: np.ndarray, top: int) -> list[list[ChunkContribution]]:
-        """Per statement, the `top` chunks whose removal lowers its score most, largest first."""
-        without = await self.backend.leave_one_out(user.chunk_vectors, user.metadata)  # (C, D)
-        statements = statement_vectors.astype(np.float32)
-        full = statements @ user.vector.astype(np.float32)  # (S,)
-        contributions = full[:, None] - statements @ without.astype(np.float32).T  # (S, C)
-        out = []
-        for row in contributions:
-            order = np.argsort(-row, kind="stable")[:top]
-            out.append([ChunkContribution(
-                index=user.positions[c], seq=getattr(user.chunks[c], "seq", None),
-                timestamp=user.chunks[c].timestamp, platform=user.chunks[c].platform, contribution=float(row[c]),
-            ) for c in order])
-        return out
+        return await explain_scores(self.backend, user, statement_vectors, top)
+
+
+async def inline_user(backend: ChunkBackend, user: UserData, limit: int) -> PooledUser:
+    """A user sent in the request, encoded through the split path so its chunk vectors are at hand for the
+    explanation (the vector equals the plain user encoding)."""
+    positions = select_chunk_indices(user.chunks, limit)
+    kept = [user.chunks[i] for i in positions]
+    vectors = await backend.embed_chunks(kept)
+    vector = (await backend.pool_users([(vectors, user.metadata)]))[0]
+    return PooledUser(vector, vectors, user.metadata, positions, kept)
+
+
+async def explain_scores(backend: ChunkBackend, user: PooledUser, statement_vectors: np.ndarray,
+                         top: int) -> list[list[ChunkContribution]]:
+    """Per statement, the `top` chunks whose removal lowers its score most, largest first."""
+    without = await backend.leave_one_out(user.chunk_vectors, user.metadata)  # (C, D)
+    statements = statement_vectors.astype(np.float32)
+    full = statements @ user.vector.astype(np.float32)  # (S,)
+    contributions = full[:, None] - statements @ without.astype(np.float32).T  # (S, C)
+    out = []
+    for row in contributions:
+        order = np.argsort(-row, kind="stable")[:top]
+        out.append([ChunkContribution(
+            index=user.positions[c], seq=getattr(user.chunks[c], "seq", None),
+            timestamp=user.chunks[c].timestamp, platform=user.chunks[c].platform, contribution=float(row[c]),
+        ) for c in order])
+    return out
+
+def open_user_service(args: UserStoreArgs, backend: ChunkBackend, model_fingerprint: str,
+                      num_chunks_per_user: int) -> tuple[UserService, ApiKeys]:
+    """The configured store (secrets from the environment) and the API keys that guard it."""
+    url = os.environ.get(args.url_env) or args.url
+    store = open_user_store(args.backend, path=args.path, url=url, prefix=args.key_prefix)
+    hash_key = os.environ.get(args.text_hash_key_env)
+    service = UserService(store, backend, model_fingerprint, num_chunks_per_user, store_text=args.store_text,
+                          hash_key=hash_key.encode("utf-8") if hash_key else None)
+    return service, ApiKeys.from_env(args.api_keys_env)
