@@ -88,6 +88,14 @@ class UserTowerDeployment:
     async def leave_one_out(self, user: tuple[np.ndarray, dict | None]) -> np.ndarray:
         return await asyncio.to_thread(self.encoder.leave_one_out, *user)
 
+    async def encode_and_pool(self, append: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """An append in one call: (chunks, stored vectors, kept new positions, metadata) -> (vectors, user)."""
+        chunks, stored, kept_new, metadata = append
+        encoded = await self.chunk_vectors(chunks)  # batched with other users' new chunks
+        parts = ([stored] if stored is not None else []) + [encoded[list(kept_new)]]
+        pooled = await asyncio.to_thread(self.encoder.pool, [(np.concatenate(parts), metadata)])
+        return encoded, pooled[0]
+
     def info(self) -> dict:
         return {**self.encoder.info(), **self.stats}
 
@@ -140,6 +148,10 @@ class HandleBackend:
 
     async def leave_one_out(self, vectors: np.ndarray, metadata: dict | None) -> np.ndarray:
         return await self.user_tower.leave_one_out.remote((vectors, metadata))
+
+    async def encode_and_pool(self, chunks: list[UserChunk], stored: np.ndarray | None, kept_new: list[int],
+                              metadata: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        return await self.user_tower.encode_and_pool.remote((chunks, stored, kept_new, metadata))
 
 
 @serve.deployment(name="Ingress")

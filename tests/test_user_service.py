@@ -44,6 +44,10 @@ class CountingBackend(InProcessBackend):
         self.chunks_encoded += len(chunks)
         return await super().embed_chunks(chunks)
 
+    async def encode_and_pool(self, chunks, stored, kept_new, metadata):
+        self.chunks_encoded += len(chunks)
+        return await super().encode_and_pool(chunks, stored, kept_new, metadata)
+
 
 @pytest.fixture(params=["sqlite", "redis"])
 def service(request, backend, tmp_path):

@@ -114,6 +114,13 @@ class UserEncoder(_TowerEncoder):
             chunk_vectors=torch.as_tensor(padded).to(self.device, self.dtype),
         ).float().cpu().numpy()
 
+    def encode_and_pool(self, chunks: Sequence[UserChunk], stored: np.ndarray | None, kept_new: Sequence[int],
+                        metadata: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        """An append in one call: the new chunks' vectors, and the user pooled from `stored` + the kept new ones."""
+        encoded = self.chunk_vectors(chunks)
+        parts = ([stored] if stored is not None else []) + [encoded[list(kept_new)]]
+        return encoded, self.pool([(np.concatenate(parts), metadata)])[0]
+
     def leave_one_out(self, vectors: np.ndarray, metadata: dict | None) -> np.ndarray:
         """(C, D): row c is the user vector without chunk c (zeros for a one-chunk user: no user, no score).
 

@@ -38,6 +38,10 @@ class InProcessBackend:
     async def leave_one_out(self, vectors: np.ndarray, metadata: dict | None) -> np.ndarray:
         return await asyncio.to_thread(self.users.leave_one_out, vectors, metadata)
 
+    async def encode_and_pool(self, chunks: list[UserChunk], stored: np.ndarray | None, kept_new: list[int],
+                              metadata: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        return await asyncio.to_thread(self.users.encode_and_pool, chunks, stored, kept_new, metadata)
+
 
 def build_local_app(model_dir: str | Path, limits: RequestLimits | None = None, device: str | None = None,
                     dtype: str = "float32", index: str | None = None,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -50,6 +50,10 @@ class ChunkBackend(Protocol):
     async def pool_users(self, users: list[tuple[np.ndarray, dict | None]]) -> np.ndarray: ...
 
     async def leave_one_out(self, vectors: np.ndarray, metadata: dict | None) -> np.ndarray: ...
+
+    async def encode_and_pool(self, chunks: list[UserChunk], stored: np.ndarray | None, kept_new: list[int],
+                              metadata: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        """Encode `chunks`; pool `stored` followed by the encoded chunks at `kept_new`: (N, H) vectors, (D,) user."""
 
 
 @dataclass
@@ -85,22 +89,39 @@ class UserService:
         self.limit = num_chunks_per_user
         self.store_text, self.hash_key = store_text, hash_key
 
-    def _records(self, chunks: list[UserChunk], vectors: np.ndarray) -> list[StoredChunk]:
-        return [StoredChunk(-1, vector, c.timestamp, c.platform, text_hash(c.text, self.hash_key),
+    def _records(self, chunks: list[UserChunk]) -> list[StoredChunk]:
+        """New chunks as store records; their vectors are filled in once encoded."""
+        return [StoredChunk(-1, None, c.timestamp, c.platform, text_hash(c.text, self.hash_key),  # type: ignore[arg-type]
                             c.text if self.store_text else None)
-                for c, vector in zip(chunks, vectors, strict=True)]
+                for c in chunks]
 
-    async def _write(self, user_id: str, records: list[StoredChunk], metadata: dict | None, replace_all: bool,
+    async def _write(self, user_id: str, new: list[UserChunk], metadata: dict | None, replace_all: bool,
                      keep_metadata: bool) -> UserState:
+        records = self._records(new)
+        encoded: np.ndarray | None = None  # vectors of `new`: encoded once, on the first attempt
+
         async def change(current: UserState | None) -> UserState:
+            nonlocal encoded
             if current is not None and not replace_all:
                 current.check_model(self.model_fingerprint)  # never pool two models' vectors together
             base = current
             if current is not None and replace_all:  # fresh history, arrival numbers still never reused
                 base = UserState(user_id, self.model_fingerprint, [], current.vector, next_seq=current.next_seq)
-            chunks, next_seq = merge_chunks(base, records, self.limit)
+            first_new = base.next_seq if base else 0
+            chunks, next_seq = merge_chunks(base, records, self.limit)  # which chunks stay depends on timestamps only
             meta = current.metadata if keep_metadata and current is not None else metadata
-            vector = (await self.backend.pool_users([(np.stack([c.vector for c in chunks]), meta)]))[0]
+            if encoded is None:
+                # One user-tower call: encode the new chunks and pool them with the kept stored vectors.
+                stored = [c.vector for c in chunks if c.seq < first_new]
+                kept_new = [c.seq - first_new for c in chunks if c.seq >= first_new]
+                encoded, vector = await self.backend.encode_and_pool(
+                    new, np.stack(stored) if stored else None, kept_new, meta)
+                chunks = [replace(c, vector=encoded[c.seq - first_new]) if c.seq >= first_new else c
+                          for c in chunks]
+            else:  # a retry after a concurrent write: the new chunks are encoded already, only pool again
+                chunks = [replace(c, vector=encoded[c.seq - first_new]) if c.seq >= first_new else c
+                          for c in chunks]
+                vector = (await self.backend.pool_users([(np.stack([c.vector for c in chunks]), meta)]))[0]
             return UserState(user_id, self.model_fingerprint, chunks, vector, meta, next_seq=next_seq,
                              updated_at=time.time())
 
@@ -114,9 +135,7 @@ class UserService:
     async def put(self, user_id: str, user: UserData) -> UserState:
         """Replace the user's whole history (the kept `num_chunks_per_user` chunks are encoded)."""
         kept = [user.chunks[i] for i in select_chunk_indices(user.chunks, self.limit)]
-        vectors = await self.backend.embed_chunks(kept)
-        return await self._write(user_id, self._records(kept, vectors), user.metadata, replace_all=True,
-                                 keep_metadata=False)
+        return await self._write(user_id, kept, user.metadata, replace_all=True, keep_metadata=False)
 
     async def append(self, user_id: str, chunks: list[UserChunk], metadata: dict | None = None) -> UserState:
         """Add chunks to the user's history (creating the user if new): only they are encoded; the oldest
@@ -124,9 +143,7 @@ class UserService:
         `metadata` replaces the stored metadata when given."""
         # New chunks that cannot survive among the new ones alone cannot survive the merge either.
         new = [chunks[i] for i in select_chunk_indices(chunks, self.limit)]
-        vectors = await self.backend.embed_chunks(new)
-        return await self._write(user_id, self._records(new, vectors), metadata, replace_all=False,
-                                 keep_metadata=metadata is None)
+        return await self._write(user_id, new, metadata, replace_all=False, keep_metadata=metadata is None)
 
     async def get(self, user_id: str) -> UserState:
         state = await asyncio.to_thread(self.store.get, user_id)
@@ -159,8 +176,7 @@ async def inline_user(backend: ChunkBackend, user: UserData, limit: int) -> Pool
     explanation (the vector equals the plain user encoding)."""
     positions = select_chunk_indices(user.chunks, limit)
     kept = [user.chunks[i] for i in positions]
-    vectors = await backend.embed_chunks(kept)
-    vector = (await backend.pool_users([(vectors, user.metadata)]))[0]
+    vectors, vector = await backend.encode_and_pool(kept, None, list(range(len(kept))), user.metadata)
     return PooledUser(vector, vectors, user.metadata, positions, kept)
 
 
