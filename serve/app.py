@@ -140,9 +140,6 @@ class HandleBackend:
         return await self.item_tower.embed.remote(statements)
 
     # The user tower split at the chunk vectors (uue.serving.users.ChunkBackend): the user store's path.
-    async def embed_chunks(self, chunks: list[UserChunk]) -> np.ndarray:
-        return await self.user_tower.chunk_vectors.remote(chunks)
-
     async def pool_users(self, users: list[tuple[np.ndarray, dict | None]]) -> np.ndarray:
         return await self.user_tower.pool.remote(users)
 

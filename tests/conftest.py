@@ -25,7 +25,9 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, object_store_memory=1_000_000_000, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT),
+                                              # API keys of the stored-user routes in tests' Serve apps
+                                              "UUE_TEST_API_KEYS": "serve-test-key,serve-test-reader:ro"}})
     yield ray
     ray.shutdown()
 

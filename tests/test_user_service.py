@@ -40,10 +40,6 @@ class CountingBackend(InProcessBackend):
         super().__init__(folder, device="cpu")
         self.chunks_encoded = 0
 
-    async def embed_chunks(self, chunks):
-        self.chunks_encoded += len(chunks)
-        return await super().embed_chunks(chunks)
-
     async def encode_and_pool(self, chunks, stored, kept_new, metadata):
         self.chunks_encoded += len(chunks)
         return await super().encode_and_pool(chunks, stored, kept_new, metadata)

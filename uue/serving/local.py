@@ -29,9 +29,6 @@ class InProcessBackend:
         return await asyncio.to_thread(self.statements.encode, statements)
 
     # The user tower split at the chunk vectors (uue.serving.users.ChunkBackend): the user store's path.
-    async def embed_chunks(self, chunks: list[UserChunk]) -> np.ndarray:
-        return await asyncio.to_thread(self.users.chunk_vectors, chunks)
-
     async def pool_users(self, users: list[tuple[np.ndarray, dict | None]]) -> np.ndarray:
         return await asyncio.to_thread(self.users.pool, users)
 
