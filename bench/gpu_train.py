@@ -1,7 +1,7 @@
 """Training throughput through the Ray Train + DeepSpeed path, against DESIGN.md's plain Hugging Face anchors.
 
-Runs what `python -m ray_jobs.train` runs (`uue.ray_train.run_training`: Ray Data featurization ->
-TorchTrainer -> DeepSpeed engine -> `train_step`) on a synthetic data-contract folder whose chunks fill
+Runs what `python -m ray_jobs.train` runs (`uue.train.ray.run_training`: Ray Data preprocessing -> user shards
+streamed to TorchTrainer -> DeepSpeed engine -> `train_step`) on a synthetic data-contract folder whose chunks fill
 `--chunk-tokens`, so that every step processes `users x chunks x chunk_tokens` user-tower tokens, like
 the anchor's batch of 64 x 256 tokens. Prints tokens/s, model FLOPs utilisation (6 x non-embedding
 backbone parameters x tokens / time / peak) and peak GPU memory beside the anchors (H100, random
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from uue.config import load_config
-    from uue.ray_train import run_training
+    from uue.train.ray import run_training
 
     use_gpu = args.gpu == "yes" or (args.gpu == "auto" and torch.cuda.is_available())
     warmup = args.warmup_steps if args.warmup_steps is not None else min(5, args.steps // 3)

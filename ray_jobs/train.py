@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray.train import TrainingFailedError
 
-    from uue.ray_train import run_training
+    from uue.train.ray import run_training
 
     ray.init(ignore_reinit_error=True)  # under `ray job submit` this joins the job's cluster
     try:

@@ -9,8 +9,9 @@ validates requests, calls the towers through `DeploymentHandle`s and searches th
 it swaps for a new version without downtime (see `uue.serving.index_slot`). Logic lives in `uue.serving`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Ray Serve reads `build_app`'s parameter annotation at
+# runtime (`inspect.signature`, not `typing.get_type_hints`) and converts the `args:` dict only when it is
+# the `ServeArgs` class itself, not the string 'ServeArgs'.
 import asyncio
 import logging
 import os
@@ -127,30 +128,6 @@ class ItemTowerDeployment:
         return {**self.encoder.info(), **self.stats}
 
 
-class HandleBackend:
-    """`TowerBackend` over the tower deployments' handles (what the ingress calls)."""
-
-    def __init__(self, user_tower: DeploymentHandle, item_tower: DeploymentHandle):
-        self.user_tower, self.item_tower = user_tower, item_tower
-
-    async def embed_users(self, users: list[UserData]) -> np.ndarray:
-        return await self.user_tower.embed.remote(users)
-
-    async def embed_statements(self, statements: list[Statement]) -> tuple[np.ndarray, list[int]]:
-        return await self.item_tower.embed.remote(statements)
-
-    # The user tower split at the chunk vectors (uue.serving.users.ChunkBackend): the user store's path.
-    async def pool_users(self, users: list[tuple[np.ndarray, dict | None]]) -> np.ndarray:
-        return await self.user_tower.pool.remote(users)
-
-    async def leave_one_out(self, vectors: np.ndarray, metadata: dict | None) -> np.ndarray:
-        return await self.user_tower.leave_one_out.remote((vectors, metadata))
-
-    async def encode_and_pool(self, chunks: list[UserChunk], stored: np.ndarray | None, kept_new: list[int],
-                              metadata: dict | None) -> tuple[np.ndarray, np.ndarray]:
-        return await self.user_tower.encode_and_pool.remote((chunks, stored, kept_new, metadata))
-
-
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class UUEIngress:
@@ -159,6 +136,7 @@ class UUEIngress:
     async def __init__(self, user_tower: DeploymentHandle, item_tower: DeploymentHandle, args: dict):
         from uue.calibration import PlattCalibrator
         from uue.indexing import checkpoint_fingerprint
+        from uue.serving.handles import HandleBackend
         from uue.serving.http import ServingService
         from uue.serving.index_slot import IndexSlot
         from uue.serving.metrics import ServingMetrics
@@ -175,7 +153,9 @@ class UUEIngress:
             await asyncio.to_thread(index.refresh)  # a replica without its index is not ready: fail loudly
             metrics.record_index(len(index.current), swapped=False)
         self.service = ServingService(
-            backend=HandleBackend(user_tower, item_tower), model_fingerprint=fingerprint,
+            backend=HandleBackend(user_tower, item_tower, attempts=self.args.tower_call_attempts,
+                                  retry_after_s=self.args.retry_after_s, on_retry=metrics.record_tower_retry),
+            model_fingerprint=fingerprint,
             dimension=user_info["dimension"], limits=self.args.limits,
             statement_model_name=self.args.statement_model_name, user_model_name=self.args.user_model_name,
             calibrator=PlattCalibrator.load(self.args.model_dir), index=index, metrics=metrics,
@@ -212,7 +192,12 @@ class UUEIngress:
 
 
 def build_app(args: ServeArgs) -> serve.Application:
-    """Typed app builder: `serve run serve.app:build_app model_dir=... index=...` or the YAML `args:`."""
+    """Typed app builder: `serve run serve.app:build_app model_dir=... index=...` or the YAML `args:`.
+
+    Serve passes `args` already validated as `ServeArgs`; a plain dict (a direct call) is validated here.
+    """
+    if not isinstance(args, ServeArgs):
+        args = ServeArgs.model_validate(args)
     if not (Path(args.model_dir) / "uue.json").is_file():
         raise FileNotFoundError(f"model_dir {args.model_dir}: no uue.json (not a saved UUE model folder)")
     # Replicas may start in another working directory: pin relative paths to where the app was built.

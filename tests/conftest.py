@@ -81,3 +81,33 @@ def redis_url(tmp_path_factory):
     yield url
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture
+def sample_batches(tmp_path, sample_data_dir):
+    """make(model_config, steps=1, model=None) -> (trainer, the first `steps` collated batches) on the sample data.
+
+    The batches are what the training loop feeds `train_step`: the sample data preprocessed into shards,
+    streamed and collated by the trainer's own stream.
+    """
+    def make(model_config, steps: int = 1, model=None, **data):
+        from uue.config import ExperimentConfig
+        from uue.train import UUETrainer
+
+        config = ExperimentConfig(model=model_config, data={"path": str(sample_data_dir), **data},
+                                  training={"output_dir": str(tmp_path / "sample_batches"), "progress_bar": False})
+        trainer = UUETrainer(config, model=model)
+        return trainer, [trainer.inputs.collate(s.rows, s.epoch) for s in trainer.loop.stream.steps(0, steps)]
+
+    return make
+
+
+def slice_users(batch: dict, rows: slice) -> dict:
+    """The users `rows` of a collated batch with their positive slots (what one worker of several holds)."""
+    per_user = len(batch["statement_index"]) // len(batch["user_key"])
+    slots = slice(rows.start * per_user, rows.stop * per_user)
+    out = {}
+    for key, value in batch.items():
+        out[key] = value[slots] if key.startswith("item_") or key == "statement_index" else value[rows]
+    out["item_owner"] = out["item_owner"] - rows.start
+    return out

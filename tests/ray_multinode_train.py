@@ -1,7 +1,8 @@
 """Run by tests/test_ray_train.py in a process of its own: one training epoch on a two-node Ray cluster.
 
 `ray.cluster_utils.Cluster` starts a head and a second node (1 CPU each) on this machine; the run places
-one Ray Train worker per node (STRICT_SPREAD) and logs every batch. A separate process keeps this cluster
+one Ray Train worker per node (STRICT_SPREAD), with the frozen-backbone vector caches, and logs every
+batch. A separate process keeps this cluster
 apart from the test session's own `ray.init`.
 
     python tests/ray_multinode_train.py OUTPUT_DIR   -> prints one JSON line: the cluster's node ids
@@ -21,7 +22,8 @@ def main(output_dir: str) -> int:
     from ray.cluster_utils import Cluster
 
     from uue.config import load_config
-    from uue.ray_train import TrainProbe, run_training
+    from uue.train import TrainProbe
+    from uue.train.ray import run_training
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 300_000_000})
     cluster.add_node(num_cpus=1, object_store_memory=300_000_000)
@@ -34,6 +36,9 @@ def main(output_dir: str) -> int:
             "model.batch_size=8", "distributed.num_workers=2", "distributed.cpus_per_worker=0.5",
             "distributed.featurize_cpus=0.25", "distributed.placement_strategy=STRICT_SPREAD",
             "distributed.zero_stage=1", f"data.path={REPO_ROOT / 'uue' / 'sample_data'}",
+            # the demo's CPU path: frozen backbones, chunk and statement vectors cached in each worker
+            "model.freeze_user_backbone=true", "model.cache_chunk_vectors=true",
+            "model.freeze_item_backbone=true", "model.cache_statement_vectors=true",
         ])
         result = run_training(config, probe=TrainProbe(batch_log_dir=str(Path(output_dir) / "batch_log")))
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from uue.config import load_config
-from uue.ray_train import deepspeed_config
+from uue.train.ray import deepspeed_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = REPO_ROOT / "cluster"

@@ -106,7 +106,7 @@ def test_spearman_and_user_similarity():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, sample_data_dir) -> Path:
     from uue.config import load_config
-    from uue.training import UUETrainer
+    from uue.train import UUETrainer
 
     out = tmp_path_factory.mktemp("tiny_run")
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml",

@@ -174,7 +174,6 @@ def s3_bucket():
 def test_preprocess_rejects_exactly_the_bad_rows_and_matches_the_featurizer(
     ray_session, planted, s3_bucket, tmp_path, tiny_model_config
 ):
-    import ray.data
 
     from uue.ray_preprocess import MANIFEST, REJECTS, preprocess
 
@@ -209,37 +208,40 @@ def test_preprocess_rejects_exactly_the_bad_rows_and_matches_the_featurizer(
         assert found[key][0] == field_name, key
         assert fragment in found[key][1], (key, found[key])
 
-    # -- users: every good user exactly once, token arrays equal to the Featurizer's
-    user_rows = ray.data.read_parquet(str(output / "users")).take_all()
+    # -- users: every good user exactly once, ragged tokens (no padding) equal to the Featurizer's
+    user_rows = pq.read_table(output / "users").to_pylist()
     assert Counter(r["user_id"] for r in user_rows) == Counter(list(good["users"]))
     featurizer = Featurizer(config, load_tokenizer(config.user_model_name), load_tokenizer(config.item_model_name))
     for row in user_rows:
         user = good["users"][row["user_id"]]
         pieces = split_long_chunks(user.chunks, featurizer.user_tokenizer, config.max_chunk_length)
-        expected = featurizer.user_features(pieces)
-        for key in ("user_input_ids", "user_attention_mask", "chunk_mask"):
-            np.testing.assert_array_equal(row[key], expected[key], err_msg=f"{row['user_id']} {key}")
+        padded = featurizer.user_features(pieces)
+        assert row["chunk_tokens"] == [ids[mask.astype(bool)].tolist() for ids, mask in
+                                       zip(padded["user_input_ids"], padded["user_attention_mask"], strict=True)
+                                       if mask.any()], row["user_id"]
         assert row["num_chunks"] == len(user.chunks)
         if row["num_pieces"] == len(user.chunks):  # nothing to split: exactly the plain Featurizer output
-            np.testing.assert_array_equal(row["user_input_ids"], featurizer.user_features(user)["user_input_ids"])
+            assert row["chunk_tokens"] == featurizer.user_tokens(user)
     by_id = {r["user_id"]: r for r in user_rows}
     assert by_id["u_many"]["num_pieces"] == 12  # short posts stay whole
     # The long post became several chunks instead of being truncated; the 8 most recent pieces are kept.
     assert by_id["u_long"]["num_pieces"] > 2 and by_id["u_long"]["num_kept"] == config.num_chunks_per_user
-    assert not np.array_equal(by_id["u_long"]["user_input_ids"],
-                              featurizer.user_features(good["users"]["u_long"])["user_input_ids"])
+    assert by_id["u_long"]["chunk_tokens"] != featurizer.user_tokens(good["users"]["u_long"])
     # u_many: 12 chunks, the 8 most recent kept (days 5..12 in their file order).
-    kept_texts = [t for t in featurizer.user_tokenizer.batch_decode(by_id["u_many"]["user_input_ids"],
-                                                                    skip_special_tokens=True)]
+    kept_texts = featurizer.user_tokenizer.batch_decode(by_id["u_many"]["chunk_tokens"], skip_special_tokens=True)
     assert sorted(int(t.split()[-1]) for t in kept_texts) == list(range(4, 12))
 
-    # -- statements: each exactly once, equal to the Featurizer's batch output
-    statement_rows = ray.data.read_parquet(str(output / "statements")).take_all()
-    assert Counter(r["statement_id"] for r in statement_rows) == Counter(list(good["statements"]))
+    # -- statements: each exactly once, indexed in id order, tokens equal to the Featurizer's
+    statement_rows = sorted(pq.read_table(output / "statements").to_pylist(), key=lambda r: r["statement_index"])
     ids = [r["statement_id"] for r in statement_rows]
-    expected = featurizer.statement_features([good["statements"][s] for s in ids])
-    for key in ("item_input_ids", "item_attention_mask"):
-        np.testing.assert_array_equal(np.stack([r[key] for r in statement_rows]), expected[key])
+    assert ids == sorted(good["statements"]) and [r["statement_index"] for r in statement_rows] == list(range(len(ids)))
+    assert [r["tokens"] for r in statement_rows] == featurizer.statement_tokens([good["statements"][s] for s in ids])
+    # -- each user's training labels travel with it, as statement indices
+    for row in user_rows:
+        mine = [lab for lab in good["labels"] if lab.user_id == row["user_id"] and lab.split == "train"]
+        assert sorted(zip(row["label_statements"], row["label_values"], strict=True)) == sorted(
+            (ids.index(lab.statement_id), lab.label) for lab in mine)
+        assert row["positives"] == sorted({ids.index(lab.statement_id) for lab in mine if lab.label == 1})
 
     # -- labels: the valid ones, each exactly once
     label_table = pq.read_table(output / "labels")
@@ -254,7 +256,10 @@ def test_preprocess_rejects_exactly_the_bad_rows_and_matches_the_featurizer(
     n_user_rejects = sum(1 for key in expected_rejects if key[0] == "users")
     assert manifest["tables"]["users"] == {"read": 6 + n_user_rejects, "written": 6, "rejected": n_user_rejects}
     assert manifest["rejects"]["count"] == 13
-    assert manifest["shapes"]["user_input_ids"] == [config.num_chunks_per_user, config.max_chunk_length]
+    assert manifest["format"] == "uue-preprocessed/2" and manifest["train_split"] == "train"
+    assert manifest["fingerprint"]["max_chunk_length"] == config.max_chunk_length
+    assert manifest["counts"]["users"] == 6 and manifest["counts"]["train_users"] == sum(
+        1 for r in user_rows if r["positives"])
     for table in ("users", "statements", "labels"):
         assert manifest["files"][table] and all((output / f).is_file() for f in manifest["files"][table])
 

@@ -1,8 +1,9 @@
-"""Ray Train + DeepSpeed: config building, the data plan, N-vs-1 worker equivalence, fault tolerance,
-ZeRO-3 export, a two-node cluster, the job entry point and the GPU bench's CPU mode.
+"""Ray Train + DeepSpeed: config building, one loop (1 Ray worker == `uue train`, from shards alone), fault
+tolerance with exact resume, ZeRO-3 export, a two-node cluster with the frozen-backbone caches, the job entry
+point and the GPU bench's CPU mode.
 
-Each Ray Train fit costs ~30 s on 2 idle cores, so the fits are few: equivalence 2, fault tolerance 1
-(with a restart), ZeRO-3 export 1, multi-node 1 (own process), bench 1 (own process).
+Each Ray Train fit costs ~30 s on 2 idle cores, so the fits are few: equivalence 1 (+ one local run), fault
+tolerance 1 (with a restart), ZeRO-3 export 1, multi-node 1 (own process), bench 1 (own process).
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from uue.config import load_config
 from uue.data.readers import load_dataset
+from uue.data.shards import Shards
 from uue.model.uue_model import UUEModel, load_tower
-from uue.ray_train import TrainingPlan, TrainProbe, deepspeed_config, run_training
+from uue.train import TrainProbe, UUETrainer
+from uue.train.ray import deepspeed_config, run_training
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
@@ -58,27 +62,6 @@ def test_deepspeed_config_follows_the_experiment_config(tmp_path):
         deepspeed_config(_config(tmp_path, "distributed.deepspeed_config=nope.json"), 1)
 
 
-def test_plan_covers_each_training_pair_once_per_epoch(tmp_path, sample_data_dir):
-    dataset = load_dataset(sample_data_dir)
-    config = _config(tmp_path, "training.max_steps=null", "model.num_epochs=2", "model.batch_size=8",
-                     "distributed.num_workers=2")
-    plan = TrainingPlan.build(dataset, config)
-    pairs = Counter((plan.user_ids[u], plan.statement_ids[s])
-                    for u, s in [(r["user_index"], r["statement_index"]) for r in plan.rows if r["epoch"] == 0])
-    expected = Counter(dataset.positive_pairs("train"))
-    assert plan.steps_per_epoch == len(expected) // 16 and plan.total_steps == 2 * plan.steps_per_epoch
-    assert pairs == expected  # 128 pairs = 8 global batches of 16: nothing dropped, nothing twice
-    steps = Counter(r["step"] for r in plan.rows)
-    assert set(steps.values()) == {16} and sorted(steps) == list(range(1, plan.total_steps + 1))
-    # Epochs are shuffled differently, and the plan is the same every time it is built (resumable).
-    first = [(r["user_index"], r["statement_index"]) for r in plan.rows if r["epoch"] == 0]
-    second = [(r["user_index"], r["statement_index"]) for r in plan.rows if r["epoch"] == 1]
-    assert first != second and sorted(first) == sorted(second)
-    assert TrainingPlan.build(dataset, config).rows == plan.rows
-    with pytest.raises(ValueError, match="fewer than one global batch"):
-        TrainingPlan.build(dataset, _config(tmp_path, "model.batch_size=100", "distributed.num_workers=2"))
-
-
 def test_train_job_rejects_a_bad_config_before_starting_ray(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ray_jobs.train", "--config", str(TINY), "distributed.zero_stage=4"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -87,36 +70,53 @@ def test_train_job_rejects_a_bad_config_before_starting_ray(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- Ray Train fits
-def test_two_workers_match_one_worker_with_twice_the_batch(ray_session, tmp_path):
-    """2 workers x batch 4 == 1 worker x batch 8 on the first step: loss and every gradient (ZeRO-2, CPU)."""
-    runs = {}
-    for workers, batch in ((2, 4), (1, 8)):
-        out = tmp_path / f"w{workers}"
-        config = _config(out, "training.max_steps=1", f"model.batch_size={batch}", "model.dropout=0.0",
-                         f"distributed.num_workers={workers}", "distributed.zero_stage=2")
-        probe = TrainProbe(batch_log_dir=str(out / "batches"), gradient_dump_step=1, gradient_dump_dir=str(out))
-        run_training(config, probe=probe)
-        runs[workers] = (_batch_log(out / "batches"), torch.load(out / "step_1.pt"))
+def _train_users() -> set[str]:
+    dataset = load_dataset(REPO_ROOT / "uue" / "sample_data")
+    return {u for u, _ in dataset.positive_pairs("train")}
 
-    (two_log, two_grads), (one_log, one_grads) = runs[2], runs[1]
-    # The union of the two workers' first batches, in rank order, is exactly the single worker's batch.
-    assert [len(two_log[r]) for r in (0, 1)] == [1, 1] and len(one_log[0]) == 1
-    for key in ("user_index", "statement_index"):
-        assert two_log[0][0][key] + two_log[1][0][key] == one_log[0][0][key]
-    # Each worker's loss averages its own rows against all 8 columns; their mean is the 8-row loss.
-    mean_loss = (two_log[0][0]["local_loss"] + two_log[1][0]["local_loss"]) / 2
-    assert mean_loss == pytest.approx(one_log[0][0]["local_loss"], rel=1e-5)
-    assert two_log[0][0]["local_loss"] != pytest.approx(two_log[1][0]["local_loss"], rel=1e-3)
-    assert one_grads.keys() == two_grads.keys() and len(one_grads) > 10
-    assert all(g is not None and g.abs().sum() > 0 for g in one_grads.values())
-    for name, grad in one_grads.items():
-        torch.testing.assert_close(two_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+def test_one_ray_worker_equals_uue_train_from_the_shards_alone(ray_session, tmp_path):
+    """Ray preprocessing writes the shards; with the raw folder gone, 1 Ray worker (DeepSpeed ZeRO-0) and the
+    single-process trainer run the same loop over the same stream: the same per-step losses."""
+    import shutil
+
+    from uue.ray_preprocess import preprocess
+
+    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    shutil.copytree(REPO_ROOT / "uue" / "sample_data", raw)
+    overrides = ("training.max_steps=null", "model.num_epochs=2", "model.dropout=0.0", "model.positives_per_user=2",
+                 "training.log_every_steps=1", "distributed.zero_stage=0", "model.label_loss_weight=0.5",
+                 "model.negative_sampling=random", "model.num_negative_samples=2")
+    preprocess(str(raw), str(pre), _config(tmp_path / "prep", *overrides), max_actors=1, batch_size=16)
+    shutil.rmtree(raw)
+    assert Shards.open(str(pre)).train_users == 32
+
+    ray_run = _config(tmp_path / "ray", f"data.path={pre}", *overrides)
+    probe = TrainProbe(batch_log_dir=str(tmp_path / "ray_batches"))
+    result = run_training(ray_run, probe=probe)
+    assert result.steps == 8 and result.steps_per_epoch == 4
+    metrics = (tmp_path / "ray" / "run" / "metrics.jsonl").read_text().splitlines()
+    ray_losses = [json.loads(line)["loss"] for line in metrics]
+
+    local = UUETrainer(_config(tmp_path / "local", f"data.path={pre}", *overrides),
+                       probe=TrainProbe(batch_log_dir=str(tmp_path / "local_batches")))
+    local_losses = [h["loss"] for h in local.fit().history]
+    assert len(ray_losses) == len(local_losses) == 8
+    ray_log, local_log = _batch_log(tmp_path / "ray_batches")[0], _batch_log(tmp_path / "local_batches")[0]
+    for key in ("user_ids", "statement_index", "item_owner"):
+        assert [e[key] for e in ray_log] == [e[key] for e in local_log]
+    assert ray_losses[0] == pytest.approx(local_losses[0], rel=1e-6)
+    np.testing.assert_allclose(ray_losses, local_losses, rtol=2e-4)
+    assert not np.allclose(ray_losses[:4], ray_losses[4:])  # each epoch draws other positives, in another order
+    exported = UUEModel.from_pretrained(result.model_dir).state_dict()
+    for name, value in local.model.state_dict().items():
+        torch.testing.assert_close(exported[name], value, rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_killed_worker_resumes_from_last_checkpoint_without_repeating_or_losing_steps(ray_session, tmp_path):
     out = tmp_path / "ft"
     config = _config(out, "training.max_steps=6", "training.checkpoint_every_steps=2", "training.keep_checkpoints=2",
-                     "training.log_every_steps=1",
+                     "training.log_every_steps=1", "model.positives_per_user=2",
                      "model.batch_size=4", "distributed.num_workers=2", "distributed.zero_stage=2",
                      "distributed.max_failures=1", "model.negative_sampling=random", "model.num_negative_samples=2")
     marker = out / "killed.txt"
@@ -124,14 +124,9 @@ def test_killed_worker_resumes_from_last_checkpoint_without_repeating_or_losing_
     result = run_training(config, probe=probe)
 
     assert marker.is_file(), "the worker was not killed"
-    assert result.steps == 6
+    assert result.steps == 6 and result.steps_per_epoch == 4  # 32 users / 2 workers / 4 per batch
     logs = _batch_log(out / "batches")
-    # Worker r's batch k is the r-th slice of 4 rows of step k's rows in the plan.
-    planned: dict[tuple[int, int], dict[str, list[int]]] = {}
-    for row_index, row in enumerate(result.plan.rows):
-        slot = planned.setdefault((row["step"], (row_index // 4) % 2), {"user_index": [], "statement_index": []})
-        slot["user_index"].append(row["user_index"])
-        slot["statement_index"].append(row["statement_index"])
+    lineages = {}
     for rank in (0, 1):
         attempts: dict[int, list[dict]] = {}
         for entry in logs[rank]:
@@ -141,14 +136,23 @@ def test_killed_worker_resumes_from_last_checkpoint_without_repeating_or_losing_
         # The second attempt starts from the checkpoint of step 2 (the crash came after step 3)...
         assert second[0]["resumed_from"] == 2 and [e["step"] for e in second] == [3, 4, 5, 6]
         assert [e["step"] for e in first] == [1, 2, 3]  # step 4 cannot finish without the dead rank
+        # ...collating only the batches it trains (steps 1-2 are read past, not padded or encoded)...
+        assert [e["collated"] for e in second] == [1, 2, 3, 4]
         # ...so the run's lineage (steps up to the checkpoint, then the resumed attempt) is 1..6 exactly once,
         lineage = [e for e in first if e["step"] <= 2] + second
         assert [e["step"] for e in lineage] == [1, 2, 3, 4, 5, 6]
-        # ...each step on the data the plan gives it, and step 3 redone on the very same data.
-        for entry in lineage:
-            for key in ("user_index", "statement_index"):
-                assert entry[key] == planned[(entry["step"], rank)][key]
-        assert first[2]["user_index"] == second[0]["user_index"]
+        # ...and step 3 is redone on the very same users and positives.
+        for key in ("user_ids", "statement_index"):
+            assert first[2][key] == second[0][key]
+        lineages[rank] = lineage
+    # Every training user exactly once in epoch 0 (steps 1-4) across both workers; each worker keeps its
+    # users in epoch 1, in another order.
+    epoch0 = [u for rank in (0, 1) for e in lineages[rank] if e["epoch"] == 0 for u in e["user_ids"]]
+    assert Counter(epoch0) == Counter(_train_users())
+    for rank in (0, 1):
+        mine = {u for e in lineages[rank] if e["epoch"] == 0 for u in e["user_ids"]}
+        later = [u for e in lineages[rank] if e["epoch"] == 1 for u in e["user_ids"]]
+        assert set(later) <= mine and later != [u for e in lineages[rank][:2] for u in e["user_ids"]]
     # Ray Train kept the last two checkpoints; the final one is the result and the exported model.
     kept = sorted(p.name for p in Path(result.run_dir).glob("step_*"))
     assert kept == ["step_000004", "step_000006"]
@@ -187,7 +191,9 @@ def test_zero3_export_is_the_single_process_format_and_equals_the_engine_weights
             torch.testing.assert_close(value, state[prefix + key], rtol=0, atol=0)
 
 
-def test_two_node_cluster_places_a_worker_on_each_node_and_sees_every_pair_once(tmp_path, sample_data_dir):
+def test_two_node_cluster_places_a_worker_on_each_node_and_sees_every_user_once(tmp_path):
+    """Two nodes, one worker each, the demo's frozen-backbone chunk/statement vector caches on: one epoch sees
+    every training user exactly once across the nodes."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO_ROOT)
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "ray_multinode_train.py"), str(tmp_path)],
@@ -199,15 +205,9 @@ def test_two_node_cluster_places_a_worker_on_each_node_and_sees_every_pair_once(
     placed = {rank: {e["node"] for e in entries} for rank, entries in logs.items()}
     assert sorted(n for nodes in placed.values() for n in nodes) == summary["nodes"]  # one node per worker
 
-    dataset = load_dataset(sample_data_dir)
-    users, statements = sorted(dataset.users), sorted(dataset.statements)
-    seen = Counter((users[u], statements[s]) for entries in logs.values() for e in entries
-                   for u, s in zip(e["user_index"], e["statement_index"], strict=True))
-    expected = Counter(dataset.positive_pairs("train"))
-    assert seen == expected  # every training pair exactly once in the epoch, across both nodes
-    per_user = Counter(u for u, _ in seen.elements())
-    assert per_user == Counter(u for u, _ in expected.elements())  # every training user, with all its pairs
-    assert summary["steps"] == len(expected) // 16
+    seen = Counter(u for entries in logs.values() for e in entries for u in e["user_ids"])
+    assert seen == Counter(_train_users())  # every training user exactly once in the epoch, across both nodes
+    assert summary["steps"] == 32 // 16
 
 
 @pytest.mark.slow

@@ -96,7 +96,10 @@ def server(ray_session, model_dir, indexes, tmp_path_factory):
         model_dir=str(model_dir), index=str(indexes["pointer"]), index_poll_s=0.5,
         limits={"max_request_bytes": 100_000, "max_chunks_per_user": 20, "max_statements_per_request": 16},
         user_tower={**small, "max_batch_size": 32, "max_ongoing_requests": 32},
-        item_tower={**small, "max_batch_size": 16, "max_ongoing_requests": 32},
+        # Two item-tower replicas from the start (one is killed under load below); each request waits up to
+        # 50 ms for its batch, so a replica always holds requests when it dies.
+        item_tower={**small, "min_replicas": 2, "batch_wait_timeout_s": 0.05, "max_batch_size": 16,
+                    "max_ongoing_requests": 32},
         ingress={"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 2},
         # API keys: conftest's ray_session puts UUE_TEST_API_KEYS in the replicas' environment.
         user_store={"path": str(tmp_path_factory.mktemp("store") / "users.sqlite"),
@@ -128,7 +131,8 @@ def test_application_has_both_tower_deployments_and_health(server, indexes):
     details = _get_global_client().get_serve_details()["applications"]["uue"]["deployments"]
     for name, tower in (("UserTower", server["args"].user_tower), ("ItemTower", server["args"].item_tower)):
         config = details[name]["deployment_config"]
-        assert config["autoscaling_config"]["min_replicas"] == 1 and config["autoscaling_config"]["max_replicas"] == 2
+        assert config["autoscaling_config"]["min_replicas"] == tower.min_replicas
+        assert config["autoscaling_config"]["max_replicas"] == tower.max_replicas == 2
         assert config["max_ongoing_requests"] == tower.max_ongoing_requests >= tower.max_batch_size
     health = server["client"].get("/health").json()
     assert health["status"] == "ok" and health["dimension"] == 16 and health["calibrated"] is True
@@ -329,6 +333,85 @@ def test_index_hot_swap_under_load_fails_no_request(server, indexes):
     assert set(versions) == {indexes["v1_version"], indexes["v2_version"]}
     top = client.post("/retrieve", json={"user": {"chunks": USERS[2]}, "k": 18}).json()
     assert len(top["scores"]) == 18 and {"extra_0", "extra_1"} <= {s["statement_id"] for s in top["scores"]}
+
+
+def _metric_total(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_killing_a_tower_replica_under_load_loses_no_request(server, ray_session, local_model):
+    """8 clients embed statements while one of the two ItemTower replicas is killed: every request gets 200
+    with the right vector (the ingress resends calls whose replica died), and the app is healthy again once
+    the controller's replacement replica runs."""
+    import ray
+    from ray import serve
+
+    client = server["client"]
+    expected = dict(zip(STATEMENTS, local_model.encode_statements(STATEMENTS), strict=True))
+    results: list[tuple[int, str, str]] = []
+    stop = threading.Event()
+
+    def keep_embedding(worker: int):
+        i = 0
+        while not stop.is_set():
+            text = STATEMENTS[(worker + i) % len(STATEMENTS)]
+            i += 1
+            try:
+                if i % 2:
+                    response = client.post("/embed/statements", json={"statements": [text]})
+                else:
+                    response = client.post("/v1/embeddings", json={"model": "uue-statements", "input": text,
+                                                                   "encoding_format": "float"})
+                results.append((response.status_code, text, response.text))
+            except httpx.HTTPError as err:  # a dropped connection is a lost request too
+                results.append((599, text, repr(err)))
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "#ItemTower#" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+    assert len(replicas) == 2, replicas
+    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+    port = ray_session.nodes()[0]["MetricsExportPort"]
+    workers = [threading.Thread(target=keep_embedding, args=(w,)) for w in range(8)]
+    for worker in workers:
+        worker.start()
+    recovered_after = None
+    try:
+        time.sleep(2.0)
+        killed_at = time.monotonic()
+        ray.kill(victim, no_restart=True)
+        deadline = killed_at + 120
+        while time.monotonic() < deadline:
+            app = serve.status().applications["uue"]
+            tower = app.deployments["ItemTower"]
+            if app.status == "RUNNING" and tower.status == "HEALTHY" and \
+                    tower.replica_states.get("RUNNING", 0) == 2 and time.monotonic() > killed_at + 5:
+                recovered_after = time.monotonic() - killed_at
+                break
+            time.sleep(0.5)
+        time.sleep(1.0)  # keep the load on the replacement for a moment
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert recovered_after is not None, f"ItemTower not healthy again within 120 s: {serve.status()}"
+    failed = [r for r in results if r[0] != 200]
+    assert len(results) > 50 and not failed, (len(failed), failed[:3])
+    for _, text, body in results:
+        payload = json.loads(body)
+        vector = payload["embeddings"][0] if "embeddings" in payload else payload["data"][0]["embedding"]
+        np.testing.assert_allclose(vector, expected[text], atol=1e-5)
+    after = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#ItemTower#" in a["name"]]
+    assert replicas[0]["name"] not in after and len(after) == 2, after
+    assert client.get("/health").json()["status"] == "ok"
+    # Evidence that requests really were in flight on the dead replica: the ingress resent some.
+    deadline, retries = time.monotonic() + 60, 0.0
+    while time.monotonic() < deadline and not retries:
+        retries = _metric_total(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text,
+                                "ray_uue_tower_retries_total")
+        time.sleep(2)
+    assert retries >= 1
+    print(f"{len(results)} requests, 0 failed, {retries:.0f} tower calls resent; healthy again "
+          f"{recovered_after:.1f} s after the kill")
 
 
 def test_index_slot_keeps_serving_when_a_new_version_is_bad(indexes, tmp_path):

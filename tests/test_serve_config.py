@@ -1,9 +1,13 @@
-"""The Serve config YAMLs and the RayService manifest resolve: import paths, typed args, the same app."""
+"""The Serve config YAMLs and the RayService manifest resolve: import paths, typed args, the same app.
+
+Each application is built through Ray's own builder path (`call_user_app_builder_with_args_if_necessary`,
+what `serve run`/`serve deploy`/KubeRay call with the YAML's `args:` dict), not by calling `build_app` with a
+ready `ServeArgs`: a builder Ray cannot type (a string annotation) gets a plain dict there and fails.
+"""
 
 from __future__ import annotations
 
 import importlib
-import typing
 from pathlib import Path
 
 import pytest
@@ -21,22 +25,79 @@ def _resolve(import_path: str):
     return getattr(importlib.import_module(module), attr)
 
 
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    """A saved tiny model folder, standing in for the YAMLs' model_dir (/mnt/uue/... does not exist here)."""
+    from uue.config import ModelConfig
+    from uue.model import UUEModel
+
+    folder = tmp_path_factory.mktemp("serve-config") / "model"
+    UUEModel.from_config(ModelConfig(user_model_name="tiny", item_model_name="tiny", embedding_dim=16,
+                                     attention_heads=4, max_chunk_length=32, max_statement_length=16,
+                                     num_chunks_per_user=8)).save_pretrained(folder)
+    return folder
+
+
+def _build_as_ray_does(app_config: dict, model_dir: Path):
+    """The application `serve run`/`serve deploy` would build from one `applications:` entry."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    args = {**app_config.get("args", {}), "model_dir": str(model_dir)}
+    return call_user_app_builder_with_args_if_necessary(_resolve(app_config["import_path"]), args)
+
+
+def _deployments(app) -> dict:
+    """name -> Deployment of a built application (the ingress binds the two towers)."""
+    ingress = app._bound_deployment
+    towers = [arg._bound_deployment for arg in ingress.init_args[:2]]
+    return {d.name: d for d in [ingress, *towers]}
+
+
+def _check_built_app(app_config: dict, model_dir: Path) -> None:
+    from ray.serve import Application
+
+    app = _build_as_ray_does(app_config, model_dir)
+    assert isinstance(app, Application)
+    args = ServeArgs.model_validate({**app_config["args"], "model_dir": str(model_dir)})
+    deployments = _deployments(app)
+    assert set(deployments) == {"Ingress", "UserTower", "ItemTower"}
+    for name, tower in (("UserTower", args.user_tower), ("ItemTower", args.item_tower)):
+        deployment = deployments[name]
+        assert deployment.ray_actor_options == {"num_cpus": tower.num_cpus, "num_gpus": tower.num_gpus}
+        scaling = deployment._deployment_config.autoscaling_config
+        assert (scaling.min_replicas, scaling.max_replicas) == (tower.min_replicas, tower.max_replicas)
+        assert deployment._deployment_config.max_ongoing_requests == tower.max_ongoing_requests
+        assert tower.max_ongoing_requests >= tower.max_batch_size > 0
+    # The ingress receives the validated args with absolute paths.
+    assert deployments["Ingress"].init_args[2]["model_dir"] == str(model_dir.resolve())
+
+
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
-def test_serve_config_is_a_valid_serve_deploy_config_with_typed_args(path):
+def test_serve_config_builds_through_rays_builder_path(path, saved_model):
     from ray.serve.schema import ServeDeploySchema
 
     config = yaml.safe_load(path.read_text())
     ServeDeploySchema.model_validate(config)  # what `serve deploy` / `serve run` check first
-    (app,) = config["applications"]
-    builder = _resolve(app["import_path"])
-    assert typing.get_type_hints(builder)["args"] is ServeArgs  # Serve validates `args` with this model
-    args = ServeArgs.model_validate(app["args"])
-    for tower in (args.user_tower, args.item_tower):
-        assert tower.max_ongoing_requests >= tower.max_batch_size > 0
-        assert 0 < tower.autoscaling_config()["min_replicas"] <= tower.autoscaling_config()["max_replicas"]
+    (app_config,) = config["applications"]
+    _check_built_app(app_config, saved_model)
 
 
-def test_rayservice_embeds_the_gpu_serve_config():
+@pytest.mark.parametrize("source", ["config.local.yaml", "defaults"])
+def test_local_serving_fits_two_cpus(source):
+    """`serve run serve/config.local.yaml` and `serve run serve.app:build_app model_dir=...` (the defaults) start
+    on a 2-core machine: every minimum replica must be schedulable there (and every replica at max scale too,
+    so autoscaling never waits for CPUs)."""
+    if source == "defaults":
+        args = ServeArgs(model_dir="m")
+    else:
+        (app_config,) = yaml.safe_load(SERVE_CONFIGS[0].read_text())["applications"]
+        args = ServeArgs.model_validate(app_config["args"])
+    parts = [args.user_tower, args.item_tower, args.ingress]
+    assert sum(p.num_cpus * p.min_replicas for p in parts) <= 2
+    assert sum(p.num_cpus * p.max_replicas for p in parts) <= 2
+
+
+def test_rayservice_embeds_the_gpu_serve_config(saved_model):
     from ray.serve.schema import ServeDeploySchema
 
     manifest = yaml.safe_load((REPO / "cluster" / "rayservice.yaml").read_text())
@@ -46,6 +107,13 @@ def test_rayservice_embeds_the_gpu_serve_config():
     gpu = yaml.safe_load((REPO / "serve" / "config.gpu.yaml").read_text())
     assert embedded["applications"] == gpu["applications"]
     assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == importlib.import_module("ray").__version__
+    (app_config,) = embedded["applications"]
+    _check_built_app(app_config, saved_model)
+
+
+def test_rays_builder_path_refuses_bad_args_with_the_key(saved_model):
+    with pytest.raises(ValidationError, match="user_towr"):
+        _build_as_ray_does({"import_path": "serve.app:build_app", "args": {"user_towr": {}}}, saved_model)
 
 
 def test_serve_args_reject_unknown_keys_and_unfillable_batches():

@@ -1,4 +1,5 @@
-"""Training loop: exact resume, checkpoints, per-tower learning rates, schedule, inference round trip, CLI."""
+"""Training loop: shards as input, exact and cheap resume, checkpoints, per-tower learning rates, schedule,
+inference round trip, CLI."""
 
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ import pytest
 import torch
 
 from uue.config import ExperimentConfig, TrainingConfig
+from uue.data.chunking import split_long_chunks
+from uue.data.featurize import Featurizer
 from uue.data.readers import dataset_from_users
 from uue.data.schema import UserChunk, UserData
+from uue.data.shards import PreprocessedMismatchError, Shards, check_manifest
 from uue.inference import UUEInference
 from uue.model import UUEModel, load_tower
-from uue.training import UUETrainer, latest_checkpoint, param_groups, warmup_cosine
+from uue.train import UUETrainer
+from uue.train.checkpoint import latest_checkpoint
+from uue.train.step import param_groups, warmup_cosine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,14 +35,16 @@ def _experiment(model_config, out: Path, **training) -> ExperimentConfig:
     )
 
 
-def test_resumed_run_equals_uninterrupted_run(tiny_model_config, tmp_path):
-    # Dropout, semi-hard negatives refreshed every 2 steps and an epoch boundary (16 pairs / 8 = 2 batches
-    # per epoch... here 128 / 8 = 16) exercise every piece of state a resume must restore.
+def test_resumed_run_equals_uninterrupted_run_and_skips_without_collating(tiny_model_config, tmp_path):
+    # Dropout, semi-hard negatives refreshed every 2 steps, 2 of each user's 4 positives per step (drawn per
+    # epoch) and an epoch boundary (32 training users / 8 = 4 steps per epoch) exercise every piece of state
+    # a resume must restore.
     cfg = tiny_model_config.model_copy(update={
         "dropout": 0.1, "negative_sampling": "semi_hard", "num_negative_samples": 2, "negative_refresh_steps": 2,
         "label_loss_weight": 0.5, "labels_per_user": 3,  # the label sampler's draws must resume too
+        "positives_per_user": 2,
     })
-    n = 3
+    n = 5
     full = UUETrainer(_experiment(cfg, tmp_path / "full", max_steps=2 * n))
     full_result = full.fit()
 
@@ -48,6 +56,8 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_config, tmp_path):
     second_result = second.fit(resume_from="latest")
 
     assert second_result.steps == 2 * n
+    # The resumed run read past the first n batches without collating (padding, encoding) any of them.
+    assert second.inputs.collate.calls == n and full.inputs.collate.calls == 2 * n
     resumed_losses = [h["loss"] for h in second_result.history]
     full_losses = [h["loss"] for h in full_result.history[n:]]
     np.testing.assert_allclose(resumed_losses, full_losses, rtol=1e-5)
@@ -62,7 +72,8 @@ def test_checkpoints_are_loadable_without_the_trainer_and_pruned(tiny_model_conf
     folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert folders == ["step_000003", "step_000004"]
     last = tmp_path / "checkpoints" / "step_000004"
-    assert (last / "training_state.pt").is_file()
+    assert (last / "training_state.json").is_file() and (last / "optimizer" / "torch.pt").is_file()
+    assert (last / "ranks" / "rank_0.pt").is_file()
     for tower in ("user_tower", "item_tower"):
         assert (last / "model" / tower / "backbone" / "model.safetensors").is_file()
         assert (last / "model" / tower / "head.safetensors").is_file()
@@ -79,15 +90,13 @@ def test_training_reduces_the_loss_over_the_whole_epoch(tiny_model_config, tmp_p
     trainer = UUETrainer(_experiment(tiny_model_config.model_copy(update={"learning_rate": 3e-3}), tmp_path,
                                      max_steps=48))
 
+    batches = [trainer.inputs.collate(s.rows, s.epoch)
+               for s in trainer.loop.stream.steps(0, trainer.steps_per_epoch)]
+
     def epoch_loss() -> float:
         trainer.model.eval()
-        losses = []
         with torch.no_grad():
-            for i in range(trainer.batches.batches_per_epoch):
-                batch = trainer.batches.batch(0, i)
-                loss, _ = trainer.loss_fn(trainer.model(batch), batch["user_index"], batch["statement_index"])
-                losses.append(float(loss))
-        return float(np.mean(losses))
+            return float(np.mean([float(trainer.loop.loss_fn(trainer.model(b), b)[0]) for b in batches]))
 
     before = epoch_loss()
     trainer.fit()
@@ -147,11 +156,10 @@ def test_seed_api_trains_from_userdata(tiny_model_config, tmp_path):
     users = [UserData(f"u{i}", [UserChunk(text)], statements=[f"likes {topic}"])
              for i, (topic, text) in enumerate(list(topics.items()) * 4)]
     cfg = tiny_model_config.model_copy(update={"batch_size": 4})
-    trainer = UUETrainer(cfg.model_copy(), dataset=dataset_from_users(users))
-    trainer.config.training.output_dir = str(tmp_path)
-    trainer.output_dir = tmp_path
+    trainer = UUETrainer(ExperimentConfig(model=cfg, training={"output_dir": str(tmp_path), "progress_bar": False}),
+                         dataset=dataset_from_users(users))
     result = trainer.train(max_steps=2)
-    assert result.steps == 2
+    assert result.steps == 2 and trainer.shards.train_users == 16
 
 
 def test_cli_train_and_clear_config_errors(tmp_path):
@@ -164,3 +172,62 @@ def test_cli_train_and_clear_config_errors(tmp_path):
     bad = subprocess.run([*uue, "train", "--config", str(REPO / "configs" / "tiny.yaml"), "model.batch_sise=3"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "model.batch_sise: unknown key" in bad.stderr
+
+
+def test_shards_store_ragged_tokens_and_training_labels_and_refuse_another_config(tiny_model_config, tmp_path):
+    trainer = UUETrainer(_experiment(tiny_model_config, tmp_path, max_steps=1))
+    shards, dataset, featurizer = trainer.shards, trainer.dataset, trainer.featurizer
+    assert shards.manifest["counts"] == {"users": 48, "train_users": 32, "positives": 128, "statements": 16,
+                                         "labels": 384, "rejected": 0}
+    statements = shards.statements()
+    assert statements["statement_id"] == sorted(dataset.statements)
+    rows = [r for block in Shards.open(shards.uri).iter_train_users() for r in block]
+    assert len(rows) == 32
+    for row in rows:
+        user = dataset.users[row["user_id"]]
+        # Long texts are split into token-bounded pieces first, as Ray preprocessing does.
+        padded = featurizer.user_features(split_long_chunks(user.chunks, featurizer.user_tokenizer, 32))
+        kept = int(padded["chunk_mask"].sum())
+        assert len(row["chunk_tokens"]) == kept  # no padding chunks stored ...
+        for tokens, ids, mask in zip(row["chunk_tokens"], padded["user_input_ids"], padded["user_attention_mask"],
+                                     strict=False):
+            assert tokens == ids[mask.astype(bool)].tolist()  # ... nor padding tokens
+        labels = [lab for lab in dataset.labels_in("train") if lab.user_id == row["user_id"]]
+        as_index = {(statements["statement_id"][s], v) for s, v in zip(row["label_statements"], row["label_values"],
+                                                                        strict=True)}
+        assert as_index == {(lab.statement_id, lab.label) for lab in labels}
+        assert {statements["statement_id"][s] for s in row["positives"]} == {
+            lab.statement_id for lab in labels if lab.label == 1}
+
+    other = Featurizer(tiny_model_config.model_copy(update={"max_chunk_length": 16}), featurizer.user_tokenizer,
+                       featurizer.item_tokenizer)
+    with pytest.raises(PreprocessedMismatchError, match="max_chunk_length: preprocessed with 32, this config needs 16"):
+        check_manifest(shards.manifest, other, "train", shards.uri)
+    from uue.model.backbone import load_tokenizer
+
+    qwen = Featurizer(tiny_model_config.model_copy(update={"user_model_name": "tiny-qwen3"}),
+                      load_tokenizer("tiny-qwen3"), featurizer.item_tokenizer)
+    with pytest.raises(PreprocessedMismatchError, match="user_tokenizer: preprocessed with 'tiny"):
+        check_manifest(shards.manifest, qwen, "train", shards.uri)
+    with pytest.raises(PreprocessedMismatchError, match="train_split"):
+        check_manifest(shards.manifest, featurizer, "validation", shards.uri)
+
+
+def test_cli_trains_from_the_shards_alone_after_the_raw_folder_is_gone(tmp_path):
+    import shutil
+
+    raw = tmp_path / "raw"
+    shutil.copytree(REPO / "uue" / "sample_data", raw)
+    uue = [sys.executable, "-m", "uue.cli", "train", "--config", str(REPO / "configs" / "tiny.yaml")]
+    first = subprocess.run([*uue, f"data.path={raw}", f"training.output_dir={tmp_path / 'a'}",
+                            f"data.preprocessed_dir={tmp_path / 'pre'}", "training.max_steps=1"],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert first.returncode == 0, first.stderr
+    shutil.rmtree(raw)
+    ok = subprocess.run([*uue, f"data.path={tmp_path / 'pre'}", f"training.output_dir={tmp_path / 'b'}",
+                         "training.max_steps=2"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "trained 2 steps" in ok.stdout and (tmp_path / "b" / "model" / "uue.json").is_file()
+    refused = subprocess.run([*uue, f"data.path={tmp_path / 'pre'}", f"training.output_dir={tmp_path / 'c'}",
+                              "model.max_chunk_length=16"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert refused.returncode == 2 and "max_chunk_length: preprocessed with 32" in refused.stderr

@@ -4,7 +4,7 @@ from uue.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, T
 from uue.data import DataValidationError, Statement, UserChunk, UserData, UUEDataset, load_dataset
 from uue.inference import UUEEvaluator, UUEInference
 from uue.model import UUEModel
-from uue.training import UUETrainer, train_step
+from uue.train import UUETrainer, train_step
 
 __version__ = "0.1.0"
 

@@ -141,3 +141,46 @@ def statement_vector_features(encoder: TextEncoder, features: dict[str, np.ndarr
     if "item_metadata" in features:
         out["item_metadata"] = features["item_metadata"]
     return out
+
+
+class TokenChunkCache:
+    """user_id -> (chunks, H) vectors of a frozen user backbone, from preprocessed chunk tokens, on first use.
+
+    The training loop's `model.cache_chunk_vectors`: a user's chunks are encoded the first time one of its
+    batches is collated (in one process or a Ray worker alike) and reused in later epochs.
+    """
+
+    def __init__(self, encoder: TextEncoder, featurizer: Featurizer, device: str | torch.device = "cpu",
+                 micro_batch: int | None = None):
+        from uue.data.featurize import pad_sequences
+
+        self._pad = pad_sequences
+        self.encoder = encoder
+        self.device = torch.device(device)
+        self.micro_batch = micro_batch or featurizer.config.encode_micro_batch
+        tokenizer = featurizer.user_tokenizer
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.left = tokenizer.padding_side == "left"
+        self.vectors: dict[str, np.ndarray] = {}
+
+    @torch.inference_mode()
+    def __call__(self, rows: Sequence[dict]) -> list[np.ndarray]:
+        todo = {r["user_id"]: r["chunk_tokens"] for r in rows if r["user_id"] not in self.vectors}
+        if todo:
+            chunks = [(uid, t) for uid, tokens in todo.items() for t in tokens]
+            order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i][1]))  # similar lengths together
+            out = np.empty((len(chunks), self.encoder.hidden_size), dtype=np.float32)
+            was_training = self.encoder.training
+            self.encoder.eval()
+            for start in range(0, len(order), self.micro_batch):
+                rows_at = order[start : start + self.micro_batch]
+                ids, mask = self._pad([chunks[i][1] for i in rows_at], self.pad_id, self.left)
+                vectors = self.encoder(torch.as_tensor(ids, device=self.device),
+                                       torch.as_tensor(mask, device=self.device))
+                out[rows_at] = vectors.float().cpu().numpy()
+            self.encoder.train(was_training)
+            position = 0
+            for uid, tokens in todo.items():
+                self.vectors[uid] = out[position : position + len(tokens)].copy()
+                position += len(tokens)
+        return [self.vectors[r["user_id"]] for r in rows]

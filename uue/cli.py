@@ -12,14 +12,14 @@ from uue.model.backbone import PRESETS, ModelNotAvailableError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from uue.training import UUETrainer
+    from uue.train import UUETrainer
 
     config = load_config(args.config, args.overrides)
     trainer = UUETrainer(config)
     result = trainer.fit(resume_from="latest" if args.resume else None)
     last = result.history[-1] if result.history else {}
     print(f"trained {result.steps} steps; final loss {last.get('loss', float('nan')):.4f}; model: {result.model_dir}")
-    if result.model_dir is not None:
+    if result.model_dir is not None and trainer.dataset is not None:  # shards alone have no validation labels
         from uue.calibration import calibrate_model
 
         calibrator = calibrate_model(result.model_dir, trainer.dataset, config.data.validation_split)
@@ -143,6 +143,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_sentence_transformers(args: argparse.Namespace) -> int:
+    from uue.export import export_sentence_transformers
+
+    out = export_sentence_transformers(resolve_model_dir(args.checkpoint), args.out)
+    print(f"wrote {out}: the item tower as a sentence-transformers model (SentenceTransformer({str(out)!r}))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uue", description="Universal User Embeddings")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--statement", required=True, action="append", help="statement text (repeatable)")
     score.set_defaults(func=cmd_score)
 
+    export = sub.add_parser("export", help="write a model in another library's format")
+    export_sub = export.add_subparsers(dest="format", required=True)
+    st = export_sub.add_parser("sentence-transformers",
+                               help="the item tower (backbone, pooling, projection, normalisation) as a folder "
+                                    "SentenceTransformer(DIR) loads")
+    st.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder or output_dir")
+    st.add_argument("--out", required=True, help="new (or empty) output folder")
+    st.set_defaults(func=cmd_export_sentence_transformers)
+
     presets = sub.add_parser("presets", help="list the model presets")
     presets.set_defaults(func=cmd_presets)
     return parser
@@ -195,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataValidationError, ModelNotAvailableError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataValidationError, ModelNotAvailableError, FileNotFoundError, FileExistsError,
+            ValueError) as err:
         print(f"uue {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -94,6 +94,10 @@ class ModelConfig(_Strict):
     logit_scale * cosine + a learned bias. In-batch softmax only learns which statement fits a user
     *relatively*; this term teaches absolute scores (how often a kind of statement is true), which the
     pooled AUC over users and statement families, and calibration, need."""
+    positives_per_user: int = Field(4, gt=0)
+    """A training row is a user: each step trains up to this many of the user's positives (drawn from
+    (seed, epoch, user)) against one encoding of the user's history; the user's other positives are never
+    negatives (the loss masks them, across workers)."""
     labels_per_user: int = Field(16, gt=0)
     """Labelled statements drawn (uniformly, with replacement) per batch user for the label loss."""
     freeze_item_projection: bool = False
@@ -118,12 +122,18 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where the data contract folder lives and how its labels become training pairs."""
+    """Where the training data lives and how it is streamed."""
 
     path: str = "uue/sample_data"
+    """A preprocessed folder (ray_jobs.preprocess output, with manifest.json) or a data-contract folder, which
+    training preprocesses first (into preprocessed_dir)."""
     train_split: str = "train"
     validation_split: str = "validation"
     shuffle_seed: int = 0
+    shuffle_buffer_users: int = Field(1024, gt=0)
+    """Users held in each worker's streaming shuffle buffer (seeded by shuffle_seed and epoch): bounds memory."""
+    preprocessed_dir: str | None = None
+    """Where a data-contract `path` is preprocessed to (None: training.output_dir/preprocessed)."""
 
 
 class TrainingConfig(_Strict):
@@ -156,7 +166,7 @@ class DistributedConfig(_Strict):
     """Worker-group restarts after a failure, each resuming from the last checkpoint (-1: unlimited)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     featurize_cpus: float = Field(1.0, gt=0)
-    """CPUs per Ray Data featurization (tokenization) task that feeds the workers."""
+    """CPUs per Ray Data task that reads the users shards for the workers."""
     resumable_final_checkpoint: bool = True
     """False: the last checkpoint holds the model only, not the DeepSpeed optimizer state (benchmarks)."""
 

@@ -23,7 +23,7 @@ from uue.evaluation import evaluate_model
 from uue.evaluation.evaluate import ModelEmbedder
 from uue.evaluation.report import comparison_rows
 from uue.movielens import MovieLensOptions, write_movielens
-from uue.training import UUETrainer
+from uue.train import UUETrainer
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "movielens-minilm.yaml"
 NOVEL_STATEMENTS = ("would enjoy a space opera", "likes cowboy films", "prefers light-hearted family films")

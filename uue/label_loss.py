@@ -11,7 +11,7 @@ true. The bias is the model's `label_bias` parameter; the weight is `model.label
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,43 +32,38 @@ class LabelDraw:
 
 
 class UserLabelSampler:
-    """Draws `per_user` of each user's labelled statements (pool index, 0/1) and their item features."""
+    """Draws `per_user` of each batch user's labelled statements (pool index, 0/1) and their item features.
 
-    def __init__(self, labels_by_user: Mapping[int, Sequence[tuple[int, int]]], per_user: int,
-                 pool_features: Mapping[str, np.ndarray | torch.Tensor], seed: int = 0):
+    The labels travel with the batch (`label_statements`, `label_values`: the user's training-split labels
+    as statement indices, padded with -1), so no process holds every user's labels.
+    """
+
+    def __init__(self, per_user: int, pool_features: Mapping[str, np.ndarray | torch.Tensor], seed: int = 0):
         if per_user < 1:
             raise ValueError(f"labels_per_user must be >= 1, got {per_user}")
         self.per_user = per_user
         self.pool = {k.removeprefix("item_"): torch.as_tensor(v) for k, v in pool_features.items()}
-        pool_size = int(next(iter(self.pool.values())).shape[0])
-        self.labels: dict[int, torch.Tensor] = {}
-        for user, pairs in labels_by_user.items():
-            table = torch.as_tensor(np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
-            if len(table) == 0:
-                continue
-            if int(table[:, 0].min()) < 0 or int(table[:, 0].max()) >= pool_size:
-                raise ValueError(f"user {user}: a labelled statement index is outside the pool of {pool_size}")
-            if not bool(((table[:, 1] == 0) | (table[:, 1] == 1)).all()):
-                raise ValueError(f"user {user}: labels must be 0 or 1")
-            self.labels[int(user)] = table
-        if not self.labels:
-            raise ValueError("label_loss_weight > 0 needs labelled statements in the training split; there are none")
+        self.pool_size = int(next(iter(self.pool.values())).shape[0])
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample(self, user_index: torch.Tensor, device: torch.device) -> LabelDraw:
+    def sample(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> LabelDraw:
         """Users without labels get masked-out rows (they add nothing to the loss)."""
-        rows = len(user_index)
+        statements = batch["label_statements"].cpu().long()
+        values = batch["label_values"].cpu()
+        rows = len(statements)
         indices = torch.zeros(rows, self.per_user, dtype=torch.long)
-        values = torch.zeros(rows, self.per_user)
+        drawn = torch.zeros(rows, self.per_user)
         mask = torch.zeros(rows, self.per_user, dtype=torch.bool)
-        for row, user in enumerate(user_index.tolist()):
-            table = self.labels.get(int(user))
-            if table is None:
+        for row in range(rows):
+            real = (statements[row] >= 0).nonzero().squeeze(1)
+            if real.numel() == 0:
                 continue
-            picks = table[torch.randint(len(table), (self.per_user,), generator=self.generator)]
-            indices[row], values[row], mask[row] = picks[:, 0], picks[:, 1].float(), True
+            if int(statements[row, real].max()) >= self.pool_size:
+                raise ValueError(f"a labelled statement index is outside the pool of {self.pool_size}")
+            picks = real[torch.randint(len(real), (self.per_user,), generator=self.generator)]
+            indices[row], drawn[row], mask[row] = statements[row, picks], values[row, picks].float(), True
         features = gather_pool_features(self.pool, indices, device)
-        return LabelDraw(indices.to(device), values.to(device), mask.to(device), features)
+        return LabelDraw(indices.to(device), drawn.to(device), mask.to(device), features)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -1,9 +1,19 @@
-"""Symmetric InfoNCE over users and statements, with negatives gathered across workers.
+"""Symmetric InfoNCE over users and their positives, with negatives gathered across workers.
 
-Each worker scores its local rows against the columns of every worker (open_clip's `local_loss=True,
-gather_with_grad=True`), so the negatives of a step are the global batch while each worker only builds
-a (b x N*b) logit block. Columns that are not real negatives (the same statement, or the same user, as
-the row's positive pair) are masked out instead of being pushed apart.
+A batch is user-centric: B users (one history encoding each) and M = B x positives_per_user statement
+slots, slot m belonging to user `item_owner[m]` (`item_valid` is False for the slots of users with fewer
+positives). Each worker scores its local rows against the columns of every worker (open_clip's
+`local_loss=True, gather_with_grad=True`):
+
+- user -> statement: one row per valid slot, its owner's vector against every slot's statement in the
+  global batch (+ the owner's sampled negatives); the target is the slot's own column;
+- statement -> user: one row per valid slot, the statement against every user of the global batch; the
+  target is the owner.
+
+A column that is a positive of the row's user (the user's other drawn positives, or any statement in the
+user's full training positives, wherever in the global batch it sits) is masked out, never pushed apart.
+The loss is a sum over the valid slots of every worker divided by their global count (times the world size,
+because DeepSpeed/DDP average gradients over workers), so N workers equal one worker with the whole batch.
 """
 
 from __future__ import annotations
@@ -16,44 +26,62 @@ from uue.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_w
 from uue.model.uue_model import UUEOutput
 
 
+def positive_columns(user_positives: torch.Tensor, column_statements: torch.Tensor) -> torch.Tensor:
+    """(B, K) statement indices of each user's positives (-1 = padding) x (N,) column statements ->
+    (B, N) whether the column is a positive of the user."""
+    return (user_positives[:, :, None] == column_statements[None, None, :]).any(1)
+
+
 class InfoNCELoss(nn.Module):
-    """(user->statement CE + statement->user CE) / 2, plus sampled negatives as extra user->statement columns."""
+    """(user->statement CE + statement->user CE) / 2 over valid slots, plus sampled negatives as extra columns."""
 
-    def forward(
-        self, out: UUEOutput, user_ids: torch.Tensor, statement_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rank, _ = rank_and_world()
-        local = out.user.size(0)
-        all_items = all_gather_with_grad(out.item)
-        all_users = all_gather_with_grad(out.user)
-        all_statement_ids = all_gather_no_grad(statement_ids)
-        all_user_ids = all_gather_no_grad(user_ids)
-        labels = torch.arange(local, device=out.user.device) + rank * local
-        scale = out.logit_scale.to(out.user.dtype)
+    def forward(self, out: UUEOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rank, world = rank_and_world()
+        users, items = out.user, out.item
+        b, m = users.size(0), items.size(0)
+        device = users.device
+        owner = batch["item_owner"].long()
+        valid = batch["item_valid"].bool()
+        statements = batch["statement_index"].long()
 
-        # A column is a false negative when it carries this row's statement or this row's user: both
-        # say "this statement is true of this user".
-        same_pair = (statement_ids[:, None] == all_statement_ids[None, :]) | (
-            user_ids[:, None] == all_user_ids[None, :]
-        )
-        same_pair[torch.arange(local, device=same_pair.device), labels] = False
+        all_items = all_gather_with_grad(items)
+        all_users = all_gather_with_grad(users)
+        all_statements = all_gather_no_grad(statements)
+        all_valid = all_gather_no_grad(valid.to(torch.uint8)).bool()
+        # Local users x global slots, gathered so that the statement->user rows can read any user's column.
+        is_positive = positive_columns(batch["user_positives"].long(), all_statements)
+        all_is_positive = all_gather_no_grad(is_positive.to(torch.uint8)).bool()
 
-        user_logits = scale * out.user @ all_items.T
-        user_logits = user_logits.masked_fill(same_pair, float("-inf"))
+        rows = torch.arange(m, device=device)
+        own_column = rank * m + rows
+        owner_column = rank * b + owner
+        scale = out.logit_scale.to(users.dtype)
+        row_users = users[owner]
+
+        not_negative = is_positive[owner] | ~all_valid[None, :]
+        not_negative[rows, own_column] = False
+        user_logits = (scale * row_users @ all_items.T).masked_fill(not_negative, float("-inf"))
         if out.negatives is not None:
-            negative_logits = scale * torch.einsum("bd,bkd->bk", out.user, out.negatives)
+            negative_logits = scale * torch.einsum("md,mkd->mk", row_users, out.negatives[owner])
             user_logits = torch.cat([user_logits, negative_logits], dim=1)
-        item_logits = (scale * out.item @ all_users.T).masked_fill(same_pair, float("-inf"))
 
-        loss_u2s = F.cross_entropy(user_logits.float(), labels)
-        loss_s2u = F.cross_entropy(item_logits.float(), labels)
-        loss = (loss_u2s + loss_s2u) / 2
+        not_user_negative = all_is_positive[:, own_column].T.clone()
+        not_user_negative[rows, owner_column] = False
+        item_logits = (scale * items @ all_users.T).masked_fill(not_user_negative, float("-inf"))
+
+        weights = valid.to(torch.float32)
+        total = all_valid.sum().clamp(min=1).to(torch.float32)
+        loss_u2s = (F.cross_entropy(user_logits.float(), own_column, reduction="none") * weights).sum() / total
+        loss_s2u = (F.cross_entropy(item_logits.float(), owner_column, reduction="none") * weights).sum() / total
+        loss = (loss_u2s + loss_s2u) / 2 * world
         with torch.no_grad():
+            local = weights.sum().clamp(min=1)
             metrics = {
-                "loss_user_to_statement": loss_u2s.detach(),
-                "loss_statement_to_user": loss_s2u.detach(),
-                "accuracy": (user_logits.argmax(1) == labels).float().mean(),
+                "loss_user_to_statement": loss_u2s.detach() * world,
+                "loss_statement_to_user": loss_s2u.detach() * world,
+                "accuracy": ((user_logits.argmax(1) == own_column).float() * weights).sum() / local,
                 "logit_scale": out.logit_scale.detach().reshape(()),
-                "masked_false_negatives": same_pair.sum().float(),
+                "masked_false_negatives": (not_negative & valid[:, None]).sum().float(),
+                "positives_in_batch": weights.sum(),
             }
         return loss, metrics

@@ -43,11 +43,9 @@ class NegativeSampler:
         strategy: Strategy,
         num_negatives: int,
         pool_features: Mapping[str, np.ndarray | torch.Tensor],
-        positives: Mapping[int, set[int]],
         margin: float = 0.2,
         refresh_steps: int = 50,
         seed: int = 0,
-        known_negatives: Mapping[int, set[int]] | None = None,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown negative_sampling {strategy!r}; choose from {STRATEGIES}")
@@ -60,8 +58,6 @@ class NegativeSampler:
             raise ValueError(
                 f"the statement pool ({self.pool_size}) must be larger than num_negative_samples ({self.num_negatives})"
             )
-        self.positives = {int(k): set(v) for k, v in positives.items()}
-        self.known_negatives = {int(k): set(v) for k, v in (known_negatives or {}).items()}
         self.margin = margin
         self.refresh_steps = refresh_steps
         self.generator = torch.Generator().manual_seed(seed)
@@ -86,33 +82,35 @@ class NegativeSampler:
         self.pool_vectors = torch.cat(vectors)
         self.refreshed_at = step
 
-    def _excluded(self, user_index: torch.Tensor) -> torch.Tensor:
-        excluded = torch.zeros(len(user_index), self.pool_size, dtype=torch.bool)
-        for row, user in enumerate(user_index.tolist()):
-            idx = list(self.positives.get(int(user), ()))
-            if idx:
-                excluded[row, idx] = True
-        return excluded
+    def _marked(self, statements: torch.Tensor) -> torch.Tensor:
+        """(B, K) statement indices (-1 = padding) -> (B, pool) membership."""
+        marked = torch.zeros(len(statements), self.pool_size + 1, dtype=torch.bool)
+        index = statements.long().clone()
+        index[index < 0] = self.pool_size  # padding lands in a spare column, dropped below
+        marked.scatter_(1, index, True)
+        return marked[:, : self.pool_size]
 
     def _random(self, excluded: torch.Tensor, count: int) -> torch.Tensor:
         keys = torch.rand(excluded.shape, generator=self.generator).masked_fill(excluded, -1.0)
         return keys.topk(count, dim=1).indices
 
-    def select(self, user_vectors: torch.Tensor, user_index: torch.Tensor,
-               positive_scores: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, K) pool indices of negatives for each user; never one of the user's positives."""
-        excluded = self._excluded(user_index.cpu())
+    def select(self, user_vectors: torch.Tensor, positives: torch.Tensor,
+               positive_scores: torch.Tensor | None = None, known_negatives: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """(B, K) pool indices of negatives for each user; never one of the user's positives.
+
+        `positives` (B, P) are each user's training positives, `known_negatives` (B, N) its label-0
+        statements (the `labeled` strategy), as statement indices padded with -1: they travel with the batch.
+        """
+        excluded = self._marked(positives.cpu())
         free = (~excluded).sum(1)
         if bool((free < self.num_negatives).any()):
             raise ValueError("a user has fewer non-positive statements in the pool than num_negative_samples")
         if self.strategy == "random":
             return self._random(excluded, self.num_negatives)
         if self.strategy == "labeled":
-            known = torch.zeros_like(excluded)
-            for row, user in enumerate(user_index.tolist()):
-                idx = list(self.known_negatives.get(int(user), ()))
-                if idx:
-                    known[row, idx] = True
+            known = (self._marked(known_negatives.cpu()) if known_negatives is not None
+                     else torch.zeros_like(excluded))
             keys = torch.rand(excluded.shape, generator=self.generator) + known.float()  # known ones first
             return keys.masked_fill(excluded, -1.0).topk(self.num_negatives, dim=1).indices
         if self.pool_vectors is None:
@@ -131,11 +129,15 @@ class NegativeSampler:
         priority = torch.where(in_window, 3.0 + noise, torch.where(below, 1.0 + torch.sigmoid(scores), noise))
         return priority.masked_fill(excluded, float("-inf")).topk(self.num_negatives, dim=1).indices
 
-    def sample(self, user_vectors: torch.Tensor, user_index: torch.Tensor,
+    def sample(self, user_vectors: torch.Tensor, batch: Mapping[str, torch.Tensor],
                positive_item_vectors: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Select negatives and gather their features, on the users' device, trimmed of shared padding."""
+        """Select negatives for the batch's users (its `user_positives`, and for `labeled` its label-0
+        `label_statements`) and gather their features, on the users' device, trimmed of shared padding."""
         positive_scores = (user_vectors * positive_item_vectors).sum(-1)
-        indices = self.select(user_vectors, user_index, positive_scores)
+        known = None
+        if self.strategy == "labeled" and "label_statements" in batch:
+            known = batch["label_statements"].masked_fill(batch["label_values"] != 0, -1)
+        indices = self.select(user_vectors, batch["user_positives"], positive_scores, known)
         device = user_vectors.device
         return indices.to(device), gather_pool_features(self.pool, indices, device)
 

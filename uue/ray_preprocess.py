@@ -10,8 +10,10 @@ The pipeline, per table (users, statements, labels):
    unknown or rejected user/statement are rejected too;
 3. chunk + tokenize: `map_batches` with an autoscaled actor pool of `Featurizer`s (tokenizers load once per
    actor); over-long history texts are split into token-bounded chunks first (`uue.data.chunking`);
-4. write: Parquet shards of fixed-shape token arrays (`users/`, `statements/`), validated `labels/`,
-   `rejects.jsonl` (every rejected record with its reason) and `manifest.json` (counts, shapes, config).
+4. write: the training input (`uue.data.shards`): `users/` (ragged chunk tokens, no padding, and each user's
+   training-split positives and labels as statement indices), `statements/` (ragged tokens, indexed in id
+   order), validated `labels/`, `rejects.jsonl` (every rejected record with its reason) and `manifest.json`
+   (the tokenizer/config fingerprint training checks, counts).
 
 Nothing is dropped silently: read = written + rejected for every table, and the manifest says so.
 """
@@ -32,7 +34,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from uue.config import ExperimentConfig, ModelConfig
-from uue.data.chunking import split_long_chunks
 from uue.data.featurize import Featurizer
 from uue.data.readers import path_inside, resolve_filesystem, table_files
 from uue.data.schema import (
@@ -45,10 +46,19 @@ from uue.data.schema import (
     statement_to_record,
     user_to_record,
 )
+from uue.data.shards import (
+    MANIFEST,
+    REJECTS,
+    STATEMENT_SCHEMA,
+    USER_SCHEMA,
+    UserLabels,
+    labels_by_user,
+    list_parquet,
+    manifest_dict,
+    statement_rows,
+    user_row,
+)
 
-MANIFEST = "manifest.json"
-REJECTS = "rejects.jsonl"
-FORMAT = "uue-preprocessed/1"
 _PARSERS = {"users": parse_user, "statements": parse_statement, "labels": parse_label}
 _TO_RECORD = {"users": user_to_record, "statements": statement_to_record, "labels": label_to_record}
 _KEY_FIELD = {"users": "user_id", "statements": "statement_id"}
@@ -58,11 +68,6 @@ _KEY_FIELD = {"users": "user_id", "statements": "statement_id"}
 def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
     with fs.open_output_stream(path) as stream:
         stream.write(text.encode("utf-8"))
-
-
-def _list_parquet(fs: pafs.FileSystem, folder: str) -> list[str]:
-    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 
 # ---------------------------------------------------------------------------------- reading + validation
@@ -140,34 +145,29 @@ def _featurizer(model_config_json: str) -> Featurizer:
 
 
 class UserFeaturizerUDF:
-    """Actor-pool UDF: validated user records -> chunked, fixed-shape token arrays.
+    """Actor-pool UDF: validated user records -> users-shard rows (ragged tokens + training labels).
 
-    Users carry most of the tokenizing work, so they get an autoscaled actor pool of their own.
+    Users carry most of the tokenizing work, so they get an autoscaled actor pool of their own. The rows are
+    built by `uue.data.shards.user_row`, the function `uue train`'s local preprocessing uses too.
     """
 
-    def __init__(self, model_config_json: str):
+    def __init__(self, model_config_json: str, labels: dict[str, UserLabels]):
         self.featurizer = _featurizer(model_config_json)
+        self.labels = labels
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cfg = self.featurizer.config
-        rows: list[dict[str, Any]] = []
-        for raw in batch["record"]:
-            user = parse_user(json.loads(raw))
-            num_chunks = len(user.chunks)
-            user.chunks = split_long_chunks(user.chunks, self.featurizer.user_tokenizer, cfg.max_chunk_length)
-            features = self.featurizer.user_features(user)
-            features.update(user_id=user.user_id, num_chunks=num_chunks, num_pieces=len(user.chunks),
-                            num_kept=int(features["chunk_mask"].sum()))
-            rows.append(features)
-        return {key: np.stack([np.asarray(r[key]) for r in rows]) for key in rows[0]}
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        rows = [user_row(user, self.featurizer, self.labels.get(user.user_id))
+                for user in (parse_user(json.loads(raw)) for raw in batch["record"])]
+        return pa.Table.from_pylist(rows, schema=USER_SCHEMA)
 
 
-def _statement_features(batch: dict[str, np.ndarray], model_config_json: str) -> dict[str, np.ndarray]:
-    """Validated statement records -> fixed-shape token arrays (statements are few and short: plain tasks)."""
+def _statement_rows(batch: dict[str, np.ndarray], model_config_json: str, index: dict[str, int]) -> pa.Table:
+    """Validated statement records -> statements-table rows (statements are few and short: plain tasks)."""
     statements = [parse_statement(json.loads(raw)) for raw in batch["record"]]
-    features = _featurizer(model_config_json).statement_features(statements)
-    features["statement_id"] = np.array([s.statement_id for s in statements])
-    return features
+    rows = statement_rows(statements, _featurizer(model_config_json))
+    for row in rows:
+        row["statement_index"] = index[row["statement_id"]]
+    return pa.Table.from_pylist(rows, schema=STATEMENT_SCHEMA)
 
 
 def _label_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -264,12 +264,19 @@ def preprocess(
     max_actors: int = 2,
     batch_size: int = 64,
     overwrite: bool = False,
+    train_split: str | None = None,
 ) -> PreprocessReport:
-    """Run the whole pipeline on the connected Ray cluster (the caller runs `ray.init`)."""
+    """Run the whole pipeline on the connected Ray cluster (the caller runs `ray.init`).
+
+    `train_split` (default: the config's data.train_split, else "train") picks the labels that become each
+    user's positives and training labels in the users shards.
+    """
     import ray.data
 
     started = time.perf_counter()
     model_config = config.model if isinstance(config, ExperimentConfig) else config
+    if train_split is None:
+        train_split = config.data.train_split if isinstance(config, ExperimentConfig) else "train"
     out_fs, out_root = resolve_filesystem(output_uri)
     info = out_fs.get_file_info(out_root)
     if info.type == pafs.FileType.File:
@@ -284,9 +291,12 @@ def preprocess(
     report = PreprocessReport(output=output_uri)
     rejects: list[dict] = []
     valid_ids: dict[str, set[str]] = {}
+    good: dict[str, Any] = {}
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, max_actors))
     config_json = model_config.model_dump_json()
+    featurizer = _featurizer(config_json)
 
+    # 1. validate every table (labels against the valid users and statements)
     for table in TABLES:
         validated = _read_validated(input_uri, table)
         if table == "labels":
@@ -305,20 +315,31 @@ def preprocess(
             duplicates, duplicate_rejects, valid_ids[table] = _split_duplicates(validated, table)
             rejects.extend(duplicate_rejects)
         counts.rejected = len(bad) + len(duplicates)
-        good = validated.filter(lambda r, d=frozenset(duplicates): bool(r["ok"]) and (r["file"], r["row"]) not in d)
-        target = f"{out_root}/{table}"
-        if table == "users":
-            features = good.map_batches(UserFeaturizerUDF, fn_constructor_args=(config_json,), compute=pool,
-                                        batch_size=batch_size, batch_format="numpy")
-        elif table == "statements":
-            features = good.map_batches(_statement_features, fn_kwargs={"model_config_json": config_json},
-                                        batch_size=batch_size, batch_format="numpy")
-        else:
-            features = good.map_batches(_label_columns, batch_format="numpy")
-        features.write_parquet(target, filesystem=out_fs)
-        counts.written = sum(pq.ParquetFile(out_fs.open_input_file(p)).metadata.num_rows
-                             for p in _list_parquet(out_fs, target))
+        good[table] = validated.filter(
+            lambda r, d=frozenset(duplicates): bool(r["ok"]) and (r["file"], r["row"]) not in d)
         report.counts[table] = counts
+
+    # 2. statements: the table's row order is the sorted ids (labels and positives refer to it by index)
+    statement_index = {sid: i for i, sid in enumerate(sorted(valid_ids["statements"]))}
+    good["statements"].map_batches(_statement_rows, batch_size=batch_size, batch_format="numpy",
+                                   fn_kwargs={"model_config_json": config_json, "index": statement_index}
+                                   ).write_parquet(f"{out_root}/statements", filesystem=out_fs)
+    # 3. labels: written as validated, and grouped per user (training split) for the users' rows
+    labels = good["labels"].map_batches(_label_columns, batch_format="numpy").materialize()
+    labels.write_parquet(f"{out_root}/labels", filesystem=out_fs)
+    label_rows = labels.select_columns(["user_id", "statement_id", "label", "split"]).take_all()
+    has_splits = any(r["split"] is not None for r in label_rows)
+    by_user = labels_by_user(label_rows, statement_index, train_split, has_splits)
+    del label_rows
+    # 4. users: chunk + tokenize in the actor pool, with each user's training labels
+    good["users"].map_batches(UserFeaturizerUDF, fn_constructor_args=(config_json, by_user), compute=pool,
+                              batch_size=batch_size, batch_format="numpy"
+                              ).write_parquet(f"{out_root}/users", filesystem=out_fs)
+    for table in TABLES:
+        report.counts[table].written = sum(pq.ParquetFile(out_fs.open_input_file(p)).metadata.num_rows
+                                           for p in list_parquet(out_fs, f"{out_root}/{table}"))
+    user_stats = pq.read_table(list_parquet(out_fs, f"{out_root}/users"), filesystem=out_fs,
+                               columns=["num_positives"]).column("num_positives").to_numpy()
 
     rejects.sort(key=lambda r: (TABLES.index(r["table"]), r["file_rank"], r["row"]))
     report.rejects_path = f"{output_uri.rstrip('/')}/{REJECTS}"
@@ -327,19 +348,13 @@ def preprocess(
     report.reject_reasons = dict(Counter(_reason_kind(r) for r in rejects))
     report.seconds = time.perf_counter() - started
     report.manifest_path = f"{output_uri.rstrip('/')}/{MANIFEST}"
-    manifest = {
-        "format": FORMAT,
-        "input": input_uri,
-        "created_unix": time.time(),
-        "seconds": report.seconds,
-        "model": model_config.model_dump(),
-        "tables": {t: asdict(c) for t, c in report.counts.items()},
-        "rejects": {"file": REJECTS, "count": report.total_rejected, "by_reason": report.reject_reasons},
-        "shapes": {
-            "user_input_ids": [model_config.num_chunks_per_user, model_config.max_chunk_length],
-            "item_input_ids": [model_config.max_statement_length + model_config.max_context_length],
-        },
-        "files": {t: [p[len(out_root) + 1:] for p in _list_parquet(out_fs, f"{out_root}/{t}")] for t in TABLES},
-    }
+    counts = {"users": report.counts["users"].written, "train_users": int((user_stats > 0).sum()),
+              "positives": int(user_stats.sum()), "statements": report.counts["statements"].written,
+              "labels": report.counts["labels"].written, "rejected": report.total_rejected}
+    files = {t: [p[len(out_root) + 1:] for p in list_parquet(out_fs, f"{out_root}/{t}")] for t in TABLES}
+    manifest = manifest_dict(
+        input_uri, featurizer, train_split, counts, files, report.seconds,
+        tables={t: asdict(c) for t, c in report.counts.items()},
+        rejects={"file": REJECTS, "count": report.total_rejected, "by_reason": report.reject_reasons})
     _write_text(out_fs, f"{out_root}/{MANIFEST}", json.dumps(manifest, indent=2) + "\n")
     return report

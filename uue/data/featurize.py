@@ -132,6 +132,33 @@ class Featurizer:
         )
         return enc["input_ids"], enc["attention_mask"]
 
+    # -- ragged tokens: what preprocessed shards store (no padding); `pad_sequences` pads at the batch
+    def user_tokens(self, user: UserData | Sequence[UserChunk]) -> list[list[int]]:
+        """Token ids of the `num_chunks_per_user` most recent chunks, each truncated to max_chunk_length."""
+        chunks = user.chunks if isinstance(user, UserData) else list(user)
+        if not chunks:
+            raise ValueError("a user needs at least one chunk of text")
+        kept = select_chunks(chunks, self.config.num_chunks_per_user)
+        enc = self.user_tokenizer([chunk_text(c) for c in kept], truncation=True,
+                                  max_length=self.config.max_chunk_length)
+        return [list(map(int, ids)) for ids in enc["input_ids"]]
+
+    def statement_tokens(self, statements: Sequence[Statement | str]) -> list[list[int]]:
+        """Token ids of each statement (+ context within one max_statement + max_context budget), unpadded."""
+        items = [s if isinstance(s, Statement) else Statement(statement_id="", text=s) for s in statements]
+        for s in items:
+            if not s.text or not s.text.strip():
+                raise ValueError(f"statement {s.statement_id!r} has empty text")
+        cfg = self.config
+        texts = [s.text for s in items]
+        contexts = [s.context for s in items]
+        if cfg.max_context_length > 0 and any(contexts):
+            enc = self.item_tokenizer(texts, [c or "" for c in contexts], truncation="longest_first",
+                                      max_length=self.item_length)
+        else:
+            enc = self.item_tokenizer(texts, truncation=True, max_length=cfg.max_statement_length)
+        return [list(map(int, ids)) for ids in enc["input_ids"]]
+
     def statement_features(self, statements: Sequence[Statement | str], prefix: str = "item") -> dict[str, np.ndarray]:
         """Batch of statements -> {prefix_input_ids (N, L), prefix_attention_mask, prefix_metadata?}."""
         items = [s if isinstance(s, Statement) else Statement(statement_id="", text=s) for s in statements]
@@ -193,6 +220,23 @@ def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 out[f"{prefix}_input_ids"], out[f"{prefix}_attention_mask"]
             )
     return out
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False,
+                  length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged token lists -> (N, length) ids and attention mask, padded to the longest (or `length`)."""
+    width = max([len(s) for s in sequences] + [1]) if length is None else length
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        n = len(seq)
+        if n == 0:
+            continue
+        if left:
+            ids[row, width - n:], mask[row, width - n:] = seq, 1
+        else:
+            ids[row, :n], mask[row, :n] = seq, 1
+    return ids, mask
 
 
 def collate(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ class UUEOutput:
     """What one forward pass returns; the loss reads it."""
 
     user: torch.Tensor  # (B, D) unit vectors
-    item: torch.Tensor  # (B, D) unit vectors of each user's positive statement
+    item: torch.Tensor  # (M, D) unit vectors of the batch's positive slots (M = B x positives per user)
     logit_scale: torch.Tensor  # (1,) exp of the clamped log-scale
     negatives: torch.Tensor | None = None  # (B, K, D) sampled negative statements per user
     negative_ids: torch.Tensor | None = None  # (B, K) their statement indices
@@ -143,11 +143,13 @@ class UUEModel(nn.Module):
         items = self.encode_statements(batch)
         negatives = negative_ids = None
         if negative_sampler is not None and negative_sampler.num_negatives > 0:
-            negative_ids, neg_batch = negative_sampler.sample(users.detach(), batch["user_index"], items.detach())
+            # Semi-hard windows sit below each user's first positive slot (always a real positive).
+            first = items.detach().view(users.size(0), -1, items.size(-1))[:, 0]
+            negative_ids, neg_batch = negative_sampler.sample(users.detach(), batch, first)
             negatives = self._encode_statement_sets(neg_batch)
         out = UUEOutput(users, items, self.clamped_logit_scale(), negatives, negative_ids)
         if label_sampler is not None:
-            draw = label_sampler.sample(batch["user_index"].cpu(), users.device)
+            draw = label_sampler.sample(batch, users.device)
             out.label_items = self._encode_statement_sets(draw.features)
             out.label_values, out.label_mask, out.label_bias = draw.values, draw.mask, self.label_bias
         return out

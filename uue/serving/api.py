@@ -8,38 +8,79 @@ request over a bound is rejected, not truncated.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema, field_validator
 
 from uue.data.schema import Statement, UserChunk, UserData
 from uue.serving.settings import RequestLimits
 
 
 class RequestError(Exception):
-    """A request the server refuses: HTTP status, the offending field (dotted path) and why."""
+    """A request the server refuses: HTTP status, the offending field (dotted path) and why.
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    `retry_after_s` (503: the service is temporarily unable) becomes the `Retry-After` header."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, *, retry_after_s: int | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+        self.retry_after_s = retry_after_s
+
+
+LIMIT_KEY = "x-uue-limit"
+"""Marks a schema bounded by a `RequestLimits` field; the app's OpenAPI document writes the configured bound
+there (maxLength, maxItems or maximum). Over the bound the request gets 413, as the document says."""
+ENUM_KEY = "x-uue-enum"
+"""Marks a value the served model fixes ("model_names": the OpenAI `model` names, "dimension": the only
+`dimensions` it produces); the app's OpenAPI document lists the allowed values there (enum)."""
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+              "\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff")
+r"""Python's whitespace (`str.isspace`) plus JSON Schema's (ECMA-262 `\s` adds U+FEFF): regex engines disagree
+on `\S`, so the documented pattern spells the class out and the server checks exactly these characters."""
+NOT_WHITESPACE = "[^" + "".join(f"\\u{ord(c):04x}" for c in WHITESPACE) + "]"
+
+
 def _non_empty(value: str) -> str:
-    if not value.strip():
+    if not value.strip(WHITESPACE):
         raise ValueError("must not be empty or whitespace")
     return value
 
 
-class ChunkIn(_Body):
-    text: str
-    platform: str | None = None
-    timestamp: str | None = None
+Text = Annotated[str, AfterValidator(_non_empty), WithJsonSchema(
+    {"type": "string", "minLength": 1, "pattern": NOT_WHITESPACE, LIMIT_KEY: "max_text_chars",
+     "description": "Non-empty text (at least one non-whitespace character)."})]
+"""A chunk, statement or input text: 422 when empty or whitespace, 413 over `max_text_chars`."""
 
-    _text = field_validator("text")(_non_empty)
+
+UNION_TAGS = ("string", "object", "list")
+"""Tags of the text-or-object unions below: validation errors name only the member the value is (so
+`{"text": ""}` gets "text: must not be empty", not also "should be a valid string"); error paths omit them."""
+
+
+def _kind(value: Any) -> str:
+    return "string" if isinstance(value, str) else "list" if isinstance(value, list) else "object"
+
+
+def _text_or(model: Any) -> Any:
+    return Annotated[Annotated[Text, Tag("string")] | Annotated[model, Tag("object")], Discriminator(_kind)]
+
+
+def _limited(limit: str, **kwargs: Any) -> Any:
+    return Field(json_schema_extra={LIMIT_KEY: limit}, **kwargs)
+
+
+class ChunkIn(_Body):
+    text: Text
+    platform: str | None = None
+    timestamp: str | None = Field(None, json_schema_extra={"format": "date-time"},
+                                  description="ISO-8601 (RFC 3339 date-time, e.g. 2025-06-01T08:00:00Z; a plain "
+                                              "date is accepted too)")
 
     @field_validator("timestamp")
     @classmethod
@@ -56,16 +97,8 @@ class UserIn(_Body):
     """A user's history: chunks as {text, platform, timestamp} objects or plain strings."""
 
     user_id: str | None = None
-    chunks: list[ChunkIn | str] = Field(min_length=1)
+    chunks: list[_text_or(ChunkIn)] = _limited("max_chunks_per_user", min_length=1)
     metadata: dict[str, Any] | None = None
-
-    @field_validator("chunks")
-    @classmethod
-    def _chunk_text(cls, chunks: list[ChunkIn | str]) -> list[ChunkIn | str]:
-        for i, chunk in enumerate(chunks):
-            if isinstance(chunk, str) and not chunk.strip():
-                raise ValueError(f"chunk {i} is empty or whitespace")
-        return chunks
 
     def to_user(self) -> UserData:
         chunks = [UserChunk(c) if isinstance(c, str) else UserChunk(c.text, c.platform, c.timestamp)
@@ -75,11 +108,9 @@ class UserIn(_Body):
 
 class StatementIn(_Body):
     statement_id: str | None = None
-    text: str
+    text: Text
     context: str | None = None
     metadata: dict[str, Any] | None = None
-
-    _text = field_validator("text")(_non_empty)
 
     def to_statement(self) -> Statement:
         return Statement(self.statement_id or "", self.text, self.context, self.metadata)
@@ -90,38 +121,47 @@ def as_statement(item: StatementIn | str) -> Statement:
 
 
 class EmbedUsersRequest(_Body):
-    users: list[UserIn] = Field(min_length=1)
+    users: list[UserIn] = _limited("max_users_per_request", min_length=1)
 
 
 class EmbedStatementsRequest(_Body):
-    statements: list[StatementIn | str] = Field(min_length=1)
-
-    @field_validator("statements")
-    @classmethod
-    def _texts(cls, items: list[StatementIn | str]) -> list[StatementIn | str]:
-        for i, item in enumerate(items):
-            if isinstance(item, str) and not item.strip():
-                raise ValueError(f"statement {i} is empty or whitespace")
-        return items
+    statements: list[_text_or(StatementIn)] = _limited("max_statements_per_request", min_length=1)
 
 
-class ScoreRequest(EmbedStatementsRequest):
+USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,255}$"
+"""A stored user's id: 1-256 letters, digits and . _ : @ - (not first), in paths and bodies alike."""
+StoredUserId = Annotated[str, Field(pattern=USER_ID_PATTERN, description="a stored user's id "
+                                    "(PUT /users/{user_id}); needs an API key")]
+
+
+class ScoreRequest(_Body):
     """One user against statements given as texts and/or as ids of statements in the loaded index."""
 
-    user: UserIn | None = None
-    user_id: str | None = Field(None, description="A stored user (PUT /users/{user_id}) instead of `user`; "
-                                                  "needs an API key")
-    statements: list[StatementIn | str] = Field(default_factory=list)
-    statement_ids: list[str] = Field(default_factory=list)
-    explain: bool = False
-    """Per statement, the chunks that contributed most (leave-one-out: score minus score without the chunk)."""
-    explain_top: int = Field(3, ge=1, le=64)
+    # Statements: at least one of the two lists. The user: exactly one of `user` (a history sent here) and
+    # `user_id` (a stored user). Stated in the schema so that what it calls valid is accepted.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
+        {"anyOf": [{"required": ["statements"], "properties": {"statements": {"minItems": 1}}},
+                   {"required": ["statement_ids"], "properties": {"statement_ids": {"minItems": 1}}}]},
+        {"oneOf": [{"required": ["user"]}, {"required": ["user_id"]}]},
+    ]})
+
+    user: UserIn = None  # type: ignore[assignment]  (omitted, not null: the schema says UserIn)
+    user_id: StoredUserId = None  # type: ignore[assignment]
+    statements: list[_text_or(StatementIn)] = _limited("max_statements_per_request", default_factory=list)
+    statement_ids: list[str] = _limited("max_statements_per_request", default_factory=list)
+    explain: bool = Field(False, description="per statement, the chunks that contributed most (leave-one-out: "
+                                              "the similarity minus the similarity without the chunk)")
+    explain_top: int = Field(3, ge=1, le=64, description="chunks per statement in `explanation`")
 
 
 class RetrieveRequest(_Body):
-    user: UserIn | None = None
-    user_id: str | None = Field(None, description="A stored user instead of `user`; needs an API key")
-    k: int = Field(10, ge=1)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["user"]}, {"required": ["user_id"]}]})
+
+    user: UserIn = None  # type: ignore[assignment]
+    user_id: StoredUserId = None  # type: ignore[assignment]
+    k: Annotated[int, _limited("max_top_k", ge=1)] | None = Field(
+        None, description="statements to return (default: 10, or `max_top_k` when that is smaller)")
 
 
 class EmbeddingsResponse(BaseModel):
@@ -163,26 +203,89 @@ class RetrieveResponse(ScoreResponse):
     k: int
 
 
+class IndexStatus(BaseModel):
+    location: str
+    version: str | None
+    count: int
+    folder: str | None
+    swaps: int
+    last_error: str | None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    model_fingerprint: str
+    dimension: int
+    calibrated: bool
+    index: IndexStatus | None
+
+
+class ReloadIndexResponse(IndexStatus):
+    swapped: bool
+
+
 class OpenAIEmbeddingsRequest(_Body):
     """OpenAI `POST /v1/embeddings`: token-array inputs are not supported (send text)."""
 
     model_config = ConfigDict(extra="ignore")  # clients add fields (e.g. `user`) that change nothing here
-    input: str | list[str]
-    model: str
+    input: Annotated[Annotated[Text, Tag("string")] | Annotated[
+        list[Text], _limited("max_statements_per_request", min_length=1), Tag("list")], Discriminator(_kind)]
+    model: str = Field(json_schema_extra={ENUM_KEY: "model_names"},
+                       description="uue-statements (statement vectors) or uue-users (each input is one user's "
+                                   "history); another name gets 404")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, gt=0)
+    dimensions: Annotated[int, Field(gt=0, json_schema_extra={ENUM_KEY: "dimension"})] | None = Field(
+        None, description="the model's dimension (vectors cannot be shortened; another value gets 400)")
     input_type: Literal["text", "user_id"] = Field("text", description=(
         "user_id (with the users model): each input is a stored user's id, answered with its stored vector; "
-        "needs an API key"))
+        "needs an API key. An id not stored (or any id with the statements model) gets 404"))
 
     def texts(self) -> list[str]:
-        items = [self.input] if isinstance(self.input, str) else list(self.input)
-        if not items:
-            raise RequestError(422, "input: must not be an empty list", "input")
-        for i, text in enumerate(items):
-            if not text.strip():
-                raise RequestError(422, f"input[{i}]: must not be empty or whitespace", f"input.{i}")
-        return items
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+    """Floats, or with encoding_format=base64 the little-endian float32 bytes in base64."""
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"]
+    model: str
+    data: list[OpenAIEmbedding]
+    usage: OpenAIUsage
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"]
+    data: list[OpenAIModel]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: Literal["invalid_request_error", "server_error"]
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape: every 4xx/5xx of this API has this body."""
+
+    error: ErrorDetail
 
 
 # ---------------------------------------------------------------------------- limits

@@ -19,7 +19,10 @@ peer one that runs both towers in-process. Routes:
 
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with 400 for malformed JSON,
 422 for wrong types/empty text, 413 for bodies or lists over the configured limits, 404 for unknown
-statement ids and model names.
+statement ids, model names and routes, 405 (with `Allow`) for a wrong method, 503 (with `Retry-After`)
+when a tower or the index is unavailable. The OpenAPI document (/openapi.json) is the contract: it carries
+the configured limits and model names, and documents every one of these errors with the body actually sent
+(`ERROR_RESPONSES`, applied to every route, including routes added later; one handler writes them all).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,17 +39,27 @@ from typing import Any, Protocol
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from uue.calibration import PlattCalibrator
 from uue.data.schema import Statement, UserChunk, UserData
 from uue.serving.api import (
+    ENUM_KEY,
+    LIMIT_KEY,
+    UNION_TAGS,
+    USER_ID_PATTERN,
     ChunkContributionOut,
     EmbeddingsResponse,
     EmbedStatementsRequest,
     EmbedUsersRequest,
+    ErrorBody,
+    HealthResponse,
     OpenAIEmbeddingsRequest,
+    OpenAIEmbeddingsResponse,
+    OpenAIModelList,
+    ReloadIndexResponse,
     RequestError,
     RetrieveRequest,
     RetrieveResponse,
@@ -61,7 +76,7 @@ from uue.serving.auth import ApiKeys
 from uue.serving.index_slot import IndexSlot
 from uue.serving.metrics import ServingMetrics
 from uue.serving.settings import RequestLimits
-from uue.serving.user_routes import add_user_routes, authorize, check_user_id, stored_user
+from uue.serving.user_routes import add_user_routes, authorize, stored_user
 from uue.serving.users import PooledUser, UserService, explain_scores, inline_user
 
 
@@ -104,7 +119,8 @@ class ServingService:
             raise RequestError(503, "no statement index configured: start the server with `index` set")
         current = self.index.current
         if current is None:
-            raise RequestError(503, f"statement index not loaded yet ({self.index.last_error or 'loading'})")
+            raise RequestError(503, f"statement index not loaded yet ({self.index.last_error or 'loading'})",
+                               retry_after_s=5)
         return current
 
 
@@ -125,11 +141,62 @@ def check_admin(request: Request, admin_token: str | None) -> None:
                                 "an admin token (ServeArgs.admin_token_env) to call them remotely")
 
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+logger = logging.getLogger("ray.serve")
+
+ERROR_CODES = {404: "not_found", 413: "request_too_large", 503: "service_unavailable"}
+
+
+def _error_doc(description: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"model": ErrorBody, "description": description}
+    if headers:
+        doc["headers"] = {name: {"description": text, "schema": {"type": "string"}} for name, text in headers.items()}
+    return doc
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error_doc("Malformed JSON body, or a value the model cannot serve (e.g. other `dimensions`)."),
+    404: _error_doc("Unknown route, statement id or model name."),
+    405: _error_doc("Method not allowed on this route.", {"Allow": "The methods this route answers."}),
+    413: _error_doc("Body over `max_request_bytes`, or a list, text or `k` over the configured limits "
+                    "(the bounds this document states)."),
+    422: _error_doc("Wrong types, missing or unknown fields, empty text, bad timestamps."),
+    500: _error_doc("A bug: the server failed in an unexpected way."),
+    503: _error_doc("A tower or the statement index is unavailable right now.",
+                    {"Retry-After": "Seconds to wait before retrying."}),
+}
+"""The errors any route may answer, documented for every route of the app (FastAPI's own 422 entry, with a
+`{"detail": ...}` body this API never sends, is replaced by it)."""
+
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: _error_doc("Missing or wrong `Authorization: Bearer <admin token>`."),
+    403: _error_doc("No admin token is configured and the client is not on loopback."),
+    409: _error_doc("No index configured, or the new index version failed to load (the current one serves)."),
+}
+
+
+def _error(status: int, message: str, param: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    code = {404: "not_found", 413: "request_too_large"}.get(status, str(status))
-    return JSONResponse(status_code=status,
+    code = ERROR_CODES.get(status, str(status))
+    return JSONResponse(status_code=status, headers=headers,
                         content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def _with_runtime_bounds(node: Any, limits: RequestLimits, enums: dict[str, list[Any]]) -> Any:
+    """Write the configured limits (`LIMIT_KEY`) and the served model's values (`ENUM_KEY`) into a JSON schema."""
+    if isinstance(node, dict):
+        node = {key: _with_runtime_bounds(value, limits, enums) for key, value in node.items()}
+        limit = node.pop(LIMIT_KEY, None)
+        if limit is not None:
+            bound = {"array": "maxItems", "string": "maxLength", "integer": "maximum"}[node["type"]]
+            node[bound] = getattr(limits, limit)
+        enum = node.pop(ENUM_KEY, None)
+        if enum is not None:
+            node["enum"] = enums[enum]
+        return node
+    if isinstance(node, list):
+        return [_with_runtime_bounds(value, limits, enums) for value in node]
+    return node
 
 
 def _validation_message(err: RequestValidationError) -> tuple[int, str, str | None]:
@@ -140,8 +207,8 @@ def _validation_message(err: RequestValidationError) -> tuple[int, str, str | No
     parts, first_param = [], None
     for e in errors[:5]:
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        # Union members (str | {...}) add their type name to the path; it says nothing to a client.
-        loc = [p for p in loc if p not in ("str", "StatementIn", "ChunkIn") and not p.startswith("function-")]
+        # Union members (text | {...}) add their tag to the path; it says nothing to a client.
+        loc = [p for p in loc if p not in UNION_TAGS and not p.startswith("function-")]
         where = ".".join(loc) or "body"
         first_param = first_param or where
         message = str(e.get("msg", "")).removeprefix("Value error, ")
@@ -159,9 +226,19 @@ def _openai_vector(vector: np.ndarray, encoding_format: str) -> list[float] | st
 
 
 def build_http_app(service: ServingService) -> FastAPI:
-    app = FastAPI(title="UUE: Universal User Embeddings", version="1")
+    app = FastAPI(title="UUE: Universal User Embeddings", version="1", responses=ERROR_RESPONSES)
     limits = service.limits
     metrics = service.metrics
+    model_names = [service.statement_model_name, service.user_model_name]
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            enums = {"model_names": model_names, "dimension": [service.dimension]}
+            app.openapi_schema = _with_runtime_bounds(document, limits, enums)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.middleware("http")
     async def limit_and_count(request: Request, call_next):
@@ -182,6 +259,7 @@ def build_http_app(service: ServingService) -> FastAPI:
                 metrics.record_rejected(str(response.status_code))
         return response
 
+    # The one place errors become responses: every route (and every route added later) answers through these.
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         status, message, param = _validation_message(err)
@@ -189,11 +267,17 @@ def build_http_app(service: ServingService) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def on_refused(request: Request, err: RequestError) -> JSONResponse:
-        return _error(err.status, err.message, err.param)
+        headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+        return _error(err.status, err.message, err.param, headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(err.status_code, str(err.detail))
+        return _error(err.status_code, str(err.detail), headers=err.headers)  # keeps 405's Allow
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return _error(500, f"internal error ({type(err).__name__}); see the server log")
 
     def count(kind: str, n: int) -> None:
         if metrics is not None:
@@ -211,7 +295,6 @@ def build_http_app(service: ServingService) -> FastAPI:
         if (user is None) == (user_id is None):
             raise RequestError(422, "give exactly one of `user` (a history) or `user_id` (a stored user)", "user")
         if user_id is not None:
-            check_user_id(user_id)
             pooled = await stored_user(service, request, user_id)
             return pooled.vector, pooled
         check_user(user, limits)
@@ -221,7 +304,7 @@ def build_http_app(service: ServingService) -> FastAPI:
             return pooled.vector, pooled
         return await embed_user(user.to_user()), None
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, Any]:
         return {
             "status": "ok",
@@ -257,7 +340,8 @@ def build_http_app(service: ServingService) -> FastAPI:
         if not body.statements and not body.statement_ids:
             raise RequestError(422, "give at least one of `statements` (texts) or `statement_ids`", "statements")
         statements = [as_statement(s) for s in body.statements]
-        check_statement_texts([s.text for s in statements] + body.statement_ids, limits, "statements")
+        check_statement_texts([s.text for s in statements], limits, "statements")
+        check_statement_texts(body.statement_ids, limits, "statement_ids")
         known: list[tuple[str, str, np.ndarray]] = []
         index_version = None
         if body.statement_ids:
@@ -297,30 +381,30 @@ def build_http_app(service: ServingService) -> FastAPI:
     async def retrieve(body: RetrieveRequest, request: Request) -> RetrieveResponse:
         if body.user is not None:
             check_user(body.user, limits)
-        if body.k > limits.max_top_k:
-            raise RequestError(413, f"k: {body.k}, at most {limits.max_top_k} allowed", "k")
+        k = min(10, limits.max_top_k) if body.k is None else body.k
+        if k > limits.max_top_k:
+            raise RequestError(413, f"k: {k}, at most {limits.max_top_k} allowed", "k")
         index = service.loaded_index()  # one reference: the whole request uses this version
         user_vector, _ = await the_user(request, body.user, body.user_id)
-        hits = index.search(user_vector[None, :], body.k)[0]
+        hits = index.search(user_vector[None, :], k)[0]
         probabilities = service.probabilities(np.array([score for _, _, score in hits]))
         return RetrieveResponse(
             model_fingerprint=service.model_fingerprint, calibrated=service.calibrator is not None,
-            index_version=index.version, k=body.k,
+            index_version=index.version, k=k,
             scores=[ScoredStatement(statement_id=sid, text=text, similarity=score, probability=p)
                     for (sid, text, score), p in zip(hits, probabilities, strict=True)],
         )
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=OpenAIModelList)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "uue"}
-            for name in (service.statement_model_name, service.user_model_name)
+            {"id": name, "object": "model", "created": 0, "owned_by": "uue"} for name in model_names
         ]}
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", response_model=OpenAIEmbeddingsResponse)
     async def openai_embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> dict[str, Any]:
         texts = body.texts()
-        if body.model not in (service.statement_model_name, service.user_model_name):
+        if body.model not in model_names:
             raise RequestError(404, f"model {body.model!r} not found; this server has "
                                     f"{service.statement_model_name!r} (statements) and "
                                     f"{service.user_model_name!r} (each input is one user's history)", "model")
@@ -329,12 +413,15 @@ def build_http_app(service: ServingService) -> FastAPI:
                                     f"and cannot shorten them, got {body.dimensions}", "dimensions")
         check_statement_texts(texts, limits, "input")
         if body.input_type == "user_id":
-            if body.model != service.user_model_name:
-                raise RequestError(422, f"input_type user_id needs model {service.user_model_name!r}", "input_type")
-            for i, user_id in enumerate(texts):
-                check_user_id(user_id, f"input.{i}")
             users = authorize(service, request, write=False)
-            vectors = [(await users.stored(user_id)).vector for user_id in texts]
+            if body.model != service.user_model_name:
+                raise RequestError(404, f"model {body.model!r} has no stored users: input_type user_id takes "
+                                        f"model {service.user_model_name!r}", "model")
+            vectors = []
+            for i, user_id in enumerate(texts):
+                if not re.fullmatch(USER_ID_PATTERN, user_id):  # cannot have been stored
+                    raise RequestError(404, f"input.{i}: user {user_id!r} is not stored", f"input.{i}")
+                vectors.append((await users.stored(user_id)).vector)
             prompt_tokens = 0
         elif body.model == service.statement_model_name:
             vectors, tokens = await service.backend.embed_statements([Statement("", t) for t in texts])
@@ -352,7 +439,7 @@ def build_http_app(service: ServingService) -> FastAPI:
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
 
-    @app.post("/admin/reload-index")
+    @app.post("/admin/reload-index", response_model=ReloadIndexResponse, responses=ADMIN_RESPONSES)
     async def reload_index(request: Request) -> dict[str, Any]:
         check_admin(request, service.admin_token)
         if service.index is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 class ServingMetrics:
-    """Request outcomes, rejected requests by reason, items embedded, index swaps and size."""
+    """Request outcomes, rejected requests by reason, items embedded, tower retries, index swaps and size."""
 
     def __init__(self) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram
@@ -30,6 +30,10 @@ class ServingMetrics:
             "uue_request_seconds", description="UUE request latency in the ingress, by route.",
             boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0], tag_keys=("route",),
         )
+        self.tower_retries = Counter(
+            "uue_tower_retries_total", description="Tower calls sent again because their replica died.",
+            tag_keys=("tower",),
+        )
         self.index_swaps = Counter("uue_index_swaps_total", description="Statement index versions swapped in.")
         self.index_size = Gauge("uue_index_statements", description="Statements in the index being served.")
 
@@ -43,6 +47,9 @@ class ServingMetrics:
     def record_embedded(self, kind: str, count: int) -> None:
         if count:
             self.embedded.inc(count, tags={"kind": kind})
+
+    def record_tower_retry(self, tower: str) -> None:
+        self.tower_retries.inc(tags={"tower": tower})
 
     def record_index(self, size: int, swapped: bool) -> None:
         self.index_size.set(size)

@@ -130,10 +130,16 @@ class ServeArgs(_Strict):
     """The environment variable (in the ingress replicas' environment: runtime_env `env_vars` or a
     Kubernetes secret) holding the bearer token of the `/admin/*` routes. Set, they require
     `Authorization: Bearer <token>`; unset, they answer loopback clients (127.0.0.1, ::1) only."""
+    tower_call_attempts: int = Field(3, ge=1)
+    """How often the ingress sends a tower call in all when the replica holding it dies (calls are pure)."""
+    retry_after_s: int = Field(5, ge=1)
+    """`Retry-After` of the 503 a client gets when no tower replica answered."""
     limits: RequestLimits = RequestLimits()
-    user_tower: TowerDeploymentArgs = TowerDeploymentArgs(max_batch_size=256, max_ongoing_requests=256)
-    item_tower: TowerDeploymentArgs = TowerDeploymentArgs()
-    ingress: IngressArgs = IngressArgs()
+    # Defaults fit a 2-CPU machine (`serve run serve.app:build_app model_dir=...` with nothing else): one
+    # replica each reserves 0.4 + 0.4 + 0.2 CPUs, everything at max_replicas 2.0 (num_cpus is a scheduling share).
+    user_tower: TowerDeploymentArgs = TowerDeploymentArgs(num_cpus=0.4, max_batch_size=256, max_ongoing_requests=256)
+    item_tower: TowerDeploymentArgs = TowerDeploymentArgs(num_cpus=0.4)
+    ingress: IngressArgs = IngressArgs(num_cpus=0.2)
     user_store: UserStoreArgs | None = None
     """Stored users; None: the /users routes and `user_id` inputs answer 503 (nothing is stored)."""
 

@@ -18,14 +18,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel
 
-from uue.serving.api import RequestError, UserIn, check_user
+from uue.serving.api import USER_ID_PATTERN, ErrorBody, RequestError, UserIn, check_user
 from uue.serving.users import PooledUser, UserService
 from uue.user_store import UserState
 
 if TYPE_CHECKING:
     from uue.serving.http import ServingService
 
-USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,255}$"
 UserId = Annotated[str, PathParam(pattern=USER_ID_PATTERN, description=(
     "1-256 characters: letters, digits and . _ : @ - (not first)."))]
 
@@ -59,13 +58,17 @@ class DeletedUserResponse(BaseModel):
     """False when the user was not stored (deleting is idempotent)."""
 
 
+def _error_doc(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
 USER_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or unknown API key (`Authorization: Bearer <key>`)."},
-    403: {"description": "A read-only (`:ro`) API key on a route that writes or deletes."},
-    404: {"description": "The user is not stored."},
-    409: {"description": "The user was stored by another model (PUT its history again), or lost a write race "
-                         "too often."},
-    503: {"description": "No user store is configured on this server."},
+    401: _error_doc("Missing or unknown API key (`Authorization: Bearer <key>`)."),
+    403: _error_doc("A read-only (`:ro`) API key on a route that writes or deletes."),
+    404: _error_doc("The user is not stored (or an unknown route)."),
+    409: _error_doc("The user was stored by another model (PUT its history again), or lost a write race too "
+                    "often."),
+    503: _error_doc("No user store is configured on this server (or a tower is unavailable)."),
 }
 """The stored-user errors, on top of the app's common ones; bodies are the app's error shape."""
 
@@ -85,13 +88,6 @@ def authorize(service: "ServingService", request: Request, write: bool) -> UserS
 async def stored_user(service: "ServingService", request: Request, user_id: str) -> PooledUser:
     """A stored user for /score, /retrieve, /v1/embeddings (needs a key; reading suffices)."""
     return await authorize(service, request, write=False).stored(user_id)
-
-
-def check_user_id(user_id: str, param: str = "user_id") -> None:
-    import re
-
-    if not re.fullmatch(USER_ID_PATTERN, user_id):
-        raise RequestError(422, f"{param}: must match {USER_ID_PATTERN}", param)
 
 
 def _response(state: UserState, dimension: int) -> StoredUserResponse:

@@ -1,0 +1,77 @@
+"""Export the item tower for tools outside UUE: a sentence-transformers folder.
+
+`model/item_tower/backbone` alone is the fine-tuned transformer without the trained head (pooling choice,
+metadata fusion, projection in `head.safetensors`), so its vectors are not the item tower's. The export
+writes the whole statement path as sentence-transformers modules:
+
+    Transformer(backbone, max_seq_length = max_statement_length) -> Pooling(mean | lasttoken, as trained)
+    -> Dense(projection, no activation) -> Normalize()
+
+The projection is folded into one `Dense`: a low-rank residual head (x + up(down(x))) becomes
+I + up @ down, and with item metadata fusion on, the fusion of *no metadata* (a constant vector added to the
+pooled text) moves into the bias. So `SentenceTransformer(out).encode(texts)` equals the item tower on
+statements without metadata or context (UUE encodes a context as a second segment; metadata changes the
+vector): that is the contract `uue export` tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from uue.data.featurize import hash_metadata
+from uue.model.towers import ItemTower, LowRankResidualProjection
+from uue.model.uue_model import load_tower
+
+
+def metadata_free_projection(tower: ItemTower) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the one affine map pooled text -> pre-normalisation vector, for statements without
+    metadata."""
+    projection = tower.projection
+    with torch.no_grad():
+        if isinstance(projection, LowRankResidualProjection):
+            weight = torch.eye(projection.up.out_features) + projection.up.weight @ projection.down.weight
+            bias = projection.up.bias.clone()
+        elif isinstance(projection, nn.Linear):
+            weight, bias = projection.weight.clone(), projection.bias.clone()
+        else:
+            raise TypeError(f"cannot export a projection of type {type(projection).__name__}")
+        if tower.metadata is not None:  # pooled + mlp(metadata of none) -> a constant shift
+            dim = tower.metadata.mlp[0].in_features
+            empty = torch.as_tensor(hash_metadata(None, dim))[None, :]
+            shift = tower.metadata.mlp(empty.to(weight.dtype))[0]
+            bias = bias + weight @ shift
+    return weight.float().contiguous(), bias.float().contiguous()
+
+
+def export_sentence_transformers(model_dir: str | Path, out: str | Path) -> Path:
+    """Write the item tower of the UUE model folder `model_dir` as a sentence-transformers folder `out`."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    tower_folder = Path(model_dir) / "item_tower"
+    meta = json.loads((tower_folder / "tower.json").read_text()) if (tower_folder / "tower.json").is_file() else None
+    if meta is None:
+        raise FileNotFoundError(f"{tower_folder}/tower.json not found: {model_dir} is not a saved UUE model folder")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty: choose a new folder for the export")
+    tower, _ = load_tower(tower_folder)
+    assert isinstance(tower, ItemTower)
+    max_length = int(meta["model_config"]["max_statement_length"])
+    pooling = {"mean": "mean", "last_token": "lasttoken"}[meta["pooling"]]
+    weight, bias = metadata_free_projection(tower)
+    transformer = Transformer(str(tower_folder / "backbone"), max_seq_length=max_length)
+    modules = [
+        transformer,
+        Pooling(tower.encoder.hidden_size, pooling_mode=pooling),
+        Dense(weight.shape[1], weight.shape[0], bias=True, activation_function=nn.Identity(),
+              init_weight=weight, init_bias=bias),
+        Normalize(),
+    ]
+    SentenceTransformer(modules=modules, device="cpu").save(str(out))
+    return out

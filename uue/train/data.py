@@ -1,0 +1,69 @@
+"""What a training process reads: the preprocessed shards (made first from a raw folder), the statement
+table, the batch collator and the samplers, built the same way in one process and in a Ray worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uue.config import ExperimentConfig
+from uue.data.featurize import Featurizer
+from uue.data.readers import UUEDataset, load_dataset
+from uue.data.shards import Shards, check_manifest, is_preprocessed, preprocess_local
+from uue.model.uue_model import UUEModel
+from uue.train.samplers import Samplers, build_samplers, wants_samplers
+from uue.train.stream import BatchCollator, StatementTable
+
+
+def preprocessed_target(config: ExperimentConfig) -> str:
+    return config.data.preprocessed_dir or str(Path(config.training.output_dir) / "preprocessed")
+
+
+def open_shards(config: ExperimentConfig, featurizer: Featurizer, uri: str | None = None) -> Shards:
+    """Open a preprocessed folder and refuse it when it was made for another tokenizer, lengths or split."""
+    shards = Shards.open(uri or config.data.path)
+    check_manifest(shards.manifest, featurizer, config.data.train_split, shards.uri)
+    return shards
+
+
+def local_shards(config: ExperimentConfig, featurizer: Featurizer,
+                 dataset: UUEDataset | None = None) -> tuple[Shards, UUEDataset | None]:
+    """data.path as shards: a preprocessed folder as it is; a data-contract folder (or an in-memory dataset)
+    preprocessed in this process first, into data.preprocessed_dir. Returns the raw dataset when there is one."""
+    if dataset is None and is_preprocessed(config.data.path):
+        return open_shards(config, featurizer), None
+    dataset = dataset if dataset is not None else load_dataset(config.data.path)
+    target = preprocessed_target(config)
+    preprocess_local(dataset, target, config, featurizer, config.data.train_split)
+    return open_shards(config, featurizer, target), dataset
+
+
+@dataclass
+class Inputs:
+    statements: StatementTable
+    collate: BatchCollator
+    samplers: Samplers
+
+
+def build_inputs(config: ExperimentConfig, shards: Shards, model: UUEModel, featurizer: Featurizer,
+                 device: torch.device, sampler_seed: int) -> Inputs:
+    """Statement table (a frozen item backbone's vectors with cache_statement_vectors), the collator (a frozen
+    user backbone's chunk-vector cache with cache_chunk_vectors) and the samplers of one process."""
+    cfg = config.model
+    table = StatementTable(shards.statements(), featurizer)
+    if cfg.cache_statement_vectors:
+        from uue.chunk_cache import statement_vector_features
+
+        vectors = statement_vector_features(model.item_tower.encoder, table.pool_features(), device=device)
+        table.text_vectors = vectors["item_text_vectors"]
+    chunk_vectors: Any = None
+    if cfg.cache_chunk_vectors:
+        from uue.chunk_cache import TokenChunkCache
+
+        chunk_vectors = TokenChunkCache(model.user_tower.encoder, featurizer, device)
+    collate = BatchCollator(cfg, featurizer, table, config.data.shuffle_seed, chunk_vectors)
+    samplers = build_samplers(cfg, table.pool_features(), sampler_seed) if wants_samplers(cfg) else Samplers()
+    return Inputs(table, collate, samplers)
