@@ -21,7 +21,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from uue.data.schema import Statement, UserData
+from uue.data.schema import Statement, UserChunk, UserData
 from uue.serving.encoders import StatementEncoder, UserEncoder
 from uue.serving.settings import ServeArgs
 
@@ -47,6 +47,8 @@ class UserTowerDeployment:
                              f"num_chunks_per_user ({self.encoder.config.num_chunks_per_user})")
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._encode_chunks.set_max_batch_size(max_batch_size)
+        self._encode_chunks.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.chunks_encoded = Counter("uue_user_tower_chunks_total", description="Chunks encoded by the user tower.")
         self.stats = {"batches": 0, "users": 0, "largest_batch_users": 0, "largest_batch_chunks": 0}
 
@@ -65,6 +67,35 @@ class UserTowerDeployment:
         stats["largest_batch_users"] = max(stats["largest_batch_users"], len(users))
         stats["largest_batch_chunks"] = max(stats["largest_batch_chunks"], chunks)
         return list(vectors)
+
+    # The user store's calls (uue.serving.users): new chunks alone, batched across users up to max_batch_size
+    # chunks; pooling from stored chunk vectors (no encoder pass).
+    async def chunk_vectors(self, chunks: list[UserChunk]) -> np.ndarray:
+        if not chunks:
+            return np.zeros((0, self.encoder.hidden_size), np.float32)
+        return np.stack(await asyncio.gather(*(self._encode_chunks(chunk) for chunk in chunks)))
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005)
+    async def _encode_chunks(self, chunks: list[UserChunk]) -> list[np.ndarray]:
+        vectors = await asyncio.to_thread(self.encoder.chunk_vectors, chunks)
+        self.chunks_encoded.inc(len(chunks))
+        self.stats["chunk_batches"] = self.stats.get("chunk_batches", 0) + 1
+        self.stats["chunks_alone"] = self.stats.get("chunks_alone", 0) + len(chunks)
+        return list(vectors)
+
+    async def pool(self, users: list[tuple[np.ndarray, dict | None]]) -> np.ndarray:
+        return await asyncio.to_thread(self.encoder.pool, users)
+
+    async def leave_one_out(self, user: tuple[np.ndarray, dict | None]) -> np.ndarray:
+        return await asyncio.to_thread(self.encoder.leave_one_out, *user)
+
+    async def encode_and_pool(self, append: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """An append in one call: (chunks, stored vectors, kept new positions, metadata) -> (vectors, user)."""
+        chunks, stored, kept_new, metadata = append
+        encoded = await self.chunk_vectors(chunks)  # batched with other users' new chunks
+        parts = ([stored] if stored is not None else []) + [encoded[list(kept_new)]]
+        pooled = await asyncio.to_thread(self.encoder.pool, [(np.concatenate(parts), metadata)])
+        return encoded, pooled[0]
 
     def info(self) -> dict:
         return {**self.encoder.info(), **self.stats}
@@ -130,6 +161,13 @@ class UUEIngress:
             calibrator=PlattCalibrator.load(self.args.model_dir), index=index, metrics=metrics,
             admin_token=os.environ.get(self.args.admin_token_env) or None,
         )
+        self.service.num_chunks_per_user = user_info["num_chunks_per_user"]
+        if self.args.user_store is not None:
+            from uue.serving.users import open_user_service
+
+            self.service.users, self.service.api_keys = await asyncio.to_thread(
+                open_user_service, self.args.user_store, self.service.backend, fingerprint,
+                self.service.num_chunks_per_user)
         self._poller = asyncio.get_running_loop().create_task(self._poll_index()) if index else None
 
     async def _poll_index(self) -> None:

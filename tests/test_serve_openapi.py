@@ -9,6 +9,7 @@ fuzzing stays within seconds.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import httpx
@@ -17,7 +18,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from uue.serving.settings import RequestLimits
+from uue.serving.settings import RequestLimits, UserStoreArgs
 
 LIMITS = RequestLimits(max_request_bytes=1_000_000, max_users_per_request=3, max_chunks_per_user=4,
                        max_statements_per_request=4, max_text_chars=200, max_top_k=8)
@@ -27,6 +28,7 @@ CONFIG = schemathesis.Config.from_dict({
     "checks": {"negative_data_rejection": {"expected-statuses": [400, 404, 405, 413, 422]}},
 })
 MAX_EXAMPLES = 15
+FUZZ_KEY = "fuzz-api-key"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,10 @@ def fuzzed_app(tmp_path_factory, ray_session, sample_data_dir):
     UUEModel.from_config(config, seed=5).save_pretrained(root / "model")
     build_index(root / "model", sample_data_dir, root / "index", min_actors=1, max_actors=1, batch_size=16,
                 cpus_per_actor=0.5, progress=False)
-    return build_local_app(root / "model", limits=LIMITS, index=str(root / "index"))
+    # Stored users too, with an API key the fuzzer sends (refused keys are tested in test_user_http.py).
+    os.environ["UUE_FUZZ_API_KEYS"] = FUZZ_KEY
+    store = UserStoreArgs(path=str(root / "users.sqlite"), api_keys_env="UUE_FUZZ_API_KEYS")
+    return build_local_app(root / "model", limits=LIMITS, index=str(root / "index"), user_store=store)
 
 
 def test_every_route_keeps_the_openapi_contract(fuzzed_app):
@@ -57,7 +62,8 @@ def test_every_route_keeps_the_openapi_contract(fuzzed_app):
     operations = [result.ok() for result in api.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} == {
         "GET /health", "POST /embed/users", "POST /embed/statements", "POST /score", "POST /retrieve",
-        "GET /v1/models", "POST /v1/embeddings", "POST /admin/reload-index"}
+        "GET /v1/models", "POST /v1/embeddings", "POST /admin/reload-index", "PUT /users/{user_id}",
+        "POST /users/{user_id}/chunks", "GET /users/{user_id}", "DELETE /users/{user_id}"}
     calls: dict[str, int] = {}
 
     def fuzzer(operation, mode):
@@ -68,7 +74,7 @@ def test_every_route_keeps_the_openapi_contract(fuzzed_app):
                   suppress_health_check=list(HealthCheck))
         def fuzz(case):
             calls[name] = calls.get(name, 0) + 1
-            case.call_and_validate()
+            case.call_and_validate(headers={"Authorization": f"Bearer {FUZZ_KEY}"})
 
         return fuzz
 

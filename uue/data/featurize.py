@@ -67,13 +67,18 @@ def _timestamp_key(chunk: UserChunk) -> float:
         return float("-inf")
 
 
+def select_chunk_indices(chunks: Sequence[UserChunk], limit: int) -> list[int]:
+    """Positions of the `limit` most recent chunks, in order (by timestamp; position breaks ties, untimed
+    chunks count as oldest). Anything with a `.timestamp` works: the user store evicts with this too."""
+    if len(chunks) <= limit:
+        return list(range(len(chunks)))
+    order = sorted(range(len(chunks)), key=lambda i: (_timestamp_key(chunks[i]), i))
+    return sorted(order[-limit:])
+
+
 def select_chunks(chunks: Sequence[UserChunk], limit: int) -> list[UserChunk]:
     """Keep the `limit` most recent chunks (by timestamp; file order breaks ties and untimed chunks)."""
-    if len(chunks) <= limit:
-        return list(chunks)
-    order = sorted(range(len(chunks)), key=lambda i: (_timestamp_key(chunks[i]), i))
-    keep = sorted(order[-limit:])
-    return [chunks[i] for i in keep]
+    return [chunks[i] for i in select_chunk_indices(chunks, limit)]
 
 
 def chunk_text(chunk: UserChunk) -> str:
@@ -104,22 +109,28 @@ class Featurizer:
             raise ValueError("a user needs at least one chunk of text")
         cfg = self.config
         kept = select_chunks(chunks, cfg.num_chunks_per_user)
-        enc = self.user_tokenizer(
-            [chunk_text(c) for c in kept], padding="max_length", truncation=True,
-            max_length=cfg.max_chunk_length, return_tensors="np",
-        )
+        chunk_ids, chunk_mask_tokens = self.chunk_tokens(kept)
         ids = np.zeros((cfg.num_chunks_per_user, cfg.max_chunk_length), dtype=np.int64)
         mask = np.zeros_like(ids)
         pad_id = self.user_tokenizer.pad_token_id or 0
         ids[:] = pad_id
-        ids[: len(kept)] = enc["input_ids"]
-        mask[: len(kept)] = enc["attention_mask"]
+        ids[: len(kept)] = chunk_ids
+        mask[: len(kept)] = chunk_mask_tokens
         chunk_mask = np.zeros(cfg.num_chunks_per_user, dtype=bool)
         chunk_mask[: len(kept)] = True
         features = {"user_input_ids": ids, "user_attention_mask": mask, "chunk_mask": chunk_mask}
         if cfg.use_user_metadata:
             features["user_metadata"] = hash_metadata(metadata, cfg.metadata_dim)
         return features
+
+    def chunk_tokens(self, chunks: Sequence[UserChunk]) -> tuple[np.ndarray, np.ndarray]:
+        """Chunks -> (N, max_chunk_length) token ids and attention mask: the one way a chunk is tokenized,
+        whether it is encoded inside a whole user or on its own (the user store's appends)."""
+        enc = self.user_tokenizer(
+            [chunk_text(c) for c in chunks], padding="max_length", truncation=True,
+            max_length=self.config.max_chunk_length, return_tensors="np",
+        )
+        return enc["input_ids"], enc["attention_mask"]
 
     # -- ragged tokens: what preprocessed shards store (no padding); `pad_sequences` pads at the batch
     def user_tokens(self, user: UserData | Sequence[UserChunk]) -> list[list[int]]:

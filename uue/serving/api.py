@@ -128,21 +128,38 @@ class EmbedStatementsRequest(_Body):
     statements: list[_text_or(StatementIn)] = _limited("max_statements_per_request", min_length=1)
 
 
+USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,255}$"
+"""A stored user's id: 1-256 letters, digits and . _ : @ - (not first), in paths and bodies alike."""
+StoredUserId = Annotated[str, Field(pattern=USER_ID_PATTERN, description="a stored user's id "
+                                    "(PUT /users/{user_id}); needs an API key")]
+
+
 class ScoreRequest(_Body):
     """One user against statements given as texts and/or as ids of statements in the loaded index."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [  # at least one of the two lists
-        {"required": ["statements"], "properties": {"statements": {"minItems": 1}}},
-        {"required": ["statement_ids"], "properties": {"statement_ids": {"minItems": 1}}},
+    # Statements: at least one of the two lists. The user: exactly one of `user` (a history sent here) and
+    # `user_id` (a stored user). Stated in the schema so that what it calls valid is accepted.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
+        {"anyOf": [{"required": ["statements"], "properties": {"statements": {"minItems": 1}}},
+                   {"required": ["statement_ids"], "properties": {"statement_ids": {"minItems": 1}}}]},
+        {"oneOf": [{"required": ["user"]}, {"required": ["user_id"]}]},
     ]})
 
-    user: UserIn
+    user: UserIn = None  # type: ignore[assignment]  (omitted, not null: the schema says UserIn)
+    user_id: StoredUserId = None  # type: ignore[assignment]
     statements: list[_text_or(StatementIn)] = _limited("max_statements_per_request", default_factory=list)
     statement_ids: list[str] = _limited("max_statements_per_request", default_factory=list)
+    explain: bool = Field(False, description="per statement, the chunks that contributed most (leave-one-out: "
+                                              "the similarity minus the similarity without the chunk)")
+    explain_top: int = Field(3, ge=1, le=64, description="chunks per statement in `explanation`")
 
 
 class RetrieveRequest(_Body):
-    user: UserIn
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["user"]}, {"required": ["user_id"]}]})
+
+    user: UserIn = None  # type: ignore[assignment]
+    user_id: StoredUserId = None  # type: ignore[assignment]
     k: Annotated[int, _limited("max_top_k", ge=1)] | None = Field(
         None, description="statements to return (default: 10, or `max_top_k` when that is smaller)")
 
@@ -153,12 +170,25 @@ class EmbeddingsResponse(BaseModel):
     embeddings: list[list[float]]
 
 
+class ChunkContributionOut(BaseModel):
+    index: int
+    """The chunk's position: in the request's `user.chunks`, or in `GET /users/{user_id}`'s `chunks`."""
+    seq: int | None
+    """A stored chunk's arrival number (null for a user sent inline)."""
+    timestamp: str | None
+    platform: str | None
+    contribution: float
+    """The statement's similarity minus its similarity to the same user without this chunk."""
+
+
 class ScoredStatement(BaseModel):
     statement_id: str | None
     text: str
     similarity: float
     probability: float | None
     """Platt-calibrated P(statement true of user); null when the model folder has no calibration.json."""
+    explanation: list[ChunkContributionOut] | None = None
+    """With `explain: true`: the chunks that raised this score most, largest contribution first."""
 
 
 class ScoreResponse(BaseModel):
@@ -166,6 +196,7 @@ class ScoreResponse(BaseModel):
     calibrated: bool
     index_version: str | None
     scores: list[ScoredStatement]
+    explanation_method: Literal["leave_one_out"] | None = None
 
 
 class RetrieveResponse(ScoreResponse):
@@ -205,6 +236,9 @@ class OpenAIEmbeddingsRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(gt=0, json_schema_extra={ENUM_KEY: "dimension"})] | None = Field(
         None, description="the model's dimension (vectors cannot be shortened; another value gets 400)")
+    input_type: Literal["text", "user_id"] = Field("text", description=(
+        "user_id (with the users model): each input is a stored user's id, answered with its stored vector; "
+        "needs an API key. An id not stored (or any id with the statements model) gets 404"))
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
@@ -261,13 +295,13 @@ def _check_text(text: str, limits: RequestLimits, param: str) -> None:
 
 
 def check_user(user: UserIn, limits: RequestLimits, param: str = "user") -> None:
+    where = f"{param}.chunks" if param else "chunks"
     if len(user.chunks) > limits.max_chunks_per_user:
         raise RequestError(
-            413, f"{param}.chunks: {len(user.chunks)} chunks, at most {limits.max_chunks_per_user} per user allowed",
-            f"{param}.chunks",
+            413, f"{where}: {len(user.chunks)} chunks, at most {limits.max_chunks_per_user} per user allowed", where,
         )
     for i, chunk in enumerate(user.chunks):
-        _check_text(chunk if isinstance(chunk, str) else chunk.text, limits, f"{param}.chunks.{i}")
+        _check_text(chunk if isinstance(chunk, str) else chunk.text, limits, f"{where}.{i}")
 
 
 def check_users(users: list[UserIn], limits: RequestLimits, param: str = "users") -> None:

@@ -20,7 +20,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from uue.data.schema import Statement, UserData
+from uue.data.schema import Statement, UserChunk, UserData
 from uue.serving.api import RequestError
 
 logger = logging.getLogger("ray.serve")
@@ -73,3 +73,15 @@ class HandleBackend:
 
     async def embed_statements(self, statements: list[Statement]) -> tuple[np.ndarray, list[int]]:
         return await call_tower(self.item_tower, "ItemTower", "embed", statements, **self.retry)
+
+    # The user tower split at the chunk vectors (uue.serving.users.ChunkBackend): the user store's path.
+    async def pool_users(self, users: list[tuple[np.ndarray, dict | None]]) -> np.ndarray:
+        return await call_tower(self.user_tower, "UserTower", "pool", users, **self.retry)
+
+    async def leave_one_out(self, vectors: np.ndarray, metadata: dict | None) -> np.ndarray:
+        return await call_tower(self.user_tower, "UserTower", "leave_one_out", (vectors, metadata), **self.retry)
+
+    async def encode_and_pool(self, chunks: list[UserChunk], stored: np.ndarray | None, kept_new: list[int],
+                              metadata: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        return await call_tower(self.user_tower, "UserTower", "encode_and_pool", (chunks, stored, kept_new, metadata),
+                                **self.retry)

@@ -12,6 +12,7 @@ peer one that runs both towers in-process. Routes:
     POST /retrieve               {"user": {...}, "k": 10} -> top-k statements of the index
     POST /v1/embeddings          OpenAI-compatible (input string or list; encoding_format float|base64)
     GET  /v1/models              OpenAI-compatible model list
+    PUT/POST/GET/DELETE /users/{user_id}[/chunks]  stored users (uue.serving.user_routes; API keys)
     POST /admin/reload-index     re-read the index location now (replicas also poll it); needs
                                  `Authorization: Bearer <admin token>` when one is configured, else a
                                  loopback client
@@ -30,8 +31,9 @@ import asyncio
 import base64
 import hmac
 import logging
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,6 +49,8 @@ from uue.serving.api import (
     ENUM_KEY,
     LIMIT_KEY,
     UNION_TAGS,
+    USER_ID_PATTERN,
+    ChunkContributionOut,
     EmbeddingsResponse,
     EmbedStatementsRequest,
     EmbedUsersRequest,
@@ -62,14 +66,18 @@ from uue.serving.api import (
     ScoredStatement,
     ScoreRequest,
     ScoreResponse,
+    UserIn,
     as_statement,
     check_statement_texts,
     check_user,
     check_users,
 )
+from uue.serving.auth import ApiKeys
 from uue.serving.index_slot import IndexSlot
 from uue.serving.metrics import ServingMetrics
 from uue.serving.settings import RequestLimits
+from uue.serving.user_routes import add_user_routes, authorize, stored_user
+from uue.serving.users import PooledUser, UserService, explain_scores, inline_user
 
 
 class TowerBackend(Protocol):
@@ -95,6 +103,11 @@ class ServingService:
     metrics: ServingMetrics | None = None
     admin_token: str | None = None
     """Bearer token of the /admin routes; None: they answer loopback clients only."""
+    users: UserService | None = None
+    """Stored users (None: no store configured); `api_keys` guard them."""
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
+    num_chunks_per_user: int = 0
+    """The user tower's chunk budget (explanations of users sent inline select chunks as it does)."""
 
     def probabilities(self, similarities: np.ndarray) -> list[float | None]:
         if self.calibrator is None:
@@ -275,6 +288,22 @@ def build_http_app(service: ServingService) -> FastAPI:
         count("users", 1)
         return vectors[0]
 
+    async def the_user(request: Request, user: UserIn | None, user_id: str | None,
+                       explain: bool = False) -> tuple[np.ndarray, PooledUser | None]:
+        """The request's user: sent inline (`user`) or stored (`user_id`, needs an API key); with `explain`
+        also its chunk vectors."""
+        if (user is None) == (user_id is None):
+            raise RequestError(422, "give exactly one of `user` (a history) or `user_id` (a stored user)", "user")
+        if user_id is not None:
+            pooled = await stored_user(service, request, user_id)
+            return pooled.vector, pooled
+        check_user(user, limits)
+        if explain:
+            pooled = await inline_user(service.backend, user.to_user(), service.num_chunks_per_user)
+            count("users", 1)
+            return pooled.vector, pooled
+        return await embed_user(user.to_user()), None
+
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, Any]:
         return {
@@ -303,8 +332,11 @@ def build_http_app(service: ServingService) -> FastAPI:
                                   embeddings=vectors.tolist())
 
     @app.post("/score", response_model=ScoreResponse)
-    async def score(body: ScoreRequest) -> ScoreResponse:
-        check_user(body.user, limits)
+    async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
+        if (body.user is None) == (body.user_id is None):
+            raise RequestError(422, "give exactly one of `user` (a history) or `user_id` (a stored user)", "user")
+        if body.user is not None:
+            check_user(body.user, limits)
         if not body.statements and not body.statement_ids:
             raise RequestError(422, "give at least one of `statements` (texts) or `statement_ids`", "statements")
         statements = [as_statement(s) for s in body.statements]
@@ -321,33 +353,39 @@ def build_http_app(service: ServingService) -> FastAPI:
                                             f"(index version {index.version})", f"statement_ids.{i}")
                 text, vector = index.statement(sid)
                 known.append((sid, text, vector))
-        user_task = embed_user(body.user.to_user())
+        user_task = the_user(request, body.user, body.user_id, explain=body.explain)
         if statements:
-            user_vector, (text_vectors, _) = await asyncio.gather(
+            (user_vector, pooled), (text_vectors, _) = await asyncio.gather(
                 user_task, service.backend.embed_statements(statements))
             count("statements", len(statements))
         else:
-            user_vector, text_vectors = await user_task, np.zeros((0, service.dimension), np.float32)
+            (user_vector, pooled), text_vectors = await user_task, np.zeros((0, service.dimension), np.float32)
         ids = [s.statement_id or None for s in statements] + [sid for sid, _, _ in known]
         texts = [s.text for s in statements] + [text for _, text, _ in known]
         matrix = np.concatenate([text_vectors] + [v[None, :] for _, _, v in known]).astype(np.float32)
         similarities = matrix @ user_vector.astype(np.float32)
         probabilities = service.probabilities(similarities)
+        explanations: list[list[ChunkContributionOut] | None] = [None] * len(similarities)
+        if body.explain:
+            explanations = [[ChunkContributionOut(**vars(c)) for c in row]
+                            for row in await explain_scores(service.backend, pooled, matrix, body.explain_top)]
         return ScoreResponse(
             model_fingerprint=service.model_fingerprint, calibrated=service.calibrator is not None,
-            index_version=index_version,
-            scores=[ScoredStatement(statement_id=sid, text=text, similarity=float(sim), probability=p)
-                    for sid, text, sim, p in zip(ids, texts, similarities, probabilities, strict=True)],
+            index_version=index_version, explanation_method="leave_one_out" if body.explain else None,
+            scores=[ScoredStatement(statement_id=sid, text=text, similarity=float(sim), probability=p, explanation=e)
+                    for sid, text, sim, p, e in zip(ids, texts, similarities, probabilities, explanations,
+                                                    strict=True)],
         )
 
     @app.post("/retrieve", response_model=RetrieveResponse)
-    async def retrieve(body: RetrieveRequest) -> RetrieveResponse:
-        check_user(body.user, limits)
+    async def retrieve(body: RetrieveRequest, request: Request) -> RetrieveResponse:
+        if body.user is not None:
+            check_user(body.user, limits)
         k = min(10, limits.max_top_k) if body.k is None else body.k
         if k > limits.max_top_k:
             raise RequestError(413, f"k: {k}, at most {limits.max_top_k} allowed", "k")
         index = service.loaded_index()  # one reference: the whole request uses this version
-        user_vector = await embed_user(body.user.to_user())
+        user_vector, _ = await the_user(request, body.user, body.user_id)
         hits = index.search(user_vector[None, :], k)[0]
         probabilities = service.probabilities(np.array([score for _, _, score in hits]))
         return RetrieveResponse(
@@ -364,7 +402,7 @@ def build_http_app(service: ServingService) -> FastAPI:
         ]}
 
     @app.post("/v1/embeddings", response_model=OpenAIEmbeddingsResponse)
-    async def openai_embeddings(body: OpenAIEmbeddingsRequest) -> dict[str, Any]:
+    async def openai_embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> dict[str, Any]:
         texts = body.texts()
         if body.model not in model_names:
             raise RequestError(404, f"model {body.model!r} not found; this server has "
@@ -374,7 +412,18 @@ def build_http_app(service: ServingService) -> FastAPI:
             raise RequestError(400, f"dimensions: this model produces {service.dimension}-dimensional vectors "
                                     f"and cannot shorten them, got {body.dimensions}", "dimensions")
         check_statement_texts(texts, limits, "input")
-        if body.model == service.statement_model_name:
+        if body.input_type == "user_id":
+            users = authorize(service, request, write=False)
+            if body.model != service.user_model_name:
+                raise RequestError(404, f"model {body.model!r} has no stored users: input_type user_id takes "
+                                        f"model {service.user_model_name!r}", "model")
+            vectors = []
+            for i, user_id in enumerate(texts):
+                if not re.fullmatch(USER_ID_PATTERN, user_id):  # cannot have been stored
+                    raise RequestError(404, f"input.{i}: user {user_id!r} is not stored", f"input.{i}")
+                vectors.append((await users.stored(user_id)).vector)
+            prompt_tokens = 0
+        elif body.model == service.statement_model_name:
             vectors, tokens = await service.backend.embed_statements([Statement("", t) for t in texts])
             count("statements", len(texts))
             prompt_tokens = int(sum(tokens))
@@ -404,4 +453,5 @@ def build_http_app(service: ServingService) -> FastAPI:
             metrics.record_index(len(service.index.current), swapped)
         return {"swapped": swapped, **service.index.status()}
 
+    add_user_routes(app, service)
     return app

@@ -6,6 +6,7 @@ replica starts, so a typo in a config fails at deploy time with the key's path, 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -80,6 +81,37 @@ class IngressArgs(_Strict):
         }
 
 
+class UserStoreArgs(_Strict):
+    """Stored users (`/users/...`, `user_id` in /score, /retrieve, /v1/embeddings): where, and what is kept.
+
+    SQLite is one file on one node (every ingress replica there shares it); on a multi-node cluster use
+    Redis, which every replica on every node reaches. The requests need `Authorization: Bearer <API key>`
+    with keys from the environment variable `api_keys_env` (see uue.serving.auth)."""
+
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    path: str = "users.sqlite"
+    """The SQLite file (backend sqlite); a relative path is pinned to where the app is built."""
+    url: str | None = None
+    """redis://host:port/db (backend redis); `url_env`, when set in the environment, takes precedence."""
+    url_env: str = "UUE_USER_STORE_URL"
+    """Environment variable holding the Redis URL (with its password: a Kubernetes secret)."""
+    key_prefix: str = "uue:user:"
+    """Redis keys are `<key_prefix>{<user_id>}`, one hash per user."""
+    store_text: bool = False
+    """Keep each chunk's text too. Off (the default): only a hash of it (keyed with `text_hash_key_env`)."""
+    text_hash_key_env: str = "UUE_TEXT_HASH_KEY"
+    """Environment variable with the key of the chunk text hash (unset: an unkeyed blake2b)."""
+    api_keys_env: str = "UUE_API_KEYS"
+    """Environment variable with the API keys: `KEY,KEY:ro` (`:ro` = read-only)."""
+
+    @model_validator(mode="after")
+    def _pin(self) -> UserStoreArgs:
+        # Replicas may start in another working directory: pin the file to where the app was built.
+        if self.backend == "sqlite" and "://" not in self.path:
+            self.path = str(Path(self.path).resolve())
+        return self
+
+
 class ServeArgs(_Strict):
     """Everything the UUE Serve application needs; validated by Serve's typed app builder."""
 
@@ -108,6 +140,8 @@ class ServeArgs(_Strict):
     user_tower: TowerDeploymentArgs = TowerDeploymentArgs(num_cpus=0.4, max_batch_size=256, max_ongoing_requests=256)
     item_tower: TowerDeploymentArgs = TowerDeploymentArgs(num_cpus=0.4)
     ingress: IngressArgs = IngressArgs(num_cpus=0.2)
+    user_store: UserStoreArgs | None = None
+    """Stored users; None: the /users routes and `user_id` inputs answer 503 (nothing is stored)."""
 
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:

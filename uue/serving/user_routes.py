@@ -1,0 +1,142 @@
+"""HTTP routes of stored users (issue 13), added to the app by `build_http_app`:
+
+    PUT    /users/{user_id}          {"chunks": [...], "metadata": {...}}  replace the whole history
+    POST   /users/{user_id}/chunks   {"chunks": [...]}    append: only these chunks are encoded
+    GET    /users/{user_id}          the stored vector and the kept chunks' timestamps, platforms, hashes
+    DELETE /users/{user_id}          every stored trace of the user removed
+
+All need `Authorization: Bearer <API key>` (writes and deletes a key without `:ro`); the key is checked
+before the body is read, so a refused request changes nothing. /score, /retrieve and /v1/embeddings take
+a stored `user_id` through `stored_user` (a read).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures below at runtime, and their
+# `Reader`/`Writer` dependencies are local to `add_user_routes` (string annotations would not resolve).
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi import Path as PathParam
+from pydantic import BaseModel
+
+from uue.serving.api import USER_ID_PATTERN, ErrorBody, RequestError, UserIn, check_user
+from uue.serving.users import PooledUser, UserService
+from uue.user_store import UserState
+
+if TYPE_CHECKING:
+    from uue.serving.http import ServingService
+
+UserId = Annotated[str, PathParam(pattern=USER_ID_PATTERN, description=(
+    "1-256 characters: letters, digits and . _ : @ - (not first)."))]
+
+
+class StoredChunkOut(BaseModel):
+    index: int
+    """Position in the stored history (what explanations call `index`)."""
+    seq: int
+    """Arrival number within the user; never reused until the user is deleted."""
+    timestamp: str | None
+    platform: str | None
+    text_hash: str
+    """blake2b-128 of the chunk's text (keyed when the server has a hash key); the text is not kept."""
+
+
+class StoredUserResponse(BaseModel):
+    user_id: str
+    model_fingerprint: str
+    dimension: int
+    embedding: list[float]
+    version: int
+    """Bumped by every write."""
+    updated_at: float
+    num_chunks: int
+    chunks: list[StoredChunkOut]
+
+
+class DeletedUserResponse(BaseModel):
+    user_id: str
+    deleted: bool
+    """False when the user was not stored (deleting is idempotent)."""
+
+
+def _error_doc(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+USER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: _error_doc("Missing or unknown API key (`Authorization: Bearer <key>`)."),
+    403: _error_doc("A read-only (`:ro`) API key on a route that writes or deletes."),
+    404: _error_doc("The user is not stored (or an unknown route)."),
+    409: _error_doc("The user was stored by another model (PUT its history again), or lost a write race too "
+                    "often."),
+    503: _error_doc("No user store is configured on this server (or a tower is unavailable)."),
+}
+"""The stored-user errors, on top of the app's common ones; bodies are the app's error shape."""
+
+
+def user_service(service: "ServingService") -> UserService:
+    if service.users is None:
+        raise RequestError(503, "no user store configured on this server (ServeArgs.user_store)", "user_id")
+    return service.users
+
+
+def authorize(service: "ServingService", request: Request, write: bool) -> UserService:
+    users = user_service(service)
+    service.api_keys.check(request.headers.get("authorization"), write=write)
+    return users
+
+
+async def stored_user(service: "ServingService", request: Request, user_id: str) -> PooledUser:
+    """A stored user for /score, /retrieve, /v1/embeddings (needs a key; reading suffices)."""
+    return await authorize(service, request, write=False).stored(user_id)
+
+
+def _response(state: UserState, dimension: int) -> StoredUserResponse:
+    return StoredUserResponse(
+        user_id=state.user_id, model_fingerprint=state.model_fingerprint, dimension=dimension,
+        embedding=[float(x) for x in state.vector], version=state.version, updated_at=state.updated_at,
+        num_chunks=len(state.chunks),
+        chunks=[StoredChunkOut(index=i, seq=c.seq, timestamp=c.timestamp, platform=c.platform, text_hash=c.text_hash)
+                for i, c in enumerate(state.chunks)],
+    )
+
+
+def add_user_routes(app: FastAPI, service: "ServingService") -> None:
+    def reader(request: Request) -> UserService:
+        return authorize(service, request, write=False)
+
+    def writer(request: Request) -> UserService:
+        return authorize(service, request, write=True)
+
+    # Dependencies run before the body is validated: a refused key never gets as far as the store.
+    Reader = Annotated[UserService, Depends(reader)]
+    Writer = Annotated[UserService, Depends(writer)]
+
+    def history(body: UserIn, user_id: str) -> None:
+        check_user(body, service.limits, "")
+        if body.user_id is not None and body.user_id != user_id:
+            raise RequestError(422, f"user_id: the body says {body.user_id!r}, the path {user_id!r}", "user_id")
+
+    @app.put("/users/{user_id}", response_model=StoredUserResponse, responses=USER_RESPONSES, tags=["users"])
+    async def put_user(user_id: UserId, body: UserIn, users: Writer) -> StoredUserResponse:
+        """Replace the user's whole history; its kept chunks (the `num_chunks_per_user` most recent) are encoded."""
+        history(body, user_id)
+        return _response(await users.put(user_id, body.to_user()), service.dimension)
+
+    @app.post("/users/{user_id}/chunks", response_model=StoredUserResponse, responses=USER_RESPONSES,
+              tags=["users"])
+    async def append_chunks(user_id: UserId, body: UserIn, users: Writer) -> StoredUserResponse:
+        """Append chunks (creating the user if new): only they are encoded, the vector is re-pooled from the
+        stored chunk vectors, the oldest chunks beyond `num_chunks_per_user` are evicted. `metadata`, when
+        given, replaces the stored metadata."""
+        history(body, user_id)
+        user = body.to_user()
+        return _response(await users.append(user_id, user.chunks, user.metadata), service.dimension)
+
+    @app.get("/users/{user_id}", response_model=StoredUserResponse, responses=USER_RESPONSES, tags=["users"])
+    async def get_user(user_id: UserId, users: Reader) -> StoredUserResponse:
+        return _response(await users.get(user_id), service.dimension)
+
+    @app.delete("/users/{user_id}", response_model=DeletedUserResponse, responses=USER_RESPONSES, tags=["users"])
+    async def delete_user(user_id: UserId, users: Writer) -> DeletedUserResponse:
+        """Remove every stored trace of the user (chunk vectors, hashes, metadata, vector)."""
+        return DeletedUserResponse(user_id=user_id, deleted=await users.delete(user_id))
