@@ -219,9 +219,12 @@ def training_dataset(shards: Shards, read_cpus: float = 1.0):
     from ray.data.expressions import col
 
     fs, _ = shards.filesystem
+    # Every operator asks for read_cpus: one left at the default 1 CPU would not fuse with the read and could
+    # wait forever for a CPU the workers hold (a node with 1 CPU and a 0.5-CPU worker).
     return (ray.data.read_parquet(shards.files("users"), filesystem=fs, num_cpus=read_cpus)
-            .select_columns(USER_COLUMNS + ["num_positives"])
-            .filter(expr=col("num_positives") > 0).select_columns(USER_COLUMNS))
+            .select_columns(USER_COLUMNS + ["num_positives"], num_cpus=read_cpus)
+            .filter(expr=col("num_positives") > 0, num_cpus=read_cpus)
+            .select_columns(USER_COLUMNS, num_cpus=read_cpus))
 
 
 def run_training(config: ExperimentConfig, probe: TrainProbe | None = None, resume: bool = False,
