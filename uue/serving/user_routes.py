@@ -65,12 +65,11 @@ def _error_doc(description: str) -> dict[str, Any]:
 USER_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: _error_doc("Missing or unknown API key (`Authorization: Bearer <key>`)."),
     403: _error_doc("A read-only (`:ro`) API key on a route that writes or deletes."),
-    404: _error_doc("The user is not stored (or an unknown route)."),
     409: _error_doc("The user was stored by another model (PUT its history again), or lost a write race too "
                     "often."),
-    503: _error_doc("No user store is configured on this server (or a tower is unavailable)."),
 }
-"""The stored-user errors, on top of the app's common ones; bodies are the app's error shape."""
+"""The stored-user errors, on top of the app's common ones (404 there also means a user not stored, 503 no user
+store configured); bodies are the app's error shape."""
 
 
 def user_service(service: "ServingService") -> UserService:
