@@ -106,6 +106,19 @@ class UserIn(_Body):
         return UserData(user_id=self.user_id or "", chunks=chunks, metadata=self.metadata)
 
 
+class HistoryIn(_Body):
+    """A stored user's history (PUT /users/{user_id}) or new chunks (POST /users/{user_id}/chunks); the id
+    is the path's."""
+
+    chunks: list[_text_or(ChunkIn)] = _limited("max_chunks_per_user", min_length=1)
+    metadata: dict[str, Any] | None = None
+
+    def to_user(self, user_id: str) -> UserData:
+        chunks = [UserChunk(c) if isinstance(c, str) else UserChunk(c.text, c.platform, c.timestamp)
+                  for c in self.chunks]
+        return UserData(user_id=user_id, chunks=chunks, metadata=self.metadata)
+
+
 class StatementIn(_Body):
     statement_id: str | None = None
     text: Text

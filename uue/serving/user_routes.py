@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel
 
-from uue.serving.api import USER_ID_PATTERN, ErrorBody, RequestError, UserIn, check_user
+from uue.serving.api import USER_ID_PATTERN, ErrorBody, HistoryIn, RequestError, check_user
 from uue.serving.users import PooledUser, UserService
 from uue.user_store import UserState
 
@@ -65,12 +65,11 @@ def _error_doc(description: str) -> dict[str, Any]:
 USER_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: _error_doc("Missing or unknown API key (`Authorization: Bearer <key>`)."),
     403: _error_doc("A read-only (`:ro`) API key on a route that writes or deletes."),
-    404: _error_doc("The user is not stored (or an unknown route)."),
     409: _error_doc("The user was stored by another model (PUT its history again), or lost a write race too "
                     "often."),
-    503: _error_doc("No user store is configured on this server (or a tower is unavailable)."),
 }
-"""The stored-user errors, on top of the app's common ones; bodies are the app's error shape."""
+"""The stored-user errors, on top of the app's common ones (404 there also means a user not stored, 503 no user
+store configured); bodies are the app's error shape."""
 
 
 def user_service(service: "ServingService") -> UserService:
@@ -111,25 +110,23 @@ def add_user_routes(app: FastAPI, service: "ServingService") -> None:
     Reader = Annotated[UserService, Depends(reader)]
     Writer = Annotated[UserService, Depends(writer)]
 
-    def history(body: UserIn, user_id: str) -> None:
-        check_user(body, service.limits, "")
-        if body.user_id is not None and body.user_id != user_id:
-            raise RequestError(422, f"user_id: the body says {body.user_id!r}, the path {user_id!r}", "user_id")
+    def history(body: HistoryIn) -> None:
+        check_user(body, service.limits, "")  # type: ignore[arg-type]  (chunks, as a UserIn has)
 
     @app.put("/users/{user_id}", response_model=StoredUserResponse, responses=USER_RESPONSES, tags=["users"])
-    async def put_user(user_id: UserId, body: UserIn, users: Writer) -> StoredUserResponse:
+    async def put_user(user_id: UserId, body: HistoryIn, users: Writer) -> StoredUserResponse:
         """Replace the user's whole history; its kept chunks (the `num_chunks_per_user` most recent) are encoded."""
-        history(body, user_id)
-        return _response(await users.put(user_id, body.to_user()), service.dimension)
+        history(body)
+        return _response(await users.put(user_id, body.to_user(user_id)), service.dimension)
 
     @app.post("/users/{user_id}/chunks", response_model=StoredUserResponse, responses=USER_RESPONSES,
               tags=["users"])
-    async def append_chunks(user_id: UserId, body: UserIn, users: Writer) -> StoredUserResponse:
+    async def append_chunks(user_id: UserId, body: HistoryIn, users: Writer) -> StoredUserResponse:
         """Append chunks (creating the user if new): only they are encoded, the vector is re-pooled from the
         stored chunk vectors, the oldest chunks beyond `num_chunks_per_user` are evicted. `metadata`, when
         given, replaces the stored metadata."""
-        history(body, user_id)
-        user = body.to_user()
+        history(body)
+        user = body.to_user(user_id)
         return _response(await users.append(user_id, user.chunks, user.metadata), service.dimension)
 
     @app.get("/users/{user_id}", response_model=StoredUserResponse, responses=USER_RESPONSES, tags=["users"])
