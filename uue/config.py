@@ -101,6 +101,14 @@ class ModelConfig(_Strict):
     the pretrained space and only the user tower learns to point into it, as in locked-image tuning)."""
     cache_statement_vectors: bool = False
     """With freeze_item_backbone: encode each statement once and train the item projection on the cache."""
+    cache_hidden_states: bool = False
+    """Top-N fine-tuning on a cache: for each tower with `*_trainable_layers: N` (and not frozen), the frozen
+    lower blocks run once and their hidden states at the cut are cached (uue.chunk_cache.HiddenStateCache),
+    so a training step runs only the top N blocks (and the heads). The same model as running the whole
+    backbone with its lower blocks frozen, except that those blocks run without dropout. Single-process
+    trainer only (Ray Train workers run the whole backbone with the lower blocks frozen)."""
+    hidden_cache_dtype: Literal["float16", "float32"] = "float16"
+    """Storage of the cached hidden states (float16 halves memory; float32 is exact)."""
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -110,7 +118,16 @@ class ModelConfig(_Strict):
             raise ValueError("cache_chunk_vectors needs freeze_user_backbone: true (a trained backbone changes them)")
         if self.cache_statement_vectors and not self.freeze_item_backbone:
             raise ValueError("cache_statement_vectors needs freeze_item_backbone: true")
+        if self.cache_hidden_states and not (self.hidden_cache_layers("user") or self.hidden_cache_layers("item")):
+            raise ValueError("cache_hidden_states needs user_trainable_layers or item_trainable_layers >= 1 on a "
+                             "tower whose backbone is not frozen")
         return self
+
+    def hidden_cache_layers(self, tower: Literal["user", "item"]) -> int | None:
+        """N when `tower` trains its top N blocks on cached hidden states (cache_hidden_states), else None."""
+        frozen = self.freeze_user_backbone if tower == "user" else self.freeze_item_backbone
+        layers = self.user_trainable_layers if tower == "user" else self.item_trainable_layers
+        return layers if self.cache_hidden_states and not frozen and layers else None
 
     @property
     def effective_head_learning_rate(self) -> float:

@@ -276,6 +276,12 @@ class UUETrainer:
 
             self.chunk_cache = ChunkVectorCache(self.model.user_tower.encoder, self.featurizer, self.device,
                                                 progress=self.config.training.progress_bar)
+        elif self.config.model.hidden_cache_layers("user"):  # top-N blocks train on hidden states at the cut
+            from uue.chunk_cache import HiddenStateCache
+
+            self.chunk_cache = HiddenStateCache(
+                self.model.user_tower.encoder, self.featurizer, self.model.user_tower.hidden_cut, self.device,
+                getattr(torch, self.config.model.hidden_cache_dtype), progress=self.config.training.progress_bar)
         self.batches = PairBatches(self.dataset, self.featurizer, self.config.model.batch_size,
                                    split=self.config.data.train_split, seed=self.config.data.shuffle_seed,
                                    user_features=self.chunk_cache.features if self.chunk_cache else None)
@@ -286,6 +292,12 @@ class UUETrainer:
 
             self.batches.statement_features = statement_vector_features(
                 self.model.item_tower.encoder, self.batches.statement_features, device=self.device)
+        elif self.config.model.hidden_cache_layers("item"):
+            from uue.chunk_cache import statement_hidden_features
+
+            self.batches.statement_features = statement_hidden_features(
+                self.model.item_tower.encoder, self.batches.statement_features, self.model.item_tower.hidden_cut,
+                device=self.device, dtype=getattr(torch, self.config.model.hidden_cache_dtype))
         epochs_steps = self.config.model.num_epochs * self.batches.batches_per_epoch
         self.total_steps = self.config.training.max_steps or epochs_steps
         self.optimization = TorchOptimization(self.model, self.config.model, self.total_steps)
