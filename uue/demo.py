@@ -33,6 +33,20 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "movielens-minilm.yaml"
 NOVEL_STATEMENTS = ("would enjoy a space opera", "likes cowboy films", "prefers light-hearted family films")
 
 
+def _backbone_training(config, tower: str) -> str:
+    """How a tower's backbone trains, in words (frozen + cached, top N blocks, all blocks)."""
+    m = config.model
+    frozen = m.freeze_user_backbone if tower == "user" else m.freeze_item_backbone
+    cached = m.cache_chunk_vectors if tower == "user" else m.cache_statement_vectors
+    layers = m.user_trainable_layers if tower == "user" else m.item_trainable_layers
+    if frozen:
+        return "frozen" + (", its vectors cached" if cached else "")
+    if layers:
+        cut = ", lower blocks cached at the cut" if m.hidden_cache_layers(tower) else ""
+        return f"top {layers} blocks train{cut}"
+    return "all blocks train"
+
+
 def _step(number: int, text: str, started: float) -> None:
     print(f"\n[{number}/5] {text}  (t={time.perf_counter() - started:.0f}s)", flush=True)
 
@@ -78,9 +92,8 @@ def run_demo(config_path: str | None = None, overrides: list[str] | None = None,
     data_dir = Path(config.data.path)
     output_dir = Path(config.training.output_dir)
     _step(1, f"train {config.model.user_model_name}/{config.model.item_model_name} towers on {data_dir}", started)
-    if config.model.freeze_user_backbone:
-        print("      user backbone frozen" + (", chunk vectors cached" if config.model.cache_chunk_vectors else "")
-              + f"; item tower trains its top {config.model.item_trainable_layers} layers")
+    print(f"      user backbone: {_backbone_training(config, 'user')}; "
+          f"item backbone: {_backbone_training(config, 'item')}")
     ensure_movielens(data_dir, config.model.max_chunk_length, config.model.user_model_name, variant)
     trainer = UUETrainer(config)
     trained_from = time.perf_counter()
@@ -94,9 +107,9 @@ def run_demo(config_path: str | None = None, overrides: list[str] | None = None,
     _step(2, f"evaluate on {split} users, beside the untrained backbones with mean pooling", started)
     eval_dir = output_dir / ("eval" if split == "test" else f"eval-{split}")
     metrics = evaluate_model(result.model_dir, trainer.dataset, eval_dir, split=split)
-    metrics["timing"] = {"setup_and_train_seconds": trained_from - started + train_seconds,
-                         "train_loop_seconds": train_seconds, "steps": result.steps}
-    (eval_dir / "timing.json").write_text(json.dumps(metrics["timing"]))
+    timing = {"setup_and_train_seconds": trained_from - started + train_seconds, "train_loop_seconds": train_seconds,
+              "steps": result.steps}
+    (eval_dir / "timing.json").write_text(json.dumps(timing))  # beside metrics.json: what the training cost
     dataset = trainer.dataset
 
     _step(3, "inference: top statements for a few test users", started)
