@@ -163,6 +163,19 @@ def statement_vector_features(encoder: TextEncoder, features: dict[str, np.ndarr
     """
     ids = torch.as_tensor(features["item_input_ids"])
     mask = torch.as_tensor(features["item_attention_mask"])
+    key = None
+    if _disk_file("x") is not None:  # UUE_CHUNK_CACHE_DIR: the same weights and tokens give the same vectors
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in sorted(encoder.backbone.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(f"{encoder.pooling}|{tuple(ids.shape)}".encode())
+        digest.update(ids.numpy().tobytes())
+        digest.update(mask.numpy().tobytes())
+        key = digest.hexdigest()
+        stored = _load_from_disk(key, "statements")
+        if "item_text_vectors" in stored:
+            return {**stored, **({"item_metadata": features["item_metadata"]} if "item_metadata" in features else {})}
     was_training = encoder.training
     encoder.eval()
     vectors = []
@@ -171,6 +184,8 @@ def statement_vector_features(encoder: TextEncoder, features: dict[str, np.ndarr
         vectors.append(encoder(batch_ids.to(device), batch_mask.to(device)).float().cpu())
     encoder.train(was_training)
     out = {"item_text_vectors": torch.cat(vectors).numpy()}
+    if key is not None:
+        _save_to_disk(key, out, "statements")
     if "item_metadata" in features:
         out["item_metadata"] = features["item_metadata"]
     return out
