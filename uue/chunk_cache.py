@@ -8,12 +8,17 @@ fusion, projection) gives the same model as re-encoding every step, at a fractio
 
 Caches are keyed by a fingerprint of the backbone weights and the featurization settings and shared
 within a process, so a trainer and a later evaluation of the same frozen backbone encode each user once.
+With `UUE_CHUNK_CACHE_DIR` set they are also kept on disk (one file per fingerprint), so runs that share a
+frozen backbone (option comparisons, seeds, a later `uue evaluate`) encode each user once between them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +29,31 @@ from uue.data.schema import UserData
 from uue.model.backbone import TextEncoder
 
 _SHARED: dict[str, dict[str, np.ndarray]] = {}
+CACHE_DIR_ENV = "UUE_CHUNK_CACHE_DIR"
+
+
+def _disk_file(fingerprint: str, kind: str = "chunks") -> Path | None:
+    folder = os.environ.get(CACHE_DIR_ENV)
+    return Path(folder) / f"{kind}-{fingerprint}.pkl" if folder else None
+
+
+def _load_from_disk(fingerprint: str, kind: str = "chunks") -> dict:
+    path = _disk_file(fingerprint, kind)
+    if path is None or not path.is_file():
+        return {}
+    with path.open("rb") as f:
+        return pickle.load(f)  # a file this process family wrote (local cache, not shared input)
+
+
+def _save_to_disk(fingerprint: str, entries: dict, kind: str = "chunks") -> None:
+    path = _disk_file(fingerprint, kind)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".tmp{os.getpid()}")
+    with partial.open("wb") as f:
+        pickle.dump(entries, f, protocol=pickle.HIGHEST_PROTOCOL)
+    partial.replace(path)  # atomic: a concurrent reader sees the old file or the new one
 
 
 def backbone_fingerprint(encoder: TextEncoder, featurizer: Featurizer) -> str:
@@ -57,7 +87,9 @@ class ChunkVectorCache:
         self.micro_batch = micro_batch or featurizer.config.encode_micro_batch
         self.progress = progress
         self.fingerprint = backbone_fingerprint(encoder, featurizer)
-        self.vectors = _SHARED.setdefault(self.fingerprint, {})
+        if self.fingerprint not in _SHARED:
+            _SHARED[self.fingerprint] = _load_from_disk(self.fingerprint)
+        self.vectors = _SHARED[self.fingerprint]
 
     @property
     def hidden_size(self) -> int:
@@ -96,6 +128,7 @@ class ChunkVectorCache:
         for key, n in zip([k for k, _ in todo], counts, strict=True):
             self.vectors[key] = out[position : position + n].numpy().copy()
             position += n
+        _save_to_disk(self.fingerprint, self.vectors)
         return len(todo)
 
     def chunk_vectors(self, user: UserData) -> np.ndarray:
@@ -130,6 +163,19 @@ def statement_vector_features(encoder: TextEncoder, features: dict[str, np.ndarr
     """
     ids = torch.as_tensor(features["item_input_ids"])
     mask = torch.as_tensor(features["item_attention_mask"])
+    key = None
+    if _disk_file("x") is not None:  # UUE_CHUNK_CACHE_DIR: the same weights and tokens give the same vectors
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in sorted(encoder.backbone.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(f"{encoder.pooling}|{tuple(ids.shape)}".encode())
+        digest.update(ids.numpy().tobytes())
+        digest.update(mask.numpy().tobytes())
+        key = digest.hexdigest()
+        stored = _load_from_disk(key, "statements")
+        if "item_text_vectors" in stored:
+            return {**stored, **({"item_metadata": features["item_metadata"]} if "item_metadata" in features else {})}
     was_training = encoder.training
     encoder.eval()
     vectors = []
@@ -138,6 +184,98 @@ def statement_vector_features(encoder: TextEncoder, features: dict[str, np.ndarr
         vectors.append(encoder(batch_ids.to(device), batch_mask.to(device)).float().cpu())
     encoder.train(was_training)
     out = {"item_text_vectors": torch.cat(vectors).numpy()}
+    if key is not None:
+        _save_to_disk(key, out, "statements")
+    if "item_metadata" in features:
+        out["item_metadata"] = features["item_metadata"]
+    return out
+
+
+# ------------------------------------------------------------------ hidden states at a cut (top-N layers)
+def cut_layer(encoder: TextEncoder, trainable_layers: int) -> int:
+    """The block index where training starts when only the top `trainable_layers` blocks train."""
+    from uue.model.backbone import transformer_layers
+
+    total = len(transformer_layers(encoder.backbone))
+    if not 0 < trainable_layers <= total:
+        raise ValueError(f"trainable_layers must be 1..{total} for a {total}-layer backbone, got {trainable_layers}")
+    return total - trainable_layers
+
+
+class HiddenStateCache:
+    """user -> hidden states of their real chunks entering block `layer` of a backbone whose blocks below
+    `layer` are frozen: they run once, and a training step runs only the top blocks on the cache
+    (`model.cache_hidden_states`). `features(user)` has the same keys the user tower reads from tokens,
+    with `chunk_hidden` (C, L, H) in place of the token ids. Stored in `dtype` (float16 halves memory)."""
+
+    def __init__(self, encoder: TextEncoder, featurizer: Featurizer, layer: int, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float16, micro_batch: int | None = None, progress: bool = True):
+        self.encoder = encoder
+        self.featurizer = featurizer
+        self.layer = layer
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.micro_batch = micro_batch or featurizer.config.encode_micro_batch
+        self.progress = progress
+        self.entries: dict[str, dict[str, np.ndarray]] = {}
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.hidden_size
+
+    @torch.inference_mode()
+    def precompute(self, users: Sequence[UserData], desc: str = "hidden states at the cut") -> int:
+        from uue.model.backbone import hidden_states_at
+
+        todo = [u for key, u in {_user_key(u): u for u in users}.items() if key not in self.entries]
+        was_training = self.encoder.training
+        self.encoder.eval()  # the frozen bottom runs as at inference (no dropout), once
+        np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        for start in tqdm(range(0, len(todo), self.micro_batch), desc=desc, disable=not self.progress):
+            for user in todo[start : start + self.micro_batch]:
+                feats = self.featurizer.user_features(user)
+                hidden = np.zeros((*feats["user_input_ids"].shape, self.hidden_size), dtype=np_dtype)
+                real = int(feats["chunk_mask"].sum())
+                ids = torch.as_tensor(feats["user_input_ids"][:real])
+                mask = torch.as_tensor(feats["user_attention_mask"][:real])
+                states = hidden_states_at(self.encoder.backbone, ids.to(self.device), mask.to(self.device), self.layer)
+                hidden[:real] = states.to(self.dtype).cpu().numpy()
+                entry = {"chunk_hidden": hidden, "user_attention_mask": feats["user_attention_mask"],
+                         "chunk_mask": feats["chunk_mask"]}
+                if "user_metadata" in feats:
+                    entry["user_metadata"] = feats["user_metadata"]
+                self.entries[_user_key(user)] = entry
+        self.encoder.train(was_training)
+        return len(todo)
+
+    def features(self, user: UserData) -> dict[str, np.ndarray]:
+        """{chunk_hidden (C, L, H), user_attention_mask (C, L), chunk_mask (C,)[, user_metadata]}, padded like
+        the token features; the arrays are the cache's own (not copied), so callers must not write to them."""
+        key = _user_key(user)
+        if key not in self.entries:
+            self.precompute([user])
+        return self.entries[key]
+
+
+@torch.inference_mode()
+def statement_hidden_features(encoder: TextEncoder, features: dict[str, np.ndarray], layer: int,
+                              batch_size: int = 64, device: str | torch.device = "cpu",
+                              dtype: torch.dtype = torch.float16) -> dict[str, np.ndarray]:
+    """Token features of a statement pool -> {item_hidden (S, L, H), item_attention_mask[, item_metadata]}:
+    the statement-side twin of HiddenStateCache (the item tower then runs only its top blocks)."""
+    from uue.model.backbone import hidden_states_at
+
+    ids = torch.as_tensor(features["item_input_ids"])
+    mask = torch.as_tensor(features["item_attention_mask"])
+    was_training = encoder.training
+    encoder.eval()
+    parts = []
+    for start in range(0, len(ids), batch_size):
+        states = hidden_states_at(encoder.backbone, ids[start : start + batch_size].to(device),
+                                  mask[start : start + batch_size].to(device), layer)
+        parts.append(states.to(dtype).cpu())
+    encoder.train(was_training)
+    out = {"item_hidden": torch.cat(parts).numpy(), "item_attention_mask": features["item_attention_mask"]}
     if "item_metadata" in features:
         out["item_metadata"] = features["item_metadata"]
     return out

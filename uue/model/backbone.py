@@ -314,3 +314,75 @@ class TextEncoder(nn.Module):
         backend = resolve_pack_backend(runner.options.backend, weight.device, weight.dtype,
                                   torch.is_grad_enabled() and weight.requires_grad)
         return encode_packed(runner, self.pooling, lengths, gather, flat_ids, backend)
+    def forward_from_layer(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        """Pooled vectors from hidden states cached at block `layer` (uue.chunk_cache.HiddenStateCache)."""
+        dtype = next(self.backbone.parameters()).dtype
+        top = forward_from_layer(self.backbone, hidden.to(dtype), attention_mask, layer)
+        return pool_hidden_states(top, attention_mask, self.pooling)
+
+
+# ------------------------------------------------------------------ split at a layer (top-N fine-tuning)
+def _embedding_module(model: nn.Module) -> nn.Module:
+    """The module whose output is the input of the first block (BERT: embeddings, decoders: embed_tokens)."""
+    module = getattr(model, "embeddings", None)
+    return module if isinstance(module, nn.Module) else model.get_input_embeddings()
+
+
+def _layer_slot(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent module, attribute) holding the block ModuleList, so a forward can run a slice of it."""
+    layers = transformer_layers(model)
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is layers:
+                return parent, name
+    raise ValueError(f"cannot find the parent of the transformer layers of {type(model).__name__}")
+
+
+def _run_blocks(model: nn.Module, blocks: list[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                embedded: torch.Tensor | None) -> torch.Tensor:
+    """The backbone's own forward (its masks, positions, final norm) over `blocks` only; with `embedded`,
+    the embedding step's output is replaced by it (hidden states cached at a cut)."""
+    parent, name = _layer_slot(model)
+    full = getattr(parent, name)
+    handle = None
+    if embedded is not None:
+        handle = _embedding_module(model).register_forward_hook(lambda module, args, output: embedded)
+    setattr(parent, name, nn.ModuleList(blocks))
+    try:
+        return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    finally:
+        setattr(parent, name, full)
+        if handle is not None:
+            handle.remove()
+
+
+def hidden_states_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     layer: int) -> torch.Tensor:
+    """(N, L, H) hidden states entering block `layer` (0: the embedding output), running only the blocks below."""
+    blocks = list(transformer_layers(model))
+    if not 0 <= layer <= len(blocks):
+        raise ValueError(f"layer {layer} is outside 0..{len(blocks)}")
+    captured: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    # Read the output of the last block below the cut (or of the embedding step), before any final norm.
+    target = blocks[layer - 1] if layer > 0 else _embedding_module(model)
+    handle = target.register_forward_hook(keep)
+    try:
+        _run_blocks(model, blocks[:layer], input_ids, attention_mask, None)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def forward_from_layer(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                       layer: int) -> torch.Tensor:
+    """last_hidden_state of the backbone given the hidden states entering block `layer` (see
+    `hidden_states_at`): only blocks `layer`.. run, so a frozen bottom is computed once and cached."""
+    blocks = list(transformer_layers(model))
+    if not 0 <= layer <= len(blocks):
+        raise ValueError(f"layer {layer} is outside 0..{len(blocks)}")
+    placeholder = torch.zeros(attention_mask.shape, dtype=torch.long, device=attention_mask.device)
+    return _run_blocks(model, blocks[layer:], placeholder, attention_mask, hidden)

@@ -67,6 +67,13 @@ def packing_options(config: ModelConfig, checkpointing: bool, max_length: int) -
         compile_layers=config.compile_layers, checkpointing=config.checkpoint_granularity if checkpointing else "none",
         max_length=max_length,
     )
+def _hidden_cut(encoder: TextEncoder, trainable_layers: int | None) -> int | None:
+    """Block index where a tower trained on cached hidden states starts (None: it reads tokens or vectors)."""
+    if not trainable_layers:
+        return None
+    from uue.chunk_cache import cut_layer
+
+    return cut_layer(encoder, trainable_layers)
 
 
 class UserTower(nn.Module):
@@ -89,6 +96,7 @@ class UserTower(nn.Module):
         self.projection = build_projection(hidden, config)
         if config.attention == "packed":
             encoder.use_packing(packing_options(config, config.gradient_checkpointing_chunks, config.max_chunk_length))
+        self.hidden_cut = _hidden_cut(encoder, config.hidden_cache_layers("user"))
 
     def encode_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, L) chunk tokens -> (N, H) chunk vectors, `micro_batch` chunks at a time.
@@ -131,6 +139,20 @@ class UserTower(nn.Module):
         vectors = vectors.index_copy(0, real.nonzero().squeeze(1), encoded)
         return vectors.view(batch, chunks, -1)
 
+    def chunk_vectors_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                                  chunk_mask: torch.Tensor) -> torch.Tensor:
+        """(B, C, L, H) cached hidden states -> (B, C, H) chunk vectors through the top blocks only."""
+        batch, chunks, length, width = hidden.shape
+        real = chunk_mask.bool().reshape(-1)
+        flat = hidden.reshape(batch * chunks, length, width)[real]
+        flat_mask = attention_mask.reshape(batch * chunks, length)[real]
+        parts = [self.encoder.forward_from_layer(flat[i : i + self.micro_batch], flat_mask[i : i + self.micro_batch],
+                                                 self.hidden_cut) for i in range(0, flat.size(0), self.micro_batch)]
+        encoded = torch.cat(parts)
+        vectors = encoded.new_zeros(batch * chunks, encoded.size(-1))
+        vectors = vectors.index_copy(0, real.nonzero().squeeze(1), encoded)
+        return vectors.view(batch, chunks, -1)
+
     def forward(
         self,
         chunk_mask: torch.Tensor,
@@ -138,13 +160,20 @@ class UserTower(nn.Module):
         attention_mask: torch.Tensor | None = None,
         metadata: torch.Tensor | None = None,
         chunk_vectors: torch.Tensor | None = None,
+        chunk_hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Users -> (B, embedding_dim) unit vectors.
 
-        Pass either chunk tokens or precomputed `chunk_vectors` (B, C, H) (a frozen backbone's cache).
+        Pass chunk tokens, precomputed `chunk_vectors` (B, C, H) (a frozen backbone's cache), or
+        `chunk_hidden` (B, C, L, H) with `attention_mask`: hidden states at the cut (top-N training).
         """
         if not bool(chunk_mask.bool().any(1).all()):
             raise ValueError("every user needs at least one chunk (a row of chunk_mask is all False)")
+        if chunk_hidden is not None:
+            if self.hidden_cut is None or attention_mask is None:
+                raise ValueError("chunk_hidden needs cache_hidden_states with user_trainable_layers, and the "
+                                 "chunks' attention_mask")
+            chunk_vectors = self.chunk_vectors_from_hidden(chunk_hidden, attention_mask, chunk_mask)
         if chunk_vectors is None:
             if input_ids is None or attention_mask is None:
                 raise ValueError("UserTower needs input_ids and attention_mask, or chunk_vectors")
@@ -191,15 +220,21 @@ class ItemTower(nn.Module):
         if config.attention == "packed":
             encoder.use_packing(packing_options(
                 config, checkpointing=False, max_length=config.max_statement_length + config.max_context_length))
+        self.hidden_cut = _hidden_cut(encoder, config.hidden_cache_layers("item"))
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         metadata: torch.Tensor | None = None, text_vectors: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Statements -> (N, embedding_dim) unit vectors, from tokens or precomputed `text_vectors` (N, H)
-        (a frozen backbone's cache)."""
+        """Statements -> (N, embedding_dim) unit vectors, from tokens, precomputed `text_vectors` (N, H)
+        (a frozen backbone's cache) or `hidden` (N, L, H) with `attention_mask`: hidden states at the cut."""
         if text_vectors is not None:
             pooled = text_vectors
+        elif hidden is not None:
+            if self.hidden_cut is None or attention_mask is None:
+                raise ValueError("hidden needs cache_hidden_states with item_trainable_layers, and attention_mask")
+            pooled = self.encoder.forward_from_layer(hidden, attention_mask, self.hidden_cut)
         elif input_ids is None or attention_mask is None:
             raise ValueError("ItemTower needs input_ids and attention_mask, or text_vectors")
         else:

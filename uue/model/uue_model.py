@@ -110,12 +110,13 @@ class UUEModel(nn.Module):
             attention_mask=batch.get("user_attention_mask"),
             metadata=batch.get("user_metadata"),
             chunk_vectors=batch.get("chunk_vectors"),
+            chunk_hidden=batch.get("chunk_hidden"),
         )
 
     def encode_statements(self, batch: dict[str, torch.Tensor], prefix: str = "item") -> torch.Tensor:
         return self.item_tower(
             batch.get(f"{prefix}_input_ids"), batch.get(f"{prefix}_attention_mask"), batch.get(f"{prefix}_metadata"),
-            text_vectors=batch.get(f"{prefix}_text_vectors"),
+            text_vectors=batch.get(f"{prefix}_text_vectors"), hidden=batch.get(f"{prefix}_hidden"),
         )
 
     def _encode_statement_sets(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -123,7 +124,7 @@ class UUEModel(nn.Module):
         b, k = next(iter(features.values())).shape[:2]
         flat = {name: value.flatten(0, 1) for name, value in features.items()}
         vectors = self.item_tower(flat.get("input_ids"), flat.get("attention_mask"), flat.get("metadata"),
-                                  text_vectors=flat.get("text_vectors"))
+                                  text_vectors=flat.get("text_vectors"), hidden=flat.get("hidden"))
         return vectors.view(b, k, -1)
 
     def forward(

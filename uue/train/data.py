@@ -53,6 +53,11 @@ def build_inputs(config: ExperimentConfig, shards: Shards, model: UUEModel, feat
     """Statement table (a frozen item backbone's vectors with cache_statement_vectors), the collator (a frozen
     user backbone's chunk-vector cache with cache_chunk_vectors) and the samplers of one process."""
     cfg = config.model
+    if cfg.cache_hidden_states:
+        raise ValueError("model.cache_hidden_states (top-N blocks on cached hidden states) is not wired into the "
+                         "streaming training loop yet: train the top N blocks with model.user_trainable_layers / "
+                         "item_trainable_layers and cache_hidden_states=false (the whole backbone runs, the lower "
+                         "blocks frozen)")
     table = StatementTable(shards.statements(), featurizer)
     if cfg.cache_statement_vectors:
         from uue.chunk_cache import statement_vector_features

@@ -1,0 +1,38 @@
+"""UUE_CHUNK_CACHE_DIR: frozen-backbone chunk and statement vectors survive the process that computed them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import uue.chunk_cache as chunk_cache
+from uue.chunk_cache import ChunkVectorCache, statement_vector_features
+from uue.data.featurize import Featurizer
+from uue.data.readers import load_dataset
+from uue.model.uue_model import UUEModel
+
+
+def test_vectors_come_back_from_disk_in_a_fresh_cache(tiny_model_config, sample_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(chunk_cache.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(chunk_cache, "_SHARED", {})
+    config = tiny_model_config.model_copy(update={"freeze_user_backbone": True, "cache_chunk_vectors": True})
+    model = UUEModel.from_config(config, seed=0).eval()
+    featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
+    dataset = load_dataset(sample_data_dir)
+    users = list(dataset.users.values())[:4]
+    first = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)
+    assert first.precompute(users) == 4
+    monkeypatch.setattr(chunk_cache, "_SHARED", {})  # as a new process would start
+    again = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)
+    assert again.precompute(users) == 0  # nothing left to encode
+    for user in users:
+        np.testing.assert_array_equal(again.chunk_vectors(user), first.chunk_vectors(user))
+    other = UUEModel.from_config(config, seed=5)  # other weights: another fingerprint, another file
+    assert ChunkVectorCache(other.user_tower.encoder, featurizer, progress=False).precompute(users) == 4
+
+    tokens = featurizer.statement_features(list(dataset.statements.values())[:6])
+    computed = statement_vector_features(model.item_tower.encoder, tokens)
+    assert len(list(tmp_path.glob("statements-*.pkl"))) == 1
+    loaded = statement_vector_features(model.item_tower.encoder, tokens)
+    np.testing.assert_array_equal(loaded["item_text_vectors"], computed["item_text_vectors"])
+    fewer = featurizer.statement_features(list(dataset.statements.values())[:5])
+    assert len(statement_vector_features(model.item_tower.encoder, fewer)["item_text_vectors"]) == 5
