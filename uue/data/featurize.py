@@ -85,6 +85,15 @@ def chunk_text(chunk: UserChunk) -> str:
     return f"[{chunk.platform}] {chunk.text}" if chunk.platform else chunk.text
 
 
+def _checked_statements(statements: Sequence[Statement | str]) -> list[Statement]:
+    """Plain strings as Statements; an empty text is refused before any tokenizer sees it."""
+    items = [s if isinstance(s, Statement) else Statement(statement_id="", text=s) for s in statements]
+    for s in items:
+        if not s.text or not s.text.strip():
+            raise ValueError(f"statement {s.statement_id!r} has empty text")
+    return items
+
+
 class Featurizer:
     """Tokenizes users and statements into fixed-shape arrays for one model config."""
 
@@ -145,10 +154,7 @@ class Featurizer:
 
     def statement_tokens(self, statements: Sequence[Statement | str]) -> list[list[int]]:
         """Token ids of each statement (+ context within one max_statement + max_context budget), unpadded."""
-        items = [s if isinstance(s, Statement) else Statement(statement_id="", text=s) for s in statements]
-        for s in items:
-            if not s.text or not s.text.strip():
-                raise ValueError(f"statement {s.statement_id!r} has empty text")
+        items = _checked_statements(statements)
         cfg = self.config
         texts = [s.text for s in items]
         contexts = [s.context for s in items]
@@ -161,10 +167,7 @@ class Featurizer:
 
     def statement_features(self, statements: Sequence[Statement | str], prefix: str = "item") -> dict[str, np.ndarray]:
         """Batch of statements -> {prefix_input_ids (N, L), prefix_attention_mask, prefix_metadata?}."""
-        items = [s if isinstance(s, Statement) else Statement(statement_id="", text=s) for s in statements]
-        for s in items:
-            if not s.text or not s.text.strip():
-                raise ValueError(f"statement {s.statement_id!r} has empty text")
+        items = _checked_statements(statements)
         cfg = self.config
         texts = [s.text for s in items]
         contexts = [s.context for s in items]
