@@ -13,6 +13,7 @@ The config is the repository's file with only `model_dir` and `index` pointed at
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -131,8 +132,16 @@ def _wait_port_closed(timeout: float = 60) -> None:
 
 
 def test_serve_run_local_config_starting_its_own_ray(served):
-    """No cluster running: `serve run` starts Ray on this machine's 2 CPUs; every replica must fit."""
-    _serve_run(served, [str(served["config"])], _env(), "serve-run-own-ray")
+    """No cluster running: `serve run` starts Ray on this machine's 2 CPUs; every replica must fit.
+
+    Its own RAY_TMPDIR, as on a fresh machine: Ray reads `<tmp>/ray/ray_current_cluster` to decide whether to
+    attach instead, and a cluster another test (or a killed run) left behind must not be picked up."""
+    temp_dir = tempfile.mkdtemp(prefix="uue-own-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    try:
+        _serve_run(served, [str(served["config"])], _env(RAY_TMPDIR=temp_dir), "serve-run-own-ray")
+    finally:
+        _end_processes_mentioning(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
