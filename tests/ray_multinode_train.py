@@ -1,6 +1,6 @@
 """Run by tests/test_ray_train.py in a process of its own: one training epoch on a two-node Ray cluster.
 
-`ray.cluster_utils.Cluster` starts a head and a second node (1 CPU each) on this machine; the run places
+`ray.cluster_utils.Cluster` starts a head and a second node (2 CPUs each) on this machine; the run places
 one Ray Train worker per node (STRICT_SPREAD), with the frozen-backbone vector caches, and logs every
 batch. A separate process keeps this cluster
 apart from the test session's own `ray.init`.
@@ -25,8 +25,10 @@ def main(output_dir: str) -> int:
     from uue.train import TrainProbe
     from uue.train.ray import run_training
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 300_000_000})
-    cluster.add_node(num_cpus=1, object_store_memory=300_000_000)
+    # 2 CPUs a node: beside a 0.5-CPU worker, Ray Data's file listing task needs a whole CPU free on some node
+    # (it takes no num_cpus from read_parquet), and with 1-CPU nodes the read waits forever.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 300_000_000})
+    cluster.add_node(num_cpus=2, object_store_memory=300_000_000)
     try:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False,

@@ -91,9 +91,19 @@ def test_rayjob_runs_qwen3_zero2_bf16_and_its_resources_cover_the_workers():
     job = yaml.safe_load(RAYJOB.read_text())
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
-    module, args = _entrypoint(spec["entrypoint"])
+    preprocess_step, train_step = spec["entrypoint"].split(" && ")
+    module, args = _entrypoint(preprocess_step)
+    assert module == "ray_jobs.preprocess"
+    import ray_jobs.preprocess
+    import ray_jobs.train
+
+    preprocess = ray_jobs.preprocess.build_parser().parse_args(args)
+    module, args = _entrypoint(train_step)
     assert module == "ray_jobs.train"
     config = _load_job_config(module, args)
+    # Training reads what the first step wrote, made with the same config (the manifest check needs it).
+    assert config.data.path == preprocess.output
+    assert preprocess.config == ray_jobs.train.build_parser().parse_args(args).config
 
     assert config.model.user_model_name == config.model.item_model_name == "qwen3-embedding-0.6b"
     dist = config.distributed
@@ -150,7 +160,7 @@ def test_rayjob_entrypoint_with_a_misspelt_override_is_rejected():
     from uue.config import ConfigError
 
     job = yaml.safe_load(RAYJOB.read_text())
-    module, args = _entrypoint(job["spec"]["entrypoint"] + " distributed.zero_stgae=2")
+    module, args = _entrypoint(job["spec"]["entrypoint"].split(" && ")[1] + " distributed.zero_stgae=2")
     with pytest.raises(ConfigError, match="zero_stgae"):
         _load_job_config(module, args)
 

@@ -22,6 +22,7 @@ import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -227,6 +228,8 @@ class Shards:
 
     @classmethod
     def open(cls, uri: str) -> Shards:
+        """Open `uri`; a local path is made absolute, since Ray workers read it from their own directory."""
+        uri = uri if "://" in str(uri) else str(Path(uri).resolve())
         fs, root = resolve_filesystem(uri)
         path = f"{root}/{MANIFEST}"
         if fs.get_file_info(path).type != pafs.FileType.File:

@@ -34,7 +34,7 @@ from uue.data.shards import Shards, is_preprocessed
 from uue.model.uue_model import UUEModel
 from uue.train.checkpoint import MODEL_FOLDER, STATE_FILE, restore_checkpoint, write_checkpoint, zero_stage
 from uue.train.data import build_inputs, open_shards, preprocessed_target
-from uue.train.loop import Loop, TrainProbe
+from uue.train.loop import Loop, TrainProbe, peak_flops_for
 from uue.train.step import DeepSpeedOptimization, param_groups, unwrap, warmup_cosine
 from uue.train.stream import UserStream, plan_steps
 
@@ -151,7 +151,7 @@ def train_fn(loop_config: dict[str, Any]) -> None:
                 log_path=Path(config.training.output_dir) / "metrics.jsonl",
                 log_every=config.training.log_every_steps, checkpoint_every=config.training.checkpoint_every_steps,
                 save_checkpoint=report, rank=rank, world_size=world, probe=probe, after_step=fail_probe,
-                checkpoint_last_step=False)
+                checkpoint_last_step=False, peak_flops=peak_flops_for(config.training.peak_tflops, device))
     history = loop.run(start_step)
     step = history[-1]["step"] if history else start_step
     if step < total_steps:
@@ -200,6 +200,8 @@ def prepare_shards(config: ExperimentConfig, featurizer: Featurizer, dataset: UU
     path = config.data.path
     if dataset is None and is_preprocessed(path):
         return open_shards(config, featurizer)
+    if "://" not in path:  # Ray Data's read tasks run in worker processes, not in this directory
+        path = str(Path(path).resolve())
     from uue.ray_preprocess import preprocess
 
     target = preprocessed_target(config)
