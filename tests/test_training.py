@@ -3,6 +3,7 @@ inference round trip, CLI."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -231,3 +232,46 @@ def test_cli_trains_from_the_shards_alone_after_the_raw_folder_is_gone(tmp_path)
     refused = subprocess.run([*uue, f"data.path={tmp_path / 'pre'}", f"training.output_dir={tmp_path / 'c'}",
                               "model.max_chunk_length=16"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert refused.returncode == 2 and "max_chunk_length: preprocessed with 32" in refused.stderr
+
+
+def test_one_item_tower_call_per_step_and_honest_token_metrics(tiny_model_config, tmp_path):
+    """With semi-hard negatives and label statements, a training forward runs the item tower once, and its
+    vectors equal encoding each set on its own; metrics.jsonl counts each tower's real tokens (negatives and
+    label statements included) and, given a peak, MFU <= HFU (recomputation on)."""
+    cfg = tiny_model_config.model_copy(update={
+        "negative_sampling": "semi_hard", "num_negative_samples": 2, "label_loss_weight": 0.5,
+        "labels_per_user": 3, "positives_per_user": 2, "gradient_checkpointing_chunks": True})
+    trainer = UUETrainer(_experiment(cfg, tmp_path, max_steps=2, peak_tflops=1.0))
+    model, samplers = trainer.model, trainer.samplers
+    samplers.negative.refresh(lambda b: model(b, task="items"), 0)
+    batch = trainer.inputs.collate(next(iter(trainer.loop.stream.steps(0, 1))).rows, 0)
+    calls = []
+    handle = model.item_tower.register_forward_hook(lambda module, args, output: calls.append(output.shape[0]))
+    model.eval()
+    state = samplers.negative.generator.get_state(), samplers.label.generator.get_state()
+    with torch.no_grad():
+        out = model(batch, negative_sampler=samplers.negative, label_sampler=samplers.label)
+        handle.remove()
+        assert len(calls) == 1 and calls[0] == len(batch["statement_index"]) + out.negatives[:, :, 0].numel() + \
+            out.label_items[:, :, 0].numel()
+        # The same draws again, each set through the item tower on its own.
+        samplers.negative.generator.set_state(state[0])
+        samplers.label.generator.set_state(state[1])
+        users = model.encode_users(batch)
+        ids, negative_features = samplers.negative.sample(users, batch)
+        draw = samplers.label.sample(batch, users.device)
+        torch.testing.assert_close(ids, out.negative_ids)
+        torch.testing.assert_close(out.item, model.encode_statements(batch), atol=1e-5, rtol=1e-4)
+        for features, vectors in ((negative_features, out.negatives), (draw.features, out.label_items)):
+            flat = {k: v.flatten(0, 1) for k, v in features.items()}
+            alone = model.item_tower(flat.get("input_ids"), flat.get("attention_mask"), flat.get("metadata"))
+            torch.testing.assert_close(vectors.flatten(0, 1), alone, atol=1e-5, rtol=1e-4)
+
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["user_tokens"] > 0 and row["user_tokens"] <= row["tokens"]
+        assert row["item_tokens"] > row["tokens"] - row["user_tokens"]  # negatives and labels ran through it too
+        assert row["user_tokens_per_second"] == pytest.approx(row["user_tokens"] / row["step_seconds"], rel=1e-6)
+        assert 0 < row["mfu"] < row["hfu"]

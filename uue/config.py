@@ -185,6 +185,8 @@ class TrainingConfig(_Strict):
     checkpoint_every_steps: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every_steps: int = Field(10, gt=0)
+    peak_tflops: float | None = Field(None, gt=0)
+    """One device's peak TFLOP/s for the logged MFU/HFU (None: 989, H100/H200 bf16 dense, on CUDA; none on CPU)."""
     seed: int = 0
     progress_bar: bool = True
 

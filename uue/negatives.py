@@ -129,11 +129,18 @@ class NegativeSampler:
         priority = torch.where(in_window, 3.0 + noise, torch.where(below, 1.0 + torch.sigmoid(scores), noise))
         return priority.masked_fill(excluded, float("-inf")).topk(self.num_negatives, dim=1).indices
 
-    def sample(self, user_vectors: torch.Tensor, batch: Mapping[str, torch.Tensor],
-               positive_item_vectors: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def sample(self, user_vectors: torch.Tensor, batch: Mapping[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Select negatives for the batch's users (its `user_positives`, and for `labeled` its label-0
-        `label_statements`) and gather their features, on the users' device, trimmed of shared padding."""
-        positive_scores = (user_vectors * positive_item_vectors).sum(-1)
+        `label_statements`) and gather their features, on the users' device, trimmed of shared padding.
+
+        Semi-hard windows sit below each user's score for its first positive slot (always a real positive),
+        scored on the refreshed pool vectors like the candidates, so the item tower runs once per step, after
+        this selection, on positives and negatives together."""
+        positive_scores = None
+        if self.strategy == "semi_hard" and self.pool_vectors is not None:
+            first = batch["statement_index"].reshape(user_vectors.size(0), -1)[:, 0].cpu()
+            positive_scores = (user_vectors.detach().float().cpu() * self.pool_vectors[first]).sum(-1)
         known = None
         if self.strategy == "labeled" and "label_statements" in batch:
             known = batch["label_statements"].masked_fill(batch["label_values"] != 0, -1)

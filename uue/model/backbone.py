@@ -255,12 +255,11 @@ def pool_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor, kind:
     mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
     if kind == "mean":
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    # last token: with left padding the last position is real for every row; with right padding take
-    # each row's last real position.
-    if bool((attention_mask[:, -1] == 1).all()):
-        return hidden[:, -1]
-    last = attention_mask.long().sum(1) - 1
-    return hidden[torch.arange(hidden.size(0), device=hidden.device), last.clamp(min=0)]
+    # last token: each row's last real position, left or right padded, found on the device (no host sync:
+    # the padded path calls this once per micro-batch).
+    length = attention_mask.size(1)
+    last = length - 1 - attention_mask.long().flip(1).argmax(1)
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
 
 class TextEncoder(nn.Module):

@@ -26,11 +26,29 @@ def useful_tokens(attention_mask: torch.Tensor | None = None, lengths: Iterable[
     return int(sum(lengths))  # type: ignore[arg-type]
 
 
-def non_embedding_parameters(model: nn.Module) -> int:
+def _numel(param: torch.Tensor) -> int:
+    """A parameter's full size, also under ZeRO-3 (where this rank holds an empty placeholder)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def non_embedding_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Parameters that multiply every token: all but the input embedding table (tied output heads count once)."""
-    total = sum(p.numel() for p in model.parameters())
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return total - (embeddings.weight.numel() if embeddings is not None else 0)
+    table = embeddings.weight if embeddings is not None else None
+    return sum(_numel(p) for p in model.parameters()
+               if p is not table and (p.requires_grad or not trainable_only))
+
+
+def training_flops_per_token(backbone: nn.Module, recompute: bool) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) per useful token of one training step through `backbone`.
+
+    Forward 2N over every weight, backward 4N over the trained ones (so 6N when all train, 2N when frozen);
+    hardware adds the recomputed forward (2N) when activations are checkpointed and something trains.
+    """
+    total = non_embedding_parameters(backbone)
+    trained = non_embedding_parameters(backbone, trainable_only=True)
+    model_flops = 2.0 * total + 4.0 * trained
+    return model_flops, model_flops + (2.0 * total if recompute and trained else 0.0)
 
 
 def flops_per_token(parameters: int, recompute: bool = False) -> float:

@@ -167,7 +167,8 @@ class UserTower(nn.Module):
         Pass chunk tokens, precomputed `chunk_vectors` (B, C, H) (a frozen backbone's cache), or
         `chunk_hidden` (B, C, L, H) with `attention_mask`: hidden states at the cut (top-N training).
         """
-        if not bool(chunk_mask.bool().any(1).all()):
+        # Checked where the mask is on the host (the collator, serving); on a GPU the check would stall the step.
+        if chunk_mask.device.type == "cpu" and not bool(chunk_mask.bool().any(1).all()):
             raise ValueError("every user needs at least one chunk (a row of chunk_mask is all False)")
         if chunk_hidden is not None:
             if self.hidden_cut is None or attention_mask is None:

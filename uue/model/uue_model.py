@@ -119,13 +119,23 @@ class UUEModel(nn.Module):
             text_vectors=batch.get(f"{prefix}_text_vectors"), hidden=batch.get(f"{prefix}_hidden"),
         )
 
-    def _encode_statement_sets(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, K, ...) item features of K statements per user -> (B, K, D) unit vectors."""
-        b, k = next(iter(features.values())).shape[:2]
-        flat = {name: value.flatten(0, 1) for name, value in features.items()}
+    def _encode_item_parts(self, parts: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Flat item features of several statement sets -> their vectors, in one item-tower call when the sets
+        carry the same kinds of features (token columns padded to the widest on the tokenizer's side)."""
+        keys = {name for name, value in parts[0].items() if value is not None}
+        if len(parts) > 1 and ("hidden" in keys or any(
+                {n for n, v in part.items() if v is not None} != keys for part in parts[1:])):
+            return [self._encode_item_parts([part])[0] for part in parts]
+        if "input_ids" in keys and len(parts) > 1:
+            width = max(part["input_ids"].size(-1) for part in parts)
+            left = getattr(self.item_tokenizer, "padding_side", "right") == "left"
+            pad_id = getattr(self.item_tokenizer, "pad_token_id", None) or 0
+            parts = [{**part, "input_ids": _pad_columns(part["input_ids"], width, pad_id, left),
+                      "attention_mask": _pad_columns(part["attention_mask"], width, 0, left)} for part in parts]
+        flat = {name: torch.cat([part[name] for part in parts]) for name in keys}
         vectors = self.item_tower(flat.get("input_ids"), flat.get("attention_mask"), flat.get("metadata"),
                                   text_vectors=flat.get("text_vectors"), hidden=flat.get("hidden"))
-        return vectors.view(b, k, -1)
+        return list(vectors.split([next(iter(part.values())).size(0) for part in parts]))
 
     def forward(
         self, batch: dict[str, torch.Tensor], negative_sampler: NegativeSampler | None = None, task: str = "train",
@@ -140,18 +150,32 @@ class UUEModel(nn.Module):
             return self.encode_users(batch)
         if task == "items":
             return self.encode_statements(batch)
+        # Tokens the item tower runs on beyond the batch's own statements (negatives, label draws): the training
+        # loop's tokens/s and MFU count them; a device tensor, read with the step's other metrics.
+        self.extra_item_tokens: torch.Tensor | int = 0
         users = self.encode_users(batch)
-        items = self.encode_statements(batch)
-        negatives = negative_ids = None
+        # Negatives are chosen from the user vectors and the refreshed pool, label statements drawn from the
+        # batch: then the item tower runs once, on positives, negatives and label statements together.
+        sets: list[tuple[str, dict[str, torch.Tensor]]] = []
+        negative_ids = draw = None
         if negative_sampler is not None and negative_sampler.num_negatives > 0:
-            # Semi-hard windows sit below each user's first positive slot (always a real positive).
-            first = items.detach().view(users.size(0), -1, items.size(-1))[:, 0]
-            negative_ids, neg_batch = negative_sampler.sample(users.detach(), batch, first)
-            negatives = self._encode_statement_sets(neg_batch)
-        out = UUEOutput(users, items, self.clamped_logit_scale(), negatives, negative_ids)
+            negative_ids, negative_features = negative_sampler.sample(users.detach(), batch)
+            sets.append(("negatives", negative_features))
         if label_sampler is not None:
             draw = label_sampler.sample(batch, users.device)
-            out.label_items = self._encode_statement_sets(draw.features)
+            sets.append(("labels", draw.features))
+        positives = {name.removeprefix("item_"): value for name, value in batch.items() if name in (
+            "item_input_ids", "item_attention_mask", "item_metadata", "item_text_vectors", "item_hidden")}
+        shapes = [next(iter(features.values())).shape[:2] for _, features in sets]
+        for _, features in sets:  # the batch's own statements are counted from the host batch (train_step)
+            if "attention_mask" in features and features.get("text_vectors") is None:
+                self.extra_item_tokens = self.extra_item_tokens + features["attention_mask"].sum()
+        vectors = self._encode_item_parts([positives] + [
+            {name: value.flatten(0, 1) for name, value in features.items()} for _, features in sets])
+        encoded = {name: v.view(b, k, -1) for (name, _), (b, k), v in zip(sets, shapes, vectors[1:], strict=True)}
+        out = UUEOutput(users, vectors[0], self.clamped_logit_scale(), encoded.get("negatives"), negative_ids)
+        if draw is not None:
+            out.label_items = encoded["labels"]
             out.label_values, out.label_mask, out.label_bias = draw.values, draw.mask, self.label_bias
         return out
 
@@ -261,3 +285,12 @@ def load_tower(
     if missing or unexpected:
         raise ValueError(f"{folder}: head weights do not match the tower (missing {missing}, unexpected {unexpected})")
     return tower.to(map_location).eval(), tokenizer
+
+
+def _pad_columns(values: torch.Tensor, width: int, fill: int, left: bool) -> torch.Tensor:
+    """(N, L) -> (N, width), the new columns on the padding side."""
+    extra = width - values.size(-1)
+    if extra <= 0:
+        return values
+    pad = values.new_full((values.size(0), extra), fill)
+    return torch.cat([pad, values] if left else [values, pad], dim=-1)

@@ -19,7 +19,7 @@ from uue.data.readers import UUEDataset
 from uue.model.uue_model import UUEModel
 from uue.train.checkpoint import latest_checkpoint, prune_checkpoints, restore_checkpoint, write_checkpoint
 from uue.train.data import build_inputs, local_shards
-from uue.train.loop import Loop, TrainProbe
+from uue.train.loop import Loop, TrainProbe, peak_flops_for
 from uue.train.step import TorchOptimization
 from uue.train.stream import UserStream, plan_steps
 
@@ -66,7 +66,8 @@ class UUETrainer:
             stream=stream, device=self.device, total_steps=self.total_steps,
             log_path=self.output_dir / "metrics.jsonl", log_every=cfg.training.log_every_steps,
             checkpoint_every=cfg.training.checkpoint_every_steps, save_checkpoint=self._checkpoint,
-            probe=probe or TrainProbe(), progress=cfg.training.progress_bar)
+            probe=probe or TrainProbe(), progress=cfg.training.progress_bar,
+            peak_flops=peak_flops_for(cfg.training.peak_tflops, self.device))
         self.step = 0
         self.last_checkpoint: Path | None = None
 

@@ -50,16 +50,56 @@ class TrainProbe:
     """Stream and collate every batch but run no model step (bench/bench_data_scale.py: the data path alone)."""
 
 
-def mean_across_ranks(value: float) -> float:
+def sum_across_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums over the ranks, in one all-reduce (each is a host round trip)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
+        return list(values)
     # NCCL reduces only GPU tensors; gloo only CPU ones.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return float(tensor) / dist.get_world_size()
+    return tensor.tolist()
+
+
+def peak_flops_for(peak_tflops: float | None, device: torch.device) -> float | None:
+    """training.peak_tflops in FLOP/s; on CUDA without it the H100/H200 bf16 dense peak."""
+    from uue.model.flops import H100_BF16_DENSE_FLOPS
+
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
+    return H100_BF16_DENSE_FLOPS if device.type == "cuda" else None
+
+
+@dataclass
+class ThroughputMeter:
+    """Useful tokens/s per tower and MFU/HFU of a step (uue.model.flops: only real tokens count).
+
+    `peak_flops` is one device's peak; None logs no utilisation (a CPU's peak is not known here).
+    """
+
+    user_flops: tuple[float, float]
+    item_flops: tuple[float, float]
+    peak_flops: float | None
+
+    @classmethod
+    def for_model(cls, model: Any, peak_flops: float | None) -> ThroughputMeter:
+        from uue.model.flops import training_flops_per_token
+
+        module = unwrap(model)
+        recompute = module.config.gradient_checkpointing_chunks
+        return cls(training_flops_per_token(module.user_tower.encoder.backbone, recompute),
+                   training_flops_per_token(module.item_tower.encoder.backbone, recompute), peak_flops)
+
+    def metrics(self, user_tokens: float, item_tokens: float, seconds: float, devices: int) -> dict[str, float]:
+        seconds = max(seconds, 1e-9)
+        out = {"user_tokens_per_second": user_tokens / seconds, "item_tokens_per_second": item_tokens / seconds}
+        if self.peak_flops:
+            capacity = self.peak_flops * devices * seconds
+            out["mfu"] = (user_tokens * self.user_flops[0] + item_tokens * self.item_flops[0]) / capacity
+            out["hfu"] = (user_tokens * self.user_flops[1] + item_tokens * self.item_flops[1]) / capacity
+        return out
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -114,6 +154,8 @@ class Loop:
     checkpoint_last_step: bool = True
     """False where the caller writes the final checkpoint itself (Ray reports it as the run's result)."""
     epoch: int = 0
+    peak_flops: float | None = None
+    """One device's peak FLOP/s for MFU/HFU (training.peak_tflops; on CUDA default H100/H200 bf16 dense)."""
 
     def run(self, start_step: int, stop_at: int | None = None) -> list[dict[str, Any]]:
         """Train steps start_step+1 .. stop_at (default: total_steps); returns their metrics."""
@@ -126,6 +168,7 @@ class Loop:
             Path(self.probe.batch_log_dir).mkdir(parents=True, exist_ok=True)
             batch_log = (Path(self.probe.batch_log_dir) / f"rank_{self.rank}.jsonl").open("a")
         bar = tqdm(total=stop_at, initial=start_step, desc="train", unit="step", disable=not self.progress)
+        meter = ThroughputMeter.for_model(self.model, self.peak_flops)
         started = waited = time.perf_counter()
         for item in self.stream.steps(start_step, stop_at):
             data_seconds = time.perf_counter() - waited
@@ -139,19 +182,21 @@ class Loop:
             real_tokens, processed_tokens = batch_tokens(batch)
             step_started = time.perf_counter()
             if self.probe.data_only:
-                metrics = {"loss": 0.0, "accuracy": 0.0}
+                metrics = {"loss": 0.0, "accuracy": 0.0, "user_tokens": 0.0, "item_tokens": 0.0}
             else:
                 metrics = train_step(self.model, batch, self.loss_fn, self.optimization, self.samplers.negative,
                                      self.samplers.label)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            step_seconds = time.perf_counter() - step_started  # train_step ends reading its metrics: synced
             local_loss = metrics["loss"]
             world = self.world_size
-            metrics.update(step=item.step, epoch=item.epoch, loss=mean_across_ranks(local_loss), local_loss=local_loss,
-                           step_seconds=time.perf_counter() - step_started, data_seconds=data_seconds,
+            loss_sum, user_tokens, item_tokens, real, processed = sum_across_ranks(
+                [local_loss, metrics.pop("user_tokens"), metrics.pop("item_tokens"), real_tokens, processed_tokens])
+            metrics.update(step=item.step, epoch=item.epoch, loss=loss_sum / world, local_loss=local_loss,
+                           step_seconds=step_seconds, data_seconds=data_seconds,
                            seconds=time.perf_counter() - started, workers=world, users=len(item.rows) * world,
-                           tokens=round(mean_across_ranks(real_tokens) * world),
-                           processed_tokens=round(mean_across_ranks(processed_tokens) * world))
+                           tokens=round(real), processed_tokens=round(processed),
+                           user_tokens=round(user_tokens), item_tokens=round(item_tokens),
+                           **meter.metrics(user_tokens, item_tokens, step_seconds, world))
             if self.device.type == "cuda":
                 metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             history.append(metrics)

@@ -70,7 +70,7 @@ class Optimization(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self) -> float: ...
+    def step(self) -> float | torch.Tensor: ...
 
     def learning_rates(self) -> dict[str, float]: ...
 
@@ -91,14 +91,15 @@ class TorchOptimization:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
+        """Clip, update, schedule; returns the gradient norm as a tensor (read with the step's metrics)."""
         if self.before_step is not None:
             self.before_step(self.model)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.max_grad_norm is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm).detach()
         else:
-            norm = float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+            norm = torch.norm(torch.stack([p.grad.norm() for p in params])).detach() if params else torch.zeros(())
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -144,11 +145,24 @@ def unwrap(model: nn.Module) -> UUEModel:
     return getattr(model, "module", model)  # type: ignore[return-value]
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; full precision on CPU, where bf16 matmuls are slow and inexact."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_for(device: torch.device, model: nn.Module | None = None):
+    """bf16 autocast on CUDA; none on CPU (bf16 matmuls are slow and inexact there), and none over weights
+    already in bf16 (a DeepSpeed bf16 engine): autocast would only add casts around every op."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    if model is not None and next(unwrap(model).parameters()).dtype == torch.bfloat16:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def backbone_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(user, item) tokens the two backbones run on for the batch's own chunks and statements, from the host
+    batch; cached vectors (frozen backbones) mean no backbone work."""
+    user = int(batch["user_attention_mask"].sum()) if "user_attention_mask" in batch and \
+        "chunk_vectors" not in batch and "chunk_hidden" not in batch else 0
+    item = int(batch["item_attention_mask"].sum()) if "item_attention_mask" in batch and \
+        "item_text_vectors" not in batch and "item_hidden" not in batch else 0
+    return user, item
 
 
 def refresh_negatives(model: nn.Module, sampler: NegativeSampler | None, step: int, device: torch.device) -> None:
@@ -157,7 +171,7 @@ def refresh_negatives(model: nn.Module, sampler: NegativeSampler | None, step: i
         return
     was_training = model.training
     model.eval()
-    with autocast_for(device):
+    with autocast_for(device, model):
         sampler.refresh(lambda b: model({k: v.to(device) for k, v in b.items()}, task="items"), step)
     model.train(was_training)
 
@@ -174,9 +188,10 @@ def train_step(
     over the users' positive slots (+ the weighted label loss when a label sampler is given), backward,
     clip, step."""
     device = next(unwrap(model).parameters()).device
+    user_tokens, item_tokens = backbone_tokens(batch)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     model.train()
-    with autocast_for(device):
+    with autocast_for(device, model):
         out = model(batch, negative_sampler=negative_sampler, label_sampler=label_sampler)
         loss, metrics = loss_fn(out, batch)
         if out.label_items is not None:
@@ -188,7 +203,13 @@ def train_step(
     optimization.backward(loss)
     grad_norm = optimization.step()
     unwrap(model).clamp_logit_scale_()
-    result = {"loss": float(loss.detach()), "grad_norm": grad_norm}
-    result.update({k: float(v) for k, v in metrics.items()})
+    # Every metric leaves the device in one copy (the step's one host sync besides packing's lengths).
+    names = ["loss", "grad_norm", *metrics, "extra_item_tokens"]
+    values = [loss.detach(), grad_norm, *metrics.values(), getattr(unwrap(model), "extra_item_tokens", 0)]
+    host = torch.stack([torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, dtype=torch.float32,
+                                        device=device).reshape(()) for v in values]).tolist()
+    result = dict(zip(names, host, strict=True))
+    result["user_tokens"] = float(user_tokens)
+    result["item_tokens"] = float(item_tokens) + result.pop("extra_item_tokens")
     result.update({f"lr/{k}": v for k, v in optimization.learning_rates().items()})
     return result

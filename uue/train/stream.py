@@ -139,6 +139,8 @@ def collate(rows: Sequence[dict[str, Any]], epoch: int, c: BatchCollator) -> dic
     batch["item_valid"] = torch.as_tensor(valid, dtype=torch.bool)
 
     counts = [len(r["chunk_tokens"]) for r in rows]
+    if min(counts) == 0:  # checked here, on the host: the tower skips the check on a GPU
+        raise ValueError(f"user {rows[counts.index(0)]['user_id']!r} has no chunk; preprocessing drops such users")
     chunks = max(counts)
     chunk_mask = torch.zeros(len(rows), chunks, dtype=torch.bool)
     for b, n in enumerate(counts):
