@@ -1,10 +1,14 @@
 """Top-N fine-tuning on cached hidden states: the frozen lower blocks run once, a step runs only the top.
 
 Checked against running the whole backbone with the lower blocks frozen (tiny presets, float32 storage):
-same outputs, same gradients, same training run.
+same outputs, same gradients; and in the streaming training loop (float16 storage, as trained): the same
+run, the lower blocks untouched, an exact resume, and the same run on a Ray Train worker.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from uue.data.readers import load_dataset
 from uue.model.backbone import forward_from_layer, hidden_states_at, load_backbone
 from uue.model.uue_model import UUEModel
 from uue.train import UUETrainer
+from uue.train.checkpoint import latest_checkpoint
 
 
 def _top_n(config: ModelConfig, cache: bool, layers: int = 1) -> ModelConfig:
@@ -78,15 +83,6 @@ def test_outputs_and_gradients_equal_the_frozen_bottom_backbone(tiny_model_confi
         torch.testing.assert_close(g_cached[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_the_streaming_loop_refuses_the_hidden_cache(tiny_model_config, sample_data_dir, tmp_path):
-    """Until the streaming loop reads it, the option fails loudly instead of silently training on tokens."""
-    config = ExperimentConfig(model=_top_n(tiny_model_config, cache=True), training=TrainingConfig(
-        output_dir=str(tmp_path), max_steps=1, progress_bar=False))
-    config.data.path = str(sample_data_dir)
-    with pytest.raises(ValueError, match="cache_hidden_states .* is not wired into the streaming training loop"):
-        UUETrainer(config)
-
-
 def test_float16_storage_stays_close(tiny_model_config, sample_data_dir):
     config = _top_n(tiny_model_config, cache=True)
     model = UUEModel.from_config(config, seed=0).eval()
@@ -108,3 +104,148 @@ def test_hidden_cache_needs_a_top_n_tower():
                            "model.freeze_user_backbone=true"])
     config = load_config(None, ["model.cache_hidden_states=true", "model.item_trainable_layers=2"])
     assert config.model.hidden_cache_layers("item") == 2 and config.model.hidden_cache_layers("user") is None
+
+
+# ---------------------------------------------------------------------------------- the streaming training loop
+def _run(config: ModelConfig, out: Path, **training) -> ExperimentConfig:
+    """Sample data (32 training users, 4 steps an epoch at batch 8), top block of both towers trainable."""
+    experiment = ExperimentConfig(model=config, training=TrainingConfig(
+        output_dir=str(out), progress_bar=False, log_every_steps=1, **training))
+    experiment.data.path = str(Path(__file__).resolve().parent.parent / "uue" / "sample_data")
+    return experiment
+
+
+def _streamed(tiny_model_config: ModelConfig, cache: bool, **update) -> ModelConfig:
+    """Top-1 block training, float16 cache (as trained), random negatives and the label loss (their pools)."""
+    return tiny_model_config.model_copy(update={
+        "user_trainable_layers": 1, "item_trainable_layers": 1, "cache_hidden_states": cache,
+        "use_attention_pooling": True, "negative_sampling": "random", "num_negative_samples": 2,
+        "label_loss_weight": 0.5, "labels_per_user": 3, "positives_per_user": 2, **update})
+
+
+def _frozen_bottom(name: str) -> bool:
+    return "encoder.backbone." in name and ".layer.1." not in name
+
+
+def _ragged(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+    return [row[used.astype(bool)].tolist() for row, used in zip(ids, mask, strict=True) if used.any()]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3"])  # right and left padding
+def test_the_collators_hidden_batches_encode_like_its_token_batches(tiny_model_config, sample_data_dir, preset):
+    """BatchCollator over user rows (ragged chunk tokens): the per-user cache of chunk hidden states (real
+    tokens only, padded at the batch) and the statement table's hidden states give the towers' token outputs."""
+    from uue.chunk_cache import TokenHiddenCache
+    from uue.train.stream import BatchCollator, StatementTable
+
+    config = _top_n(tiny_model_config.model_copy(update={  # chunks of 36-76 bytes: none truncated, padding varies
+        "user_model_name": preset, "item_model_name": preset, "positives_per_user": 2, "max_chunk_length": 96}),
+        cache=True)
+    model = UUEModel.from_config(config, seed=0).eval()
+    featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
+    dataset = load_dataset(sample_data_dir)
+    item_tokens = featurizer.statement_features(list(dataset.statements.values())[:6])
+    table = StatementTable({"statement_id": [str(i) for i in range(6)],
+                            "tokens": _ragged(item_tokens["item_input_ids"], item_tokens["item_attention_mask"])},
+                           featurizer)
+    rows = []
+    for i, user in enumerate(list(dataset.users.values())[:3]):
+        feats = featurizer.user_features(user)
+        rows.append({"user_id": user.user_id, "positives": [i, i + 3], "label_statements": [], "label_values": [],
+                     "chunk_tokens": _ragged(feats["user_input_ids"], feats["user_attention_mask"])})
+    plain_batch = BatchCollator(config, featurizer, table, seed=0)(rows, 0)
+    hidden = statement_hidden_features(model.item_tower.encoder, table.pool_features(), model.item_tower.hidden_cut,
+                                       dtype=torch.float32)
+    table.hidden, table.hidden_mask = hidden["item_hidden"], hidden["item_attention_mask"]
+    cache = TokenHiddenCache(model.user_tower.encoder, featurizer, model.user_tower.hidden_cut, dtype=torch.float32,
+                             micro_batch=4)  # several micro-batches, each padded to its own longest chunk
+    hidden_batch = BatchCollator(config, featurizer, table, 0, chunk_hidden=cache)(rows, 0)
+    assert hidden_batch["chunk_hidden"].shape[:3] == plain_batch["user_input_ids"].shape
+    assert not plain_batch["user_attention_mask"][plain_batch["chunk_mask"]].all()  # padding to place
+    torch.testing.assert_close(hidden_batch["user_attention_mask"], plain_batch["user_attention_mask"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_users(hidden_batch), model.encode_users(plain_batch),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_statements(hidden_batch), model.encode_statements(plain_batch),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_training_on_cached_hidden_states_equals_the_whole_backbone_run(tiny_model_config, tmp_path):
+    """Per-step losses of 6 steps (an epoch boundary: the second epoch reads users cached in the first)."""
+    plain = UUETrainer(_run(_streamed(tiny_model_config, cache=False), tmp_path / "plain", max_steps=6))
+    cached = UUETrainer(_run(_streamed(tiny_model_config, cache=True), tmp_path / "cached", max_steps=6))
+    batch = cached.inputs.collate(next(cached.loop.stream.steps(0, 1)).rows, 0)
+    assert {"chunk_hidden", "item_hidden"} <= set(batch) and not {"user_input_ids", "item_input_ids"} & set(batch)
+    assert batch["chunk_hidden"].dtype == torch.float16 and batch["chunk_hidden"].dim() == 4
+    assert cached.samplers.negative is not None and "hidden" in cached.samplers.negative.pool
+    cached.inputs.collate.chunk_hidden.entries.clear()  # computed again on first use, as in the run
+
+    plain_losses = [h["loss"] for h in plain.fit().history]
+    cached_run = cached.fit().history
+    np.testing.assert_allclose([h["loss"] for h in cached_run], plain_losses, rtol=1e-3)
+    assert len(cached.inputs.collate.chunk_hidden.entries) == 32  # every training user once, reused in epoch 2
+    assert cached_run[0]["user_tokens"] == 0 and cached_run[0]["item_tokens"] == 0  # no backbone tokens
+
+
+def test_the_cached_runs_lower_blocks_get_no_gradient_and_stay_as_they_were(tiny_model_config, tmp_path):
+    trainer = UUETrainer(_run(_streamed(tiny_model_config, cache=True), tmp_path, max_steps=3))
+    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    bottom = {n for n in initial if _frozen_bottom(n)}
+    top = {n for n in initial if "encoder.backbone." in n and ".layer.1." in n}
+    assert bottom and top
+    params = dict(trainer.model.named_parameters())
+    grads_seen: set[str] = set()
+    hooks = [params[n].register_hook(lambda grad, name=n: grads_seen.add(name)) for n in top]
+    trainer.fit()
+    for hook in hooks:
+        hook.remove()
+    assert grads_seen == top  # the top block trains on the cached hidden states
+    for name in bottom:
+        assert not params[name].requires_grad and params[name].grad is None, name
+        torch.testing.assert_close(params[name], initial[name], rtol=0, atol=0, msg=name)
+    assert all(not torch.equal(params[name], initial[name]) for name in top)
+
+
+def test_a_resumed_cached_run_equals_the_uninterrupted_one(tiny_model_config, tmp_path):
+    """Semi-hard negatives refreshed every 2 steps on the pool's hidden states, across an epoch boundary."""
+    config = _streamed(tiny_model_config, cache=True, negative_sampling="semi_hard", negative_refresh_steps=2)
+    n = 3
+    full = UUETrainer(_run(config, tmp_path / "full", max_steps=2 * n))
+    full_result = full.fit()
+    first = UUETrainer(_run(config, tmp_path / "resumed", max_steps=2 * n, checkpoint_every_steps=n))
+    first.fit(max_steps=n)
+    assert latest_checkpoint(tmp_path / "resumed").name == f"step_{n:06d}"
+    second = UUETrainer(_run(config, tmp_path / "resumed", max_steps=2 * n, checkpoint_every_steps=n))
+    second_result = second.fit(resume_from="latest")
+
+    assert second_result.steps == 2 * n and second.inputs.collate.calls == n
+    # The skipped batches' users were not run through the lower blocks.
+    assert len(second.inputs.collate.chunk_hidden.entries) <= n * config.batch_size
+    np.testing.assert_allclose([h["loss"] for h in second_result.history],
+                               [h["loss"] for h in full_result.history[n:]], rtol=1e-5)
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), second.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ray_refuses_the_user_hidden_cache_under_zero3(tiny_model_config, tmp_path):
+    from uue.train.ray import run_training
+
+    config = _run(_streamed(tiny_model_config, cache=True), tmp_path, max_steps=1)
+    config.distributed.zero_stage = 3
+    with pytest.raises(ValueError, match="cache_hidden_states runs the frozen user backbone .* zero_stage <= 2"):
+        run_training(config)
+
+
+def test_one_ray_worker_on_cached_hidden_states_equals_uue_train(ray_session, tiny_model_config, tmp_path):
+    """Ray Train (1 worker, DeepSpeed ZeRO-0) builds the same caches in its worker: the same per-step losses."""
+    from uue.train.ray import run_training
+
+    local = UUETrainer(_run(_streamed(tiny_model_config, cache=True), tmp_path / "local", max_steps=4))
+    local_losses = [h["loss"] for h in local.fit().history]
+    config = _run(local.config.model, tmp_path / "ray", max_steps=4)
+    config.data.path = local.shards.uri  # the shards the local run wrote: no Ray Data preprocessing
+    config.distributed.zero_stage = 0
+    config.distributed.cpus_per_worker = config.distributed.featurize_cpus = 0.5
+    assert run_training(config).steps == 4
+    ray_losses = [json.loads(line)["loss"] for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(ray_losses, local_losses, rtol=2e-4)

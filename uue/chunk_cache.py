@@ -19,6 +19,7 @@ import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -299,26 +300,61 @@ class TokenChunkCache:
         tokenizer = featurizer.user_tokenizer
         self.pad_id = tokenizer.pad_token_id or 0
         self.left = tokenizer.padding_side == "left"
-        self.vectors: dict[str, np.ndarray] = {}
+        self.entries: dict[str, Any] = {}
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> Sequence[np.ndarray]:
+        """One micro-batch of padded chunks -> what is kept of each chunk (here its (H,) vector)."""
+        return self.encoder(ids, mask).float().cpu().numpy()
+
+    def _keep(self, chunks: list[np.ndarray]) -> Any:
+        """A user's encoded chunks, in order -> its cache entry."""
+        return np.stack(chunks)
 
     @torch.inference_mode()
-    def __call__(self, rows: Sequence[dict]) -> list[np.ndarray]:
-        todo = {r["user_id"]: r["chunk_tokens"] for r in rows if r["user_id"] not in self.vectors}
+    def __call__(self, rows: Sequence[dict]) -> list[Any]:
+        todo = {r["user_id"]: r["chunk_tokens"] for r in rows if r["user_id"] not in self.entries}
         if todo:
-            chunks = [(uid, t) for uid, tokens in todo.items() for t in tokens]
-            order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i][1]))  # similar lengths together
-            out = np.empty((len(chunks), self.encoder.hidden_size), dtype=np.float32)
+            chunks = [t for tokens in todo.values() for t in tokens]
+            order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i]))  # similar lengths together
+            encoded: list[np.ndarray] = [np.empty(0)] * len(chunks)
             was_training = self.encoder.training
             self.encoder.eval()
             for start in range(0, len(order), self.micro_batch):
                 rows_at = order[start : start + self.micro_batch]
-                ids, mask = self._pad([chunks[i][1] for i in rows_at], self.pad_id, self.left)
-                vectors = self.encoder(torch.as_tensor(ids, device=self.device),
+                ids, mask = self._pad([chunks[i] for i in rows_at], self.pad_id, self.left)
+                outputs = self._encode(torch.as_tensor(ids, device=self.device),
                                        torch.as_tensor(mask, device=self.device))
-                out[rows_at] = vectors.float().cpu().numpy()
+                for i, output in zip(rows_at, outputs, strict=True):
+                    encoded[i] = output
             self.encoder.train(was_training)
             position = 0
             for uid, tokens in todo.items():
-                self.vectors[uid] = out[position : position + len(tokens)].copy()
+                self.entries[uid] = self._keep(encoded[position : position + len(tokens)])
                 position += len(tokens)
-        return [self.vectors[r["user_id"]] for r in rows]
+        return [self.entries[r["user_id"]] for r in rows]
+
+
+class TokenHiddenCache(TokenChunkCache):
+    """user_id -> [(tokens, H) per chunk] hidden states entering block `layer` of a user backbone whose lower
+    blocks are frozen, from preprocessed chunk tokens, on first use.
+
+    The training loop's `model.cache_hidden_states` for the user tower (the row twin of HiddenStateCache):
+    the lower blocks run once per user and process, a step runs only the top blocks. Only real tokens are
+    kept (padding is added at the batch), in `dtype` (float16 halves memory).
+    """
+
+    def __init__(self, encoder: TextEncoder, featurizer: Featurizer, layer: int, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float16, micro_batch: int | None = None):
+        super().__init__(encoder, featurizer, device, micro_batch)
+        self.layer = layer
+        self.dtype = dtype
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> Sequence[np.ndarray]:
+        from uue.model.backbone import hidden_states_at
+
+        states = hidden_states_at(self.encoder.backbone, ids, mask, self.layer).to(self.dtype).cpu()
+        real = mask.bool().cpu()
+        return [chunk[used].numpy() for chunk, used in zip(states, real, strict=True)]
+
+    def _keep(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
+        return chunks

@@ -109,9 +109,10 @@ class ModelConfig(_Strict):
     """Top-N fine-tuning on a cache: for each tower with `*_trainable_layers: N` (and not frozen), the frozen
     lower blocks run once and their hidden states at the cut are cached (uue.chunk_cache.HiddenStateCache),
     so a training step runs only the top N blocks (and the heads). The same model as running the whole
-    backbone with its lower blocks frozen, except that those blocks run without dropout. The model-level
-    mechanism (uue.model.backbone.forward_from_layer, uue.chunk_cache.HiddenStateCache) is tested; the
-    streaming training loop (uue.train) does not read the cache yet and refuses this option."""
+    backbone with its lower blocks frozen, except that those blocks run without dropout. In the training loop
+    (uue.train, one process or a Ray worker) the statement table holds every statement's hidden states at the
+    item cut, computed once per process, and each user's chunks are run through the lower blocks the first
+    time the user is collated (uue.chunk_cache.TokenHiddenCache; on Ray it needs distributed.zero_stage <= 2)."""
     hidden_cache_dtype: Literal["float16", "float32"] = "float16"
     """Storage of the cached hidden states (float16 halves memory; float32 is exact)."""
 

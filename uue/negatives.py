@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-from uue.data.featurize import trim_batch, trim_token_columns
+from uue.data.featurize import trim_batch, trim_hidden_columns, trim_token_columns
 
 Strategy = str
 STRATEGIES = ("none", "random", "hard", "semi_hard", "labeled")
@@ -32,6 +32,9 @@ def gather_pool_features(pool: Mapping[str, torch.Tensor], indices: torch.Tensor
         features["input_ids"], features["attention_mask"] = trim_token_columns(
             features["input_ids"], features["attention_mask"]
         )
+    elif "hidden" in features:  # hidden states at the item cut (cache_hidden_states)
+        features["hidden"], features["attention_mask"] = trim_hidden_columns(
+            features["hidden"], features["attention_mask"])
     return features
 
 

@@ -196,22 +196,22 @@ class Featurizer:
         return features
 
 
+def _used_columns(mask: torch.Tensor) -> slice:
+    """The token columns that are real in some row (all of them when none is)."""
+    used = mask.reshape(-1, mask.size(-1)).any(0).nonzero().squeeze(1)
+    return slice(int(used[0]), int(used[-1]) + 1) if used.numel() else slice(None)
+
+
 def trim_token_columns(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop token columns that are padding in every row (works for left and right padding)."""
-    used = mask.reshape(-1, mask.size(-1)).any(0).nonzero().squeeze(1)
-    if used.numel() == 0:
-        return ids, mask
-    lo, hi = int(used[0]), int(used[-1]) + 1
-    return ids[..., lo:hi], mask[..., lo:hi]
+    columns = _used_columns(mask)
+    return ids[..., columns], mask[..., columns]
 
 
-def _trim_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def trim_hidden_columns(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop token positions that are padding in every row of (..., L, H) hidden states and their (..., L) mask."""
-    used = mask.reshape(-1, mask.size(-1)).any(0).nonzero().squeeze(1)
-    if used.numel() == 0:
-        return hidden, mask
-    lo, hi = int(used[0]), int(used[-1]) + 1
-    return hidden[..., lo:hi, :], mask[..., lo:hi]
+    columns = _used_columns(mask)
+    return hidden[..., columns, :], mask[..., columns]
 
 
 def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -223,14 +223,15 @@ def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "chunk_vectors" in out:
             out["chunk_vectors"] = out["chunk_vectors"][:, :used_chunks]
         if "chunk_hidden" in out:  # cached hidden states (B, C, L, H): cut chunks and shared padding tokens
-            out["chunk_hidden"], out["user_attention_mask"] = _trim_hidden(
+            out["chunk_hidden"], out["user_attention_mask"] = trim_hidden_columns(
                 out["chunk_hidden"][:, :used_chunks], out["user_attention_mask"][:, :used_chunks])
         if "user_input_ids" in out:
             ids = out["user_input_ids"][:, :used_chunks]
             mask = out["user_attention_mask"][:, :used_chunks]
             out["user_input_ids"], out["user_attention_mask"] = trim_token_columns(ids, mask)
     if "item_hidden" in out:
-        out["item_hidden"], out["item_attention_mask"] = _trim_hidden(out["item_hidden"], out["item_attention_mask"])
+        out["item_hidden"], out["item_attention_mask"] = trim_hidden_columns(out["item_hidden"],
+                                                                             out["item_attention_mask"])
     for prefix in ("item", "negative"):
         if f"{prefix}_input_ids" in out:
             out[f"{prefix}_input_ids"], out[f"{prefix}_attention_mask"] = trim_token_columns(

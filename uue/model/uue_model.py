@@ -168,7 +168,7 @@ class UUEModel(nn.Module):
             "item_input_ids", "item_attention_mask", "item_metadata", "item_text_vectors", "item_hidden")}
         shapes = [next(iter(features.values())).shape[:2] for _, features in sets]
         for _, features in sets:  # the batch's own statements are counted from the host batch (train_step)
-            if "attention_mask" in features and features.get("text_vectors") is None:
+            if "attention_mask" in features and "hidden" not in features:  # hidden states count none (backbone_tokens)
                 self.extra_item_tokens = self.extra_item_tokens + features["attention_mask"].sum()
         vectors = self._encode_item_parts([positives] + [
             {name: value.flatten(0, 1) for name, value in features.items()} for _, features in sets])

@@ -50,25 +50,35 @@ class Inputs:
 
 def build_inputs(config: ExperimentConfig, shards: Shards, model: UUEModel, featurizer: Featurizer,
                  device: torch.device, sampler_seed: int) -> Inputs:
-    """Statement table (a frozen item backbone's vectors with cache_statement_vectors), the collator (a frozen
-    user backbone's chunk-vector cache with cache_chunk_vectors) and the samplers of one process."""
+    """Statement table (a frozen item backbone's vectors with cache_statement_vectors, or the hidden states at
+    the item tower's cut with cache_hidden_states), the collator (a frozen user backbone's chunk-vector cache
+    with cache_chunk_vectors, or a cache of chunk hidden states at the user tower's cut) and the samplers of
+    one process. The caches run the frozen part once per process, outside any engine's forward."""
     cfg = config.model
-    if cfg.cache_hidden_states:
-        raise ValueError("model.cache_hidden_states (top-N blocks on cached hidden states) is not wired into the "
-                         "streaming training loop yet: train the top N blocks with model.user_trainable_layers / "
-                         "item_trainable_layers and cache_hidden_states=false (the whole backbone runs, the lower "
-                         "blocks frozen)")
+    hidden_dtype = getattr(torch, cfg.hidden_cache_dtype)
     table = StatementTable(shards.statements(), featurizer)
     if cfg.cache_statement_vectors:
         from uue.chunk_cache import statement_vector_features
 
         vectors = statement_vector_features(model.item_tower.encoder, table.pool_features(), device=device)
         table.text_vectors = vectors["item_text_vectors"]
+    elif model.item_tower.hidden_cut is not None:
+        from uue.chunk_cache import statement_hidden_features
+
+        hidden = statement_hidden_features(model.item_tower.encoder, table.pool_features(),
+                                           model.item_tower.hidden_cut, device=device, dtype=hidden_dtype)
+        table.hidden, table.hidden_mask = hidden["item_hidden"], hidden["item_attention_mask"]
     chunk_vectors: Any = None
+    chunk_hidden: Any = None
     if cfg.cache_chunk_vectors:
         from uue.chunk_cache import TokenChunkCache
 
         chunk_vectors = TokenChunkCache(model.user_tower.encoder, featurizer, device)
-    collate = BatchCollator(cfg, featurizer, table, config.data.shuffle_seed, chunk_vectors)
+    elif model.user_tower.hidden_cut is not None:
+        from uue.chunk_cache import TokenHiddenCache
+
+        chunk_hidden = TokenHiddenCache(model.user_tower.encoder, featurizer, model.user_tower.hidden_cut, device,
+                                        hidden_dtype)
+    collate = BatchCollator(cfg, featurizer, table, config.data.shuffle_seed, chunk_vectors, chunk_hidden)
     samplers = build_samplers(cfg, table.pool_features(), sampler_seed) if wants_samplers(cfg) else Samplers()
     return Inputs(table, collate, samplers)

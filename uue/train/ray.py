@@ -242,9 +242,11 @@ def run_training(config: ExperimentConfig, probe: TrainProbe | None = None, resu
     from uue.model.backbone import load_tokenizer
 
     dist = config.distributed
-    if config.model.cache_chunk_vectors and dist.zero_stage == 3:
-        raise ValueError("model.cache_chunk_vectors encodes chunks with the frozen backbone outside the engine's "
-                         "forward, which ZeRO-3's partitioned parameters do not allow: use zero_stage <= 2")
+    if dist.zero_stage == 3 and (config.model.cache_chunk_vectors or config.model.hidden_cache_layers("user")):
+        option = "cache_chunk_vectors" if config.model.cache_chunk_vectors else "cache_hidden_states"
+        raise ValueError(f"model.{option} runs the frozen user backbone (its lower blocks) on each user's chunks "
+                         "outside the engine's forward, which ZeRO-3's partitioned parameters do not allow: use "
+                         "zero_stage <= 2")
     output_dir = Path(config.training.output_dir).resolve()
     config = config.model_copy(update={"training": config.training.model_copy(
         update={"output_dir": str(output_dir)})})

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from uue.config import ModelConfig
-from uue.data.featurize import Featurizer, pad_sequences
+from uue.data.featurize import Featurizer, pad_sequences, trim_hidden_columns
 
 
 def user_key(user_id: str) -> int:
@@ -62,13 +62,17 @@ def _pad_ints(rows: Sequence[Sequence[int]], fill: int, dtype=torch.int64) -> to
 
 
 class StatementTable:
-    """The statement table of the shards: token lists (or a frozen backbone's vectors) and metadata by index."""
+    """The statement table of the shards: token lists (or a frozen backbone's vectors, or hidden states at the
+    item tower's cut) and metadata by index."""
 
     def __init__(self, table: dict[str, Any], featurizer: Featurizer, text_vectors: np.ndarray | None = None):
         self.ids: list[str] = table["statement_id"]
         self.tokens: list[list[int]] = table["tokens"]
         self.metadata: np.ndarray | None = table.get("item_metadata")
         self.text_vectors = text_vectors
+        # cache_hidden_states: (S, L, H) hidden states entering the item tower's top blocks, (S, L) their mask
+        self.hidden: np.ndarray | None = None
+        self.hidden_mask: np.ndarray | None = None
         self.featurizer = featurizer
         tokenizer = featurizer.item_tokenizer
         self.pad_id = tokenizer.pad_token_id or 0
@@ -81,6 +85,11 @@ class StatementTable:
         """item_* features of these statements, padded to their own longest (or `length`) tokens."""
         if self.text_vectors is not None:
             out = {"item_text_vectors": self.text_vectors[list(indices)]}
+        elif self.hidden is not None and self.hidden_mask is not None:
+            rows = list(indices)
+            hidden, mask = trim_hidden_columns(torch.as_tensor(self.hidden[rows]),
+                                               torch.as_tensor(self.hidden_mask[rows]))
+            out = {"item_hidden": hidden.numpy(), "item_attention_mask": mask.numpy()}
         else:
             ids, mask = pad_sequences([self.tokens[i] for i in indices], self.pad_id, self.left, length)
             out = {"item_input_ids": ids, "item_attention_mask": mask}
@@ -90,21 +99,30 @@ class StatementTable:
 
     def pool_features(self) -> dict[str, np.ndarray]:
         """Every statement at one width: the pool sampled negatives and label draws index."""
+        if self.hidden is not None and self.hidden_mask is not None:  # the table's own arrays: a copy is large
+            out = {"item_hidden": self.hidden, "item_attention_mask": self.hidden_mask}
+            if self.metadata is not None and self.featurizer.config.use_item_metadata:
+                out["item_metadata"] = self.metadata
+            return out
         return self.features(range(len(self)), None)
 
 
 ChunkVectors = Callable[[Sequence[dict[str, Any]]], list[np.ndarray]]
+"""User rows -> each user's (chunks, H) chunk vectors (uue.chunk_cache.TokenChunkCache)."""
+ChunkHidden = Callable[[Sequence[dict[str, Any]]], list[list[np.ndarray]]]
+"""User rows -> each user's chunks as (tokens, H) hidden states at the cut (uue.chunk_cache.TokenHiddenCache)."""
 
 
 class BatchCollator:
     """A step's user rows -> the model's batch; counts its calls (a resume must not collate skipped batches)."""
 
     def __init__(self, config: ModelConfig, featurizer: Featurizer, statements: StatementTable, seed: int,
-                 chunk_vectors: ChunkVectors | None = None):
+                 chunk_vectors: ChunkVectors | None = None, chunk_hidden: ChunkHidden | None = None):
         self.config = config
         self.statements = statements
         self.seed = seed
         self.chunk_vectors = chunk_vectors
+        self.chunk_hidden = chunk_hidden
         tokenizer = featurizer.user_tokenizer
         self.pad_id = tokenizer.pad_token_id or 0
         self.left = tokenizer.padding_side == "left"
@@ -152,6 +170,8 @@ def collate(rows: Sequence[dict[str, Any]], epoch: int, c: BatchCollator) -> dic
         for b, v in enumerate(vectors):
             out[b, : len(v)] = v
         batch["chunk_vectors"] = torch.as_tensor(out)
+    elif c.chunk_hidden is not None:
+        batch["chunk_hidden"], batch["user_attention_mask"] = _pad_hidden(c.chunk_hidden(rows), chunks, c.left)
     else:
         flat = [t for r in rows for t in r["chunk_tokens"]]
         ids, mask = pad_sequences(flat, c.pad_id, c.left)
@@ -169,6 +189,20 @@ def collate(rows: Sequence[dict[str, Any]], epoch: int, c: BatchCollator) -> dic
     batch["label_values"] = _pad_ints([r["label_values"] for r in rows], 0, torch.float32)
     batch["user_key"] = torch.as_tensor([user_key(r["user_id"]) for r in rows], dtype=torch.int64)
     return batch
+
+
+def _pad_hidden(users: Sequence[Sequence[np.ndarray]], chunks: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's chunks as (tokens, H) hidden states -> (B, chunks, L, H) in their dtype and the (B, chunks, L)
+    attention mask, L the batch's longest chunk, padding on the tokenizer's side (as pad_sequences does)."""
+    first = users[0][0]
+    width = max(len(chunk) for user in users for chunk in user)
+    hidden = np.zeros((len(users), chunks, width, first.shape[-1]), dtype=first.dtype)
+    mask = np.zeros((len(users), chunks, width), dtype=np.int64)
+    for b, user in enumerate(users):
+        for j, chunk in enumerate(user):
+            columns = slice(width - len(chunk), width) if left else slice(0, len(chunk))
+            hidden[b, j, columns], mask[b, j, columns] = chunk, 1
+    return torch.as_tensor(hidden), torch.as_tensor(mask)
 
 
 # ---------------------------------------------------------------------------------- steps
