@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-all lint clean
 
 # The pinned CPU torch goes in first: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -21,11 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/uue demo
 
+# The suite CI runs (under 20 minutes on 2 cores): everything but the tests marked slow.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
-
-test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# Everything, the slow tests too (multi-node, chaos, ZeRO-3 export, GPU-bench smoke runs): about 35 minutes.
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check uue ray_jobs serve tests bench

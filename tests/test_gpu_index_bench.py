@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_gpu_index_bench_dry_run(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     result_file = tmp_path / "gpu_index.json"

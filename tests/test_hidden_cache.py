@@ -236,6 +236,7 @@ def test_ray_refuses_the_user_hidden_cache_under_zero3(tiny_model_config, tmp_pa
         run_training(config)
 
 
+@pytest.mark.slow
 def test_one_ray_worker_on_cached_hidden_states_equals_uue_train(ray_session, tiny_model_config, tmp_path):
     """Ray Train (1 worker, DeepSpeed ZeRO-0) builds the same caches in its worker: the same per-step losses."""
     from uue.train.ray import run_training

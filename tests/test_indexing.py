@@ -280,6 +280,7 @@ def test_fingerprint_follows_weights_and_checkpoint_layouts(tiny_model_dir, tiny
 
 
 # ---------------------------------------------------------------------------------------------- packed actors
+@pytest.mark.slow
 def test_packed_indexing_writes_the_padded_vectors_and_answers_the_same_top_k(
     contract_index, table_index, tiny_model_dir, sample_data_dir, table_dir, tmp_path
 ):

@@ -115,6 +115,7 @@ def test_one_ray_worker_equals_uue_train_from_the_shards_alone(ray_session, tmp_
         torch.testing.assert_close(exported[name], value, rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint_without_repeating_or_losing_steps(ray_session, tmp_path):
     out = tmp_path / "ft"
     config = _config(out, "training.max_steps=6", "training.checkpoint_every_steps=2", "training.keep_checkpoints=2",
@@ -163,6 +164,7 @@ def test_killed_worker_resumes_from_last_checkpoint_without_repeating_or_losing_
     assert UUEModel.from_pretrained(result.model_dir).config.batch_size == 4
 
 
+@pytest.mark.slow
 def test_zero3_export_is_the_single_process_format_and_equals_the_engine_weights(ray_session, tmp_path):
     out = tmp_path / "z3"
     ds_json = tmp_path / "zero3_small.json"  # partition every parameter, however small (tiny model)
