@@ -293,3 +293,30 @@ def test_dataset_and_index_input_read_an_object_store_uri_with_its_query_options
     rows = list(read_statement_files({"path": np.array(files)}, contract, "statement_id", "text", 1000,
                                      filesystem=filesystem))
     assert [sid for block in rows for sid in block["statement_id"]] == list(local.statements)
+
+
+@pytest.mark.slow
+def test_training_streams_shards_from_an_object_store(ray_session, s3_bucket, sample_data_dir, tmp_path):
+    """End to end through S3: Ray preprocessing writes the shards to the bucket, then `uue train`'s trainer and a
+    Ray Train worker (ZeRO-0) both stream them from there: the same per-step losses."""
+    from uue.config import load_config
+    from uue.ray_preprocess import preprocess
+    from uue.train import UUETrainer
+    from uue.train.ray import run_training
+
+    s3, s3_uri = s3_bucket
+    pafs.copy_files(str(sample_data_dir), "uue/raw", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3)
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+    def config(name: str, *extra: str):
+        return load_config(tiny, [f"training.output_dir={tmp_path / name}", "training.max_steps=3",
+                                  "training.log_every_steps=1", "model.dropout=0.0", "model.negative_sampling=none",
+                                  "model.num_negative_samples=0", "distributed.zero_stage=0", *extra])
+
+    preprocess(s3_uri("raw"), s3_uri("pre"), config("prep"), max_actors=1, batch_size=16)
+    local = UUETrainer(config("local", f"data.path={s3_uri('pre')}")).fit()
+    ray_run = run_training(config("ray", f"data.path={s3_uri('pre')}"))
+    assert ray_run.steps == local.steps == 3 and "testing:testing" not in str(ray_run.model_dir)
+    ray_losses = [json.loads(line)["loss"] for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(ray_losses, [h["loss"] for h in local.history], rtol=2e-4)

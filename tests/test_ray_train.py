@@ -77,6 +77,7 @@ def _train_users() -> set[str]:
     return {u for u, _ in dataset.positive_pairs("train")}
 
 
+@pytest.mark.slow
 def test_one_ray_worker_equals_uue_train_from_the_shards_alone(ray_session, tmp_path):
     """Ray preprocessing writes the shards; with the raw folder gone, 1 Ray worker (DeepSpeed ZeRO-0) and the
     single-process trainer run the same loop over the same stream: the same per-step losses."""
