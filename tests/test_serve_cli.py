@@ -2,8 +2,8 @@
 `/health` and the official `openai` client with the model's vectors:
 
 - `serve run serve/config.local.yaml` with Ray started by `serve run` itself (2 CPUs: the config must fit),
-- on a `ray start --head` cluster: `serve run` of the same file, `serve run serve.app:build_app model_dir=...
-  index=...`, and `serve deploy` of the file (which needs `RAY_AUTH_MODE=token`, as `ray start` turns token
+- on a `ray start --head` cluster: `serve run serve.app:build_app model_dir=... index=...`, and `serve deploy`
+  of the file (which needs `RAY_AUTH_MODE=token`, as `ray start` turns token
   authentication on).
 
 The config is the repository's file with only `model_dir` and `index` pointed at a tiny model. Each start costs
@@ -178,9 +178,9 @@ def _end_processes_mentioning(text: str) -> None:
             pass
 
 
-def test_serve_run_config_and_import_path_on_a_ray_start_cluster(served, head):
+def test_serve_run_import_path_on_a_ray_start_cluster(served, head):
+    """The config file itself runs under `serve run` on its own Ray above and under `serve deploy` on this head."""
     env = _env(RAY_ADDRESS=head["address"], RAY_AUTH_MODE="token")
-    _serve_run(served, [str(served["config"])], env, "serve-run-config-on-head")
     _serve_run(served, ["serve.app:build_app", f"model_dir={served['model']}", f"index={served['index']}"], env,
                "serve-run-import-path-on-head")
 
