@@ -200,9 +200,15 @@ def test_serve_deploy_on_a_ray_start_cluster_needs_ray_auth_mode_token(served, h
         _wait_healthy(None, log)
         print(f"serve deploy: healthy {time.monotonic() - started:.0f} s after deploy")
         _check_answers(served)
-        status = subprocess.run(_cli("serve", "status", "-a", head["dashboard"]), cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=120)
-        app = yaml.safe_load(status.stdout)["applications"]["uue"]
+        # /health answers once one replica of each deployment runs; the app reads RUNNING when all have started.
+        deadline = time.monotonic() + 180
+        while True:
+            status = subprocess.run(_cli("serve", "status", "-a", head["dashboard"]), cwd=REPO, env=env,
+                                    capture_output=True, text=True, timeout=120)
+            app = yaml.safe_load(status.stdout)["applications"]["uue"]
+            if app["status"] != "DEPLOYING" or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert app["status"] == "RUNNING" and set(app["deployments"]) == {"Ingress", "UserTower", "ItemTower"}
         assert all(d["status"] == "HEALTHY" for d in app["deployments"].values())
     finally:
