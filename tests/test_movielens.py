@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import re
 from collections import defaultdict
 from datetime import datetime
@@ -152,12 +153,16 @@ def test_missing_recbole_says_how_to_install(monkeypatch):
         movielens_files("1m")
 
 
-def test_cli_converts_with_the_tokenizer_it_is_given(tmp_path, capsys):
+def test_cli_converts_with_the_tokenizer_and_history_length_it_is_given(tmp_path, capsys):
     from uue.cli import main
 
-    assert main(["data", "movielens", "--out", str(tmp_path), "--tokenizer", "tiny", "--max-chunk-length", "96"]) == 0
+    assert main(["data", "movielens", "--out", str(tmp_path), "--tokenizer", "tiny", "--max-chunk-length", "96",
+                 "--max-history", "12"]) == 0
     assert "943 users" in capsys.readouterr().out
     dataset = load_dataset(tmp_path)
+    lines = [sum(c.text.count("\n") + 1 for c in u.chunks) for u in dataset.users.values()]
+    assert max(lines) == 12  # the most recent 12 history ratings, for users with more
+    assert json.loads((tmp_path / "movielens.json").read_text())["options"]["max_history"] == 12
     tokenizer = load_tokenizer("tiny")
     chunks = [c for u in dataset.users.values() for c in u.chunks]
     lengths = [len(ids) for ids in tokenizer([chunk_text(c) for c in chunks])["input_ids"]]
