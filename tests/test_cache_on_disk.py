@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import uue.chunk_cache as chunk_cache
-from uue.chunk_cache import ChunkVectorCache, statement_vector_features
+from uue.chunk_cache import ChunkVectorCache, TokenChunkCache, statement_vector_features
 from uue.data.featurize import Featurizer
 from uue.data.readers import load_dataset
 from uue.model.uue_model import UUEModel
@@ -36,3 +36,32 @@ def test_vectors_come_back_from_disk_in_a_fresh_cache(tiny_model_config, sample_
     np.testing.assert_array_equal(loaded["item_text_vectors"], computed["item_text_vectors"])
     fewer = featurizer.statement_features(list(dataset.statements.values())[:5])
     assert len(statement_vector_features(model.item_tower.encoder, fewer)["item_text_vectors"]) == 5
+
+
+def test_training_chunk_cache_reads_back_what_an_earlier_run_wrote(tiny_model_config, sample_data_dir, tmp_path,
+                                                                    monkeypatch):
+    """The streaming loop's TokenChunkCache: a second run on the same frozen backbone encodes nothing."""
+    monkeypatch.setenv(chunk_cache.CACHE_DIR_ENV, str(tmp_path))
+    config = tiny_model_config.model_copy(update={"freeze_user_backbone": True, "cache_chunk_vectors": True})
+    model = UUEModel.from_config(config, seed=0).eval()
+    featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
+    users = list(load_dataset(sample_data_dir).users.values())
+    rows = [{"user_id": u.user_id, "chunk_tokens": featurizer.user_tokens(u)} for u in users]
+    first = TokenChunkCache(model.user_tower.encoder, featurizer)
+    computed = first(rows)  # the first epoch: everything encoded (fewer than 64 users: nothing written yet)
+    assert list(tmp_path.glob("token-chunks-*.pkl")) == []
+    first(rows[:2])  # the second epoch's first batch needs no encoding: the pending vectors are written
+    assert len(list(tmp_path.glob("token-chunks-*.pkl"))) == 1
+
+    again = TokenChunkCache(model.user_tower.encoder, featurizer)
+    encoded = []
+    monkeypatch.setattr(again, "_encode", lambda ids, mask: encoded.append(ids) or first._encode(ids, mask))
+    for got, want in zip(again(rows), computed, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert encoded == []  # all from disk
+    changed = [{**rows[0], "chunk_tokens": rows[0]["chunk_tokens"][:-1] or [[1, 2, 3]]}]
+    again.entries.clear()
+    again(changed)  # the same user with other tokens is not a hit
+    assert len(encoded) == 1
+    other = UUEModel.from_config(config, seed=5)  # other weights: another file, nothing shared
+    assert TokenChunkCache(other.user_tower.encoder, featurizer).stored == {}

@@ -286,8 +286,15 @@ class TokenChunkCache:
     """user_id -> (chunks, H) vectors of a frozen user backbone, from preprocessed chunk tokens, on first use.
 
     The training loop's `model.cache_chunk_vectors`: a user's chunks are encoded the first time one of its
-    batches is collated (in one process or a Ray worker alike) and reused in later epochs.
+    batches is collated (in one process or a Ray worker alike) and reused in later epochs. With
+    `UUE_CHUNK_CACHE_DIR` set the vectors are also kept on disk, keyed by the backbone's fingerprint and each
+    user's chunk tokens, so option comparisons and seeds on one frozen backbone encode each history once
+    between them. The file is rewritten as the cache grows by a quarter, and once more on the first batch
+    that needs no encoding (the second epoch); a run that stops inside its first epoch keeps what was written.
     """
+
+    disk_kind: str | None = "token-chunks"
+    """The on-disk file's kind (None: memory only, as for hidden states, which are too large to keep)."""
 
     def __init__(self, encoder: TextEncoder, featurizer: Featurizer, device: str | torch.device = "cpu",
                  micro_batch: int | None = None):
@@ -301,6 +308,10 @@ class TokenChunkCache:
         self.pad_id = tokenizer.pad_token_id or 0
         self.left = tokenizer.padding_side == "left"
         self.entries: dict[str, Any] = {}
+        self.fingerprint = (backbone_fingerprint(encoder, featurizer)
+                            if self.disk_kind and _disk_file("x") is not None else None)
+        self.stored: dict[str, Any] = _load_from_disk(self.fingerprint, self.disk_kind) if self.fingerprint else {}
+        self._saved_size = len(self.stored)
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> Sequence[np.ndarray]:
         """One micro-batch of padded chunks -> what is kept of each chunk (here its (H,) vector)."""
@@ -310,8 +321,33 @@ class TokenChunkCache:
         """A user's encoded chunks, in order -> its cache entry."""
         return np.stack(chunks)
 
+    @staticmethod
+    def _disk_key(user_id: str, tokens: Sequence) -> str:
+        digest = hashlib.blake2b(digest_size=12)
+        for chunk in tokens:
+            digest.update(np.asarray(chunk, dtype=np.int64).tobytes())
+            digest.update(b"\x1e")
+        return f"{user_id}:{digest.hexdigest()}"
+
+    def _from_disk(self, rows: Sequence[dict]) -> None:
+        for r in rows:
+            if r["user_id"] not in self.entries:
+                stored = self.stored.get(self._disk_key(r["user_id"], r["chunk_tokens"]))
+                if stored is not None:
+                    self.entries[r["user_id"]] = stored
+
+    def _to_disk(self, rows: Sequence[dict], encoded_any: bool) -> None:
+        for r in rows if encoded_any else ():
+            self.stored.setdefault(self._disk_key(r["user_id"], r["chunk_tokens"]), self.entries[r["user_id"]])
+        pending = len(self.stored) - self._saved_size
+        if pending and (not encoded_any or pending >= max(64, self._saved_size // 4)):
+            _save_to_disk(self.fingerprint, self.stored, self.disk_kind)
+            self._saved_size = len(self.stored)
+
     @torch.inference_mode()
     def __call__(self, rows: Sequence[dict]) -> list[Any]:
+        if self.fingerprint:
+            self._from_disk(rows)
         todo = {r["user_id"]: r["chunk_tokens"] for r in rows if r["user_id"] not in self.entries}
         if todo:
             chunks = [t for tokens in todo.values() for t in tokens]
@@ -331,6 +367,8 @@ class TokenChunkCache:
             for uid, tokens in todo.items():
                 self.entries[uid] = self._keep(encoded[position : position + len(tokens)])
                 position += len(tokens)
+        if self.fingerprint:
+            self._to_disk([r for r in rows if r["user_id"] in todo], bool(todo))
         return [self.entries[r["user_id"]] for r in rows]
 
 
@@ -340,8 +378,10 @@ class TokenHiddenCache(TokenChunkCache):
 
     The training loop's `model.cache_hidden_states` for the user tower (the row twin of HiddenStateCache):
     the lower blocks run once per user and process, a step runs only the top blocks. Only real tokens are
-    kept (padding is added at the batch), in `dtype` (float16 halves memory).
+    kept (padding is added at the batch), in `dtype` (float16 halves memory); never on disk.
     """
+
+    disk_kind = None
 
     def __init__(self, encoder: TextEncoder, featurizer: Featurizer, layer: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float16, micro_batch: int | None = None):
