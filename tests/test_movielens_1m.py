@@ -17,6 +17,7 @@ from uue.movielens import (
     MovieLensOptions,
     convert_movielens,
     read_movielens,
+    split_history,
     write_movielens,
 )
 
@@ -71,6 +72,20 @@ def test_reader_decodes_the_ml1m_codes(tmp_path):
     assert raw.genres["Star Wars (1977)"] == ["Action", "Sci-Fi"] and raw.years["Heat (1995)"] == "1995"
     assert raw.titles[FILMS[6][0]] == "And God Created Woman (Et Dieu\u2026Cr\u00e9a la Femme)"  # entity decoded
     assert all(a.timestamp <= b.timestamp for r in raw.ratings.values() for a, b in zip(r, r[1:], strict=False))
+
+
+def test_history_length_is_the_variants_unless_given(tmp_path):
+    assert MovieLensOptions(variant="1m").resolved().max_history == 120
+    assert MovieLensOptions(variant="100k").resolved().max_history == 40
+    raw = read_movielens(write_ml1m(tmp_path), variant="1m")
+    options = MovieLensOptions(**SMALL).resolved()
+    before_held_out = {uid: split_history(r, options.holdout_fraction) for uid, r in raw.ratings.items()}
+    for given in (2, 0):
+        dataset, summary = convert_movielens(MovieLensOptions(**SMALL, max_history=given), raw=raw, progress=False)
+        assert summary["options"]["max_history"] == given
+        for uid, user in dataset.users.items():
+            lines = sum(c.text.count("\n") + 1 for c in user.chunks)
+            assert lines == (min(2, before_held_out[uid]) if given else before_held_out[uid])  # 0: all of it
 
 
 def test_conversion_has_gender_and_zero_shot_films_that_never_train(tmp_path):

