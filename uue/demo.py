@@ -61,9 +61,9 @@ def ensure_movielens(data_dir: Path, max_chunk_length: int, tokenizer: str, vari
     if summary_file.is_file():
         options = json.loads(summary_file.read_text()).get("options", {})
         if (options.get("max_chunk_length") == max_chunk_length and options.get("tokenizer") == tokenizer
-                and options.get("variant", "100k") == variant and options.get("eval_phrasing")
-                and options.get("max_history") == MovieLensOptions(variant=variant).resolved().max_history):
-            print(f"      using the converted MovieLens data in {data_dir}")
+                and options.get("variant", "100k") == variant and options.get("eval_phrasing")):
+            kept = options.get("max_history") or "all"  # a deliberate --max-history is used as converted
+            print(f"      using the converted MovieLens data in {data_dir} ({kept} history ratings per user)")
             return
     elif any(data_dir.glob("users*")):
         print(f"      using the data in {data_dir} (not MovieLens)")
