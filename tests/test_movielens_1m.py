@@ -77,6 +77,8 @@ def test_reader_decodes_the_ml1m_codes(tmp_path):
 def test_history_length_is_the_variants_unless_given(tmp_path):
     assert MovieLensOptions(variant="1m").resolved().max_history == 120
     assert MovieLensOptions(variant="100k").resolved().max_history == 40
+    with pytest.raises(ValueError, match="max_history must be >= 0"):
+        MovieLensOptions(variant="1m", max_history=-5).resolved()  # would keep all but the first 5, silently
     raw = read_movielens(write_ml1m(tmp_path), variant="1m")
     options = MovieLensOptions(**SMALL).resolved()
     before_held_out = {uid: split_history(r, options.holdout_fraction) for uid, r in raw.ratings.items()}

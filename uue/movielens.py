@@ -275,6 +275,8 @@ class MovieLensOptions:
                                  f"({', '.join(v.occupations)})")
         if not 1 <= out.train_phrasings <= len(GENRE_TEMPLATES) - 1:
             raise ValueError(f"train_phrasings must be 1..{len(GENRE_TEMPLATES) - 1}, got {out.train_phrasings}")
+        if out.max_history < 0:
+            raise ValueError(f"max_history must be >= 0 (0: all history ratings), got {out.max_history}")
         if not 0.0 <= (out.zero_shot_film_fraction or 0.0) < 1.0:
             raise ValueError(f"zero_shot_film_fraction must be in [0, 1), got {out.zero_shot_film_fraction}")
         return out
