@@ -48,10 +48,11 @@ def test_training_chunk_cache_reads_back_what_an_earlier_run_wrote(tiny_model_co
     users = list(load_dataset(sample_data_dir).users.values())
     rows = [{"user_id": u.user_id, "chunk_tokens": featurizer.user_tokens(u)} for u in users]
     first = TokenChunkCache(model.user_tower.encoder, featurizer)
-    computed = first(rows)  # the first epoch: everything encoded (fewer than 64 users: nothing written yet)
-    assert list(tmp_path.glob("token-chunks-*.pkl")) == []
+    computed = first(rows[:1])  # one user's chunks, fewer than 64: nothing written yet
+    assert 0 < len(first.chunks) < 64 and list(tmp_path.glob("chunk-table-*.pkl")) == []
+    computed += first(rows[1:])  # the rest of the first epoch
     first(rows[:2])  # the second epoch's first batch needs no encoding: the pending vectors are written
-    assert len(list(tmp_path.glob("token-chunks-*.pkl"))) == 1
+    assert len(list(tmp_path.glob("chunk-table-*.pkl"))) == 1
 
     again = TokenChunkCache(model.user_tower.encoder, featurizer)
     encoded = []
@@ -59,9 +60,9 @@ def test_training_chunk_cache_reads_back_what_an_earlier_run_wrote(tiny_model_co
     for got, want in zip(again(rows), computed, strict=True):
         np.testing.assert_array_equal(got, want)
     assert encoded == []  # all from disk
-    changed = [{**rows[0], "chunk_tokens": rows[0]["chunk_tokens"][:-1] or [[1, 2, 3]]}]
+    changed = [{**rows[0], "chunk_tokens": [*rows[0]["chunk_tokens"], [1, 2, 3]]}]
     again.entries.clear()
-    again(changed)  # the same user with other tokens is not a hit
-    assert len(encoded) == 1
+    (vectors,) = again(changed)  # the same user with a new chunk: only that chunk is encoded
+    assert [len(ids) for ids in encoded] == [1] and len(vectors) == len(changed[0]["chunk_tokens"])
     other = UUEModel.from_config(config, seed=5)  # other weights: another file, nothing shared
-    assert TokenChunkCache(other.user_tower.encoder, featurizer).stored == {}
+    assert TokenChunkCache(other.user_tower.encoder, featurizer).chunks == {}

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from uue.chunk_cache import ChunkVectorCache
+from uue.chunk_cache import ChunkVectorCache, TokenChunkCache
 from uue.config import ConfigError, ExperimentConfig, ModelConfig, TrainingConfig, load_config
 from uue.data.featurize import Featurizer, collate
 from uue.data.readers import load_dataset
+from uue.data.schema import UserChunk, UserData
 from uue.model.uue_model import UUEModel
 from uue.train import UUETrainer
 
@@ -33,6 +34,36 @@ def test_cached_chunk_vectors_equal_the_towers_own(tiny_model_config, sample_dat
         assert torch.equal(cached["chunk_mask"], tokens["chunk_mask"])
         torch.testing.assert_close(cached["chunk_vectors"], direct, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.encode_users(cached), model.encode_users(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_a_chunk_shared_by_users_is_encoded_once_and_each_user_gets_its_own_vectors(tiny_model_config):
+    """One rating line shared by many users (MovieLens with ratings_per_chunk=1): both caches encode each
+    distinct chunk once, and every user's vectors equal encoding that user alone."""
+    config = _frozen(tiny_model_config, True)
+    model = UUEModel.from_config(config, seed=0).eval()
+    featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
+    lines = ["Fargo (1996): 5", "Heat (1995): 4", "Fargo (1996): 1", "Babe (1995): 3"]
+    users = [UserData(f"u{i}", [UserChunk(lines[j], "movielens", f"2000-01-0{j + 1}T00:00:00Z") for j in picks])
+             for i, picks in enumerate([(0, 1), (1, 0, 3), (2,), (0, 2, 3)])]
+    alone = [ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False) for _ in users]
+    expected = [c.chunk_vectors(u) for c, u in zip(alone, users, strict=True)]
+    import uue.chunk_cache as chunk_cache
+
+    chunk_cache._SHARED.clear()
+    together = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)
+    encoded = []
+    original = model.user_tower.encoder.forward
+    model.user_tower.encoder.forward = lambda ids, mask: encoded.append(len(ids)) or original(ids, mask)
+    together.precompute(users)
+    rows = [{"user_id": u.user_id, "chunk_tokens": featurizer.user_tokens(u)} for u in users]
+    token_cache = TokenChunkCache(model.user_tower.encoder, featurizer)
+    from_tokens = token_cache(rows[:2]) + token_cache(rows[2:])
+    model.user_tower.encoder.forward = original
+    assert sum(encoded) == 2 * len(lines)  # 9 chunks, 4 distinct, in each cache
+    assert token_cache.encoded_chunks == len(lines)
+    for user, want, got in zip(users, expected, from_tokens, strict=True):
+        np.testing.assert_allclose(together.chunk_vectors(user), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_training_on_the_cache_matches_training_on_tokens(tiny_model_config, sample_data_dir, tmp_path):

@@ -224,7 +224,11 @@ def test_a_resumed_cached_run_equals_the_uninterrupted_one(tiny_model_config, tm
     np.testing.assert_allclose([h["loss"] for h in second_result.history],
                                [h["loss"] for h in full_result.history[n:]], rtol=1e-5)
     for (name, a), (_, b) in zip(full.model.state_dict().items(), second.model.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        # Attention key biases get ~0 gradients (softmax ignores them) that Adam turns into steps of float
+        # noise: a chunk shared by users is encoded once, in whichever micro-batch first needs it, which
+        # differs between the two runs (differences up to 4e-6 there, under 3e-7 everywhere else).
+        atol = 1e-5 if name.endswith(("key.bias", "in_proj_bias")) else 1e-6
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=name)
 
 
 def test_ray_refuses_the_user_hidden_cache_under_zero3(tiny_model_config, tmp_path):

@@ -109,8 +109,14 @@ class ChunkVectorCache:
             ids.append(feats["user_input_ids"][:real])
             masks.append(feats["user_attention_mask"][:real])
             counts.append(real)
-        all_ids = torch.as_tensor(np.concatenate(ids))
-        all_masks = torch.as_tensor(np.concatenate(masks))
+        # Each distinct chunk is encoded once (users who share a chunk's tokens share its vector).
+        stacked_ids, stacked_masks = np.concatenate(ids), np.concatenate(masks)
+        first_of: dict[bytes, int] = {}
+        inverse = np.array([first_of.setdefault(row[used.astype(bool)].tobytes(), len(first_of))
+                            for row, used in zip(stacked_ids, stacked_masks, strict=True)], dtype=np.int64)
+        distinct = np.unique(inverse, return_index=True)[1]
+        all_ids = torch.as_tensor(stacked_ids[distinct])
+        all_masks = torch.as_tensor(stacked_masks[distinct])
         order = torch.argsort(all_masks.sum(1), descending=True)  # similar lengths share a micro-batch
         out = torch.empty(len(order), self.hidden_size, dtype=torch.float32)
         was_training = self.encoder.training
@@ -124,7 +130,8 @@ class ChunkVectorCache:
                 out[rows] = vectors.float().cpu()
                 bar.update(int(batch_mask.sum()))
         self.encoder.train(was_training)
-        # Rows of `out` follow `todo` order (each user's chunks contiguous): slice them back per user.
+        out = out[torch.as_tensor(inverse)]
+        # Rows of `out` now follow `todo` order (each user's chunks contiguous): slice them back per user.
         position = 0
         for key, n in zip([k for k, _ in todo], counts, strict=True):
             self.vectors[key] = out[position : position + n].numpy().copy()
@@ -286,14 +293,15 @@ class TokenChunkCache:
     """user_id -> (chunks, H) vectors of a frozen user backbone, from preprocessed chunk tokens, on first use.
 
     The training loop's `model.cache_chunk_vectors`: a user's chunks are encoded the first time one of its
-    batches is collated (in one process or a Ray worker alike) and reused in later epochs. With
-    `UUE_CHUNK_CACHE_DIR` set the vectors are also kept on disk, keyed by the backbone's fingerprint and each
-    user's chunk tokens, so option comparisons and seeds on one frozen backbone encode each history once
-    between them. The file is rewritten as the cache grows by a quarter, and once more on the first batch
-    that needs no encoding (the second epoch); a run that stops inside its first epoch keeps what was written.
+    batches is collated (in one process or a Ray worker alike) and reused in later epochs. Chunks are cached
+    by their tokens, so a chunk that many users share (one MovieLens rating line, a forwarded message) is
+    encoded once. With `UUE_CHUNK_CACHE_DIR` set that chunk table is also kept on disk, keyed by the
+    backbone's fingerprint, so option comparisons and seeds on one frozen backbone encode each chunk once
+    between them. The file is rewritten as the table grows by a quarter, and once more on the first batch
+    that needs no encoding (at the latest the second epoch); a run that stops early keeps what was written.
     """
 
-    disk_kind: str | None = "token-chunks"
+    disk_kind: str | None = "chunk-table"
     """The on-disk file's kind (None: memory only, as for hidden states, which are too large to keep)."""
 
     def __init__(self, encoder: TextEncoder, featurizer: Featurizer, device: str | torch.device = "cpu",
@@ -308,10 +316,14 @@ class TokenChunkCache:
         self.pad_id = tokenizer.pad_token_id or 0
         self.left = tokenizer.padding_side == "left"
         self.entries: dict[str, Any] = {}
+        """user_id -> its cache entry (what `_keep` makes of its encoded chunks, in order)."""
         self.fingerprint = (backbone_fingerprint(encoder, featurizer)
                             if self.disk_kind and _disk_file("x") is not None else None)
-        self.stored: dict[str, Any] = _load_from_disk(self.fingerprint, self.disk_kind) if self.fingerprint else {}
-        self._saved_size = len(self.stored)
+        self.chunks: dict[bytes, Any] = _load_from_disk(self.fingerprint, self.disk_kind) if self.fingerprint else {}
+        """Digest of a chunk's tokens -> the encoded chunk."""
+        self._saved_size = len(self.chunks)
+        self.encoded_chunks = 0
+        """Chunks this cache ran through the backbone (the rest were shared or read from disk)."""
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> Sequence[np.ndarray]:
         """One micro-batch of padded chunks -> what is kept of each chunk (here its (H,) vector)."""
@@ -322,53 +334,39 @@ class TokenChunkCache:
         return np.stack(chunks)
 
     @staticmethod
-    def _disk_key(user_id: str, tokens: Sequence) -> str:
-        digest = hashlib.blake2b(digest_size=12)
-        for chunk in tokens:
-            digest.update(np.asarray(chunk, dtype=np.int64).tobytes())
-            digest.update(b"\x1e")
-        return f"{user_id}:{digest.hexdigest()}"
+    def _chunk_key(tokens: Sequence[int]) -> bytes:
+        return hashlib.blake2b(np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
 
-    def _from_disk(self, rows: Sequence[dict]) -> None:
-        for r in rows:
-            if r["user_id"] not in self.entries:
-                stored = self.stored.get(self._disk_key(r["user_id"], r["chunk_tokens"]))
-                if stored is not None:
-                    self.entries[r["user_id"]] = stored
+    def _encode_missing(self, missing: dict[bytes, Sequence[int]]) -> None:
+        keys = sorted(missing, key=lambda k: -len(missing[k]))  # similar lengths share a micro-batch
+        was_training = self.encoder.training
+        self.encoder.eval()
+        for start in range(0, len(keys), self.micro_batch):
+            batch_keys = keys[start : start + self.micro_batch]
+            ids, mask = self._pad([missing[k] for k in batch_keys], self.pad_id, self.left)
+            outputs = self._encode(torch.as_tensor(ids, device=self.device), torch.as_tensor(mask, device=self.device))
+            self.chunks.update(zip(batch_keys, outputs, strict=True))
+        self.encoder.train(was_training)
+        self.encoded_chunks += len(keys)
 
-    def _to_disk(self, rows: Sequence[dict], encoded_any: bool) -> None:
-        for r in rows if encoded_any else ():
-            self.stored.setdefault(self._disk_key(r["user_id"], r["chunk_tokens"]), self.entries[r["user_id"]])
-        pending = len(self.stored) - self._saved_size
+    def _to_disk(self, encoded_any: bool) -> None:
+        pending = len(self.chunks) - self._saved_size
         if pending and (not encoded_any or pending >= max(64, self._saved_size // 4)):
-            _save_to_disk(self.fingerprint, self.stored, self.disk_kind)
-            self._saved_size = len(self.stored)
+            _save_to_disk(self.fingerprint, self.chunks, self.disk_kind)
+            self._saved_size = len(self.chunks)
 
     @torch.inference_mode()
     def __call__(self, rows: Sequence[dict]) -> list[Any]:
+        new = {r["user_id"]: r["chunk_tokens"] for r in rows if r["user_id"] not in self.entries}
+        keys = {uid: [self._chunk_key(t) for t in tokens] for uid, tokens in new.items()}
+        missing = {k: t for uid, tokens in new.items() for k, t in zip(keys[uid], tokens, strict=True)
+                   if k not in self.chunks}
+        if missing:
+            self._encode_missing(missing)
+        for uid, user_keys in keys.items():
+            self.entries[uid] = self._keep([self.chunks[k] for k in user_keys])
         if self.fingerprint:
-            self._from_disk(rows)
-        todo = {r["user_id"]: r["chunk_tokens"] for r in rows if r["user_id"] not in self.entries}
-        if todo:
-            chunks = [t for tokens in todo.values() for t in tokens]
-            order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i]))  # similar lengths together
-            encoded: list[np.ndarray] = [np.empty(0)] * len(chunks)
-            was_training = self.encoder.training
-            self.encoder.eval()
-            for start in range(0, len(order), self.micro_batch):
-                rows_at = order[start : start + self.micro_batch]
-                ids, mask = self._pad([chunks[i] for i in rows_at], self.pad_id, self.left)
-                outputs = self._encode(torch.as_tensor(ids, device=self.device),
-                                       torch.as_tensor(mask, device=self.device))
-                for i, output in zip(rows_at, outputs, strict=True):
-                    encoded[i] = output
-            self.encoder.train(was_training)
-            position = 0
-            for uid, tokens in todo.items():
-                self.entries[uid] = self._keep(encoded[position : position + len(tokens)])
-                position += len(tokens)
-        if self.fingerprint:
-            self._to_disk([r for r in rows if r["user_id"] in todo], bool(todo))
+            self._to_disk(bool(missing))
         return [self.entries[r["user_id"]] for r in rows]
 
 
@@ -377,7 +375,7 @@ class TokenHiddenCache(TokenChunkCache):
     blocks are frozen, from preprocessed chunk tokens, on first use.
 
     The training loop's `model.cache_hidden_states` for the user tower (the row twin of HiddenStateCache):
-    the lower blocks run once per user and process, a step runs only the top blocks. Only real tokens are
+    the lower blocks run once per distinct chunk and process, a step runs only the top blocks. Only real tokens are
     kept (padding is added at the batch), in `dtype` (float16 halves memory); never on disk.
     """
 
