@@ -97,6 +97,15 @@ def test_train_step_adds_the_weighted_label_loss_and_learns_its_bias(tiny_model_
     assert not UUEModel.from_config(plain).label_bias.requires_grad
 
 
+def _assert_user_is_the_pretrained_mean(model: UUEModel, batch: dict) -> None:
+    """An untrained identity-start head: the user vector is the normalised mean of its chunk vectors."""
+    with torch.no_grad():
+        chunks = model.user_tower.chunk_vectors(batch["user_input_ids"], batch["user_attention_mask"],
+                                                batch["chunk_mask"])
+        mask = batch["chunk_mask"].float()[..., None]
+        torch.testing.assert_close(model.encode_users(batch), F.normalize((chunks * mask).sum(1) / mask.sum(1), dim=-1))
+
+
 def test_low_rank_projection_starts_at_the_identity_and_moves_only_its_rank(tiny_model_config, sample_batches):
     cfg = tiny_model_config.model_copy(update={
         "embedding_dim": 32, "projection_rank": 2, "use_attention_pooling": False, "label_loss_weight": 1.0,
@@ -105,19 +114,43 @@ def test_low_rank_projection_starts_at_the_identity_and_moves_only_its_rank(tiny
     model = UUEModel.from_config(cfg)
     assert isinstance(model.user_tower.projection, LowRankResidualProjection)
     trainer, batches = sample_batches(cfg, steps=4, model=model)
-    batch = batches[0]
-    with torch.no_grad():  # untrained: the normalised mean of the chunk vectors, i.e. the pretrained space
-        chunks = model.user_tower.chunk_vectors(batch["user_input_ids"], batch["user_attention_mask"],
-                                                batch["chunk_mask"])
-        mask = batch["chunk_mask"].float()[..., None]
-        expected = F.normalize((chunks * mask).sum(1) / mask.sum(1), dim=-1)
-        torch.testing.assert_close(model.encode_users(batch), expected)
+    _assert_user_is_the_pretrained_mean(model, batches[0])
     optimization = TorchOptimization(model, cfg, 20)
     for step_batch in batches:
         train_step(model, step_batch, InfoNCELoss(), optimization, None, trainer.samplers.label)
     for tower in (model.user_tower, model.item_tower):
         correction = tower.projection.up.weight @ tower.projection.down.weight
         assert torch.linalg.matrix_rank(correction) == 2  # trained, and confined to 2 directions
+
+
+def test_gelu_user_correction_starts_at_the_identity_trains_nonlinear_and_keeps_the_item_head_exportable(
+        tiny_model_config, sample_batches, tmp_path):
+    from uue.export import metadata_free_projection
+
+    cfg = tiny_model_config.model_copy(update={
+        "embedding_dim": 32, "projection_rank": 4, "user_projection_activation": "gelu", "use_attention_pooling": False,
+        "label_loss_weight": 1.0, "freeze_user_backbone": True, "freeze_item_backbone": True,
+    })
+    model = UUEModel.from_config(cfg)
+    trainer, batches = sample_batches(cfg, steps=4, model=model)
+    _assert_user_is_the_pretrained_mean(model, batches[0])  # untrained, as with the affine correction
+    optimization = TorchOptimization(model, cfg, 20)
+    for step_batch in batches:
+        train_step(model, step_batch, InfoNCELoss(), optimization, None, trainer.samplers.label)
+    user_head, item_head = model.user_tower.projection, model.item_tower.projection
+    assert not user_head.is_affine and item_head.is_affine
+    a, b = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # an affine f has f(a + b) - f(a) - f(b) + f(0) == 0; the trained user head does not
+        defect = user_head(a + b) - user_head(a) - user_head(b) + user_head(torch.zeros(32))
+    assert defect.abs().max() > 1e-4
+    weight, bias = metadata_free_projection(model.item_tower)  # the statement tower still exports as one Dense
+    with torch.no_grad():
+        torch.testing.assert_close(a @ weight.T + bias, item_head(a))
+    back = UUEModel.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert back.config.user_projection_activation == "gelu"
+    model.eval(), back.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode_users(batches[0]), model.encode_users(batches[0]))
 
 
 def test_low_rank_head_and_label_bias_survive_save_and_load(tiny_model_config, tmp_path):

@@ -88,6 +88,12 @@ class ModelConfig(_Strict):
     (x + up(down(x)), `up` zero-initialised; needs embedding_dim == the backbone hidden size): training
     can move only r directions of the pretrained space, so what the backbone knows about statements
     never trained on (zero-shot) is kept instead of being diluted by directions fitted to seen ones."""
+    user_projection_activation: Literal["none", "gelu"] = "none"
+    """With projection_rank > 0: "gelu" makes the user tower's correction a residual MLP, x + up(gelu(down(x)))
+    (still the identity untrained), so the user side can combine what its pooled history says nonlinearly
+    (which films together point to a gender, say) rather than only re-weight directions. The item tower's
+    correction stays affine: the statement tower then exports as one Dense layer and stays a linear map of
+    the pretrained statement space."""
     label_loss_weight: float = Field(0.0, ge=0)
     """Weight of a pointwise loss beside InfoNCE (uue.label_loss): binary cross-entropy on each batch
     user's own labelled statements, label 1 and label 0 as they occur in the training split, on
@@ -137,6 +143,8 @@ class ModelConfig(_Strict):
     def _check_heads(self) -> ModelConfig:
         if self.use_attention_pooling and self.attention_heads < 1:
             raise ValueError("attention_heads must be >= 1 with use_attention_pooling")
+        if self.user_projection_activation != "none" and not self.projection_rank:
+            raise ValueError("user_projection_activation needs projection_rank >= 1 (it acts inside the correction)")
         if self.cache_chunk_vectors and not self.freeze_user_backbone:
             raise ValueError("cache_chunk_vectors needs freeze_user_backbone: true (a trained backbone changes them)")
         if self.cache_statement_vectors and not self.freeze_item_backbone:

@@ -32,7 +32,7 @@ def metadata_free_projection(tower: ItemTower) -> tuple[torch.Tensor, torch.Tens
     metadata."""
     projection = tower.projection
     with torch.no_grad():
-        if isinstance(projection, LowRankResidualProjection):
+        if isinstance(projection, LowRankResidualProjection) and projection.is_affine:
             weight = torch.eye(projection.up.out_features) + projection.up.weight @ projection.down.weight
             bias = projection.up.bias.clone()
         elif isinstance(projection, nn.Linear):

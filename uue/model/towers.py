@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,29 +30,35 @@ class MetadataFusion(nn.Module):
 
 
 class LowRankResidualProjection(nn.Module):
-    """x + up(down(x)) with a rank-`rank` bottleneck; `up` starts at zero, so the untrained head is the identity."""
+    """x + up(act(down(x))) with a rank-`rank` bottleneck; `up` starts at zero, so the untrained head is the
+    identity. act is the identity (an affine correction) or a GELU (a residual MLP)."""
 
-    def __init__(self, hidden: int, rank: int):
+    def __init__(self, hidden: int, rank: int, activation: Literal["none", "gelu"] = "none"):
         super().__init__()
-        self.down = nn.Linear(hidden, rank, bias=False)
+        self.down = nn.Linear(hidden, rank, bias=activation != "none")
+        self.activation: nn.Module = nn.GELU() if activation == "gelu" else nn.Identity()
         self.up = nn.Linear(rank, hidden)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+    @property
+    def is_affine(self) -> bool:
+        return isinstance(self.activation, nn.Identity)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(self.down(x))
+        return x + self.up(self.activation(self.down(x)))
 
 
-def build_projection(hidden: int, config: ModelConfig) -> nn.Module:
+def build_projection(hidden: int, config: ModelConfig, activation: Literal["none", "gelu"] = "none") -> nn.Module:
     """hidden -> embedding_dim: a Linear (random, or the identity with projection_init="identity"), or with
-    projection_rank > 0 the identity plus a trainable rank-r correction."""
+    projection_rank > 0 the identity plus a trainable rank-r correction (`activation` inside it)."""
     if config.projection_rank or config.projection_init == "identity":
         if hidden != config.embedding_dim:
             what = f"projection_rank={config.projection_rank}" if config.projection_rank else "identity projection_init"
             raise ValueError(f"{what} needs embedding_dim == the backbone hidden size ({hidden}), "
                              f"got {config.embedding_dim}")
     if config.projection_rank:
-        return LowRankResidualProjection(hidden, config.projection_rank)
+        return LowRankResidualProjection(hidden, config.projection_rank, activation)
     projection = nn.Linear(hidden, config.embedding_dim)
     if config.projection_init == "identity":
         with torch.no_grad():
@@ -93,7 +100,7 @@ class UserTower(nn.Module):
         self.metadata = (
             MetadataFusion(config.metadata_dim, hidden, config.dropout) if config.use_user_metadata else None
         )
-        self.projection = build_projection(hidden, config)
+        self.projection = build_projection(hidden, config, config.user_projection_activation)
         if config.attention == "packed":
             encoder.use_packing(packing_options(config, config.gradient_checkpointing_chunks, config.max_chunk_length))
         self.hidden_cut = _hidden_cut(encoder, config.hidden_cache_layers("user"))
