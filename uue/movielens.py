@@ -231,9 +231,9 @@ class MovieLensOptions:
     120 on 1M; 0: all)."""
     ratings_per_chunk: int | None = None
     """History ratings per chunk (None: the variant's, 0 on 100K and 1 on 1M; 0: as many as fit in
-    max_chunk_length, about 12 at 128 tokens). With
-    N (1: one rating per chunk), users who gave a film the same rating share that chunk's tokens, so a frozen
-    backbone's chunk cache encodes each distinct chunk once, and the user tower pools one vector per rating."""
+    max_chunk_length, about 12 at 128 tokens). With 1, users who gave a film the same rating share that
+    chunk's tokens, so a frozen backbone's chunk cache encodes each distinct chunk once, and the user tower
+    pools one vector per rating."""
     holdout_fraction: float = 0.2
     min_film_ratings: int = 50
     """Films rated by fewer users get no held-out-film statement (too rare to learn or score)."""
