@@ -33,6 +33,11 @@ _SHARED: dict[str, dict[str, np.ndarray]] = {}
 CACHE_DIR_ENV = "UUE_CHUNK_CACHE_DIR"
 
 
+def _disk_cache_enabled() -> bool:
+    """Whether UUE_CHUNK_CACHE_DIR names a folder: only then is a fingerprint worth computing."""
+    return bool(os.environ.get(CACHE_DIR_ENV))
+
+
 def _disk_file(fingerprint: str, kind: str = "chunks") -> Path | None:
     folder = os.environ.get(CACHE_DIR_ENV)
     return Path(folder) / f"{kind}-{fingerprint}.pkl" if folder else None
@@ -172,7 +177,7 @@ def statement_vector_features(encoder: TextEncoder, features: dict[str, np.ndarr
     ids = torch.as_tensor(features["item_input_ids"])
     mask = torch.as_tensor(features["item_attention_mask"])
     key = None
-    if _disk_file("x") is not None:  # UUE_CHUNK_CACHE_DIR: the same weights and tokens give the same vectors
+    if _disk_cache_enabled():  # UUE_CHUNK_CACHE_DIR: the same weights and tokens give the same vectors
         digest = hashlib.blake2b(digest_size=16)
         for name, tensor in sorted(encoder.backbone.state_dict().items()):
             digest.update(name.encode())
@@ -318,7 +323,7 @@ class TokenChunkCache:
         self.entries: dict[str, Any] = {}
         """user_id -> its cache entry (what `_keep` makes of its encoded chunks, in order)."""
         self.fingerprint = (backbone_fingerprint(encoder, featurizer)
-                            if self.disk_kind and _disk_file("x") is not None else None)
+                            if self.disk_kind and _disk_cache_enabled() else None)
         self.chunks: dict[bytes, Any] = _load_from_disk(self.fingerprint, self.disk_kind) if self.fingerprint else {}
         """Digest of a chunk's tokens -> the encoded chunk."""
         self._saved_size = len(self.chunks)

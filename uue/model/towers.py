@@ -74,6 +74,8 @@ def packing_options(config: ModelConfig, checkpointing: bool, max_length: int) -
         compile_layers=config.compile_layers, checkpointing=config.checkpoint_granularity if checkpointing else "none",
         max_length=max_length,
     )
+
+
 def _hidden_cut(encoder: TextEncoder, trainable_layers: int | None) -> int | None:
     """Block index where a tower trained on cached hidden states starts (None: it reads tokens or vectors)."""
     if not trainable_layers:
