@@ -19,15 +19,22 @@ def test_vectors_come_back_from_disk_in_a_fresh_cache(tiny_model_config, sample_
     featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
     dataset = load_dataset(sample_data_dir)
     users = list(dataset.users.values())[:4]
+    distinct = len({tuple(t) for u in users for t in featurizer.user_tokens(u)})
     first = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)
-    assert first.precompute(users) == 4
+    assert first.precompute(users) == distinct
+    assert len(list(tmp_path.glob("chunk-table-*.pkl"))) == 1  # the file training's TokenChunkCache reads
     monkeypatch.setattr(chunk_cache, "_SHARED", {})  # as a new process would start
     again = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)
     assert again.precompute(users) == 0  # nothing left to encode
     for user in users:
         np.testing.assert_array_equal(again.chunk_vectors(user), first.chunk_vectors(user))
+    rows = [{"user_id": u.user_id, "chunk_tokens": featurizer.user_tokens(u)} for u in users]
+    training = TokenChunkCache(model.user_tower.encoder, featurizer)  # a training run after the evaluation
+    for got, user in zip(training(rows), users, strict=True):
+        np.testing.assert_array_equal(got, first.chunk_vectors(user))
+    assert training.encoded_chunks == 0
     other = UUEModel.from_config(config, seed=5)  # other weights: another fingerprint, another file
-    assert ChunkVectorCache(other.user_tower.encoder, featurizer, progress=False).precompute(users) == 4
+    assert ChunkVectorCache(other.user_tower.encoder, featurizer, progress=False).precompute(users) == distinct
 
     tokens = featurizer.statement_features(list(dataset.statements.values())[:6])
     computed = statement_vector_features(model.item_tower.encoder, tokens)

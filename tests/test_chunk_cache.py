@@ -56,10 +56,12 @@ def test_a_chunk_shared_by_users_is_encoded_once_and_each_user_gets_its_own_vect
     model.user_tower.encoder.forward = lambda ids, mask: encoded.append(len(ids)) or original(ids, mask)
     together.precompute(users)
     rows = [{"user_id": u.user_id, "chunk_tokens": featurizer.user_tokens(u)} for u in users]
-    token_cache = TokenChunkCache(model.user_tower.encoder, featurizer)
+    token_cache = TokenChunkCache(model.user_tower.encoder, featurizer)  # no fingerprint: its own table
     from_tokens = token_cache(rows[:2]) + token_cache(rows[2:])
+    baseline_view = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)
+    assert baseline_view.precompute(users) == 0  # same backbone, same process: the table is shared
     model.user_tower.encoder.forward = original
-    assert sum(encoded) == 2 * len(lines)  # 9 chunks, 4 distinct, in each cache
+    assert sum(encoded) == 2 * len(lines)  # 9 chunks, 4 distinct, in each of the two tables
     assert token_cache.encoded_chunks == len(lines)
     for user, want, got in zip(users, expected, from_tokens, strict=True):
         np.testing.assert_allclose(together.chunk_vectors(user), want, rtol=1e-5, atol=1e-6)

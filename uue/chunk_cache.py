@@ -6,10 +6,11 @@ fusion, projection) gives the same model as re-encoding every step, at a fractio
 2-core CPU the user backbone is most of the work. `model.cache_chunk_vectors: true` turns this on in
 `UUETrainer`; evaluation uses the same cache for frozen-backbone models and the untrained baseline.
 
-Caches are keyed by a fingerprint of the backbone weights and the featurization settings and shared
-within a process, so a trainer and a later evaluation of the same frozen backbone encode each user once.
-With `UUE_CHUNK_CACHE_DIR` set they are also kept on disk (one file per fingerprint), so runs that share a
-frozen backbone (option comparisons, seeds, a later `uue evaluate`) encode each user once between them.
+Vectors are kept per distinct chunk (a digest of its tokens), in a table keyed by a fingerprint of the
+backbone weights and the featurization settings: evaluation's caches of one backbone share it within a
+process. With `UUE_CHUNK_CACHE_DIR` set the table is also kept on disk (`chunk-table-<fingerprint>.pkl`,
+written by training and evaluation alike), so runs that share a frozen backbone (option comparisons, seeds,
+a later `uue evaluate`, other splits) encode each chunk once between them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from uue.data.featurize import Featurizer, trim_token_columns
 from uue.data.schema import UserData
 from uue.model.backbone import TextEncoder
 
-_SHARED: dict[str, dict[str, np.ndarray]] = {}
+_SHARED: dict[str, dict] = {}
+"""kind-fingerprint -> a chunk table every cache of that backbone in this process shares."""
 CACHE_DIR_ENV = "UUE_CHUNK_CACHE_DIR"
 
 
@@ -38,12 +40,20 @@ def _disk_cache_enabled() -> bool:
     return bool(os.environ.get(CACHE_DIR_ENV))
 
 
-def _disk_file(fingerprint: str, kind: str = "chunks") -> Path | None:
+def _shared_table(fingerprint: str, kind: str) -> dict:
+    """The process's one table of `kind` for a backbone, read from UUE_CHUNK_CACHE_DIR the first time."""
+    key = f"{kind}-{fingerprint}"
+    if key not in _SHARED:
+        _SHARED[key] = _load_from_disk(fingerprint, kind)
+    return _SHARED[key]
+
+
+def _disk_file(fingerprint: str, kind: str) -> Path | None:
     folder = os.environ.get(CACHE_DIR_ENV)
     return Path(folder) / f"{kind}-{fingerprint}.pkl" if folder else None
 
 
-def _load_from_disk(fingerprint: str, kind: str = "chunks") -> dict:
+def _load_from_disk(fingerprint: str, kind: str) -> dict:
     path = _disk_file(fingerprint, kind)
     if path is None or not path.is_file():
         return {}
@@ -51,7 +61,7 @@ def _load_from_disk(fingerprint: str, kind: str = "chunks") -> dict:
         return pickle.load(f)  # a file this process family wrote (local cache, not shared input)
 
 
-def _save_to_disk(fingerprint: str, entries: dict, kind: str = "chunks") -> None:
+def _save_to_disk(fingerprint: str, entries: dict, kind: str) -> None:
     path = _disk_file(fingerprint, kind)
     if path is None:
         return
@@ -83,66 +93,41 @@ def _user_key(user: UserData) -> str:
 
 
 class ChunkVectorCache:
-    """user -> (real chunks, H) vectors of one frozen backbone; `features(user)` pads them for a batch."""
+    """user -> (real chunks, H) vectors of one frozen backbone, for evaluation; `features(user)` pads them.
+
+    A per-user view over the training loop's chunk table (`TokenChunkCache`, sharing its fingerprint): each
+    distinct chunk is encoded once per process for every cache of one backbone (the model's and the
+    baseline's, each split), and with `UUE_CHUNK_CACHE_DIR` set it lands in the same `chunk-table-*` file
+    that training writes, so a run's evaluation re-encodes nothing its training already encoded.
+    """
 
     def __init__(self, encoder: TextEncoder, featurizer: Featurizer, device: str | torch.device = "cpu",
                  micro_batch: int | None = None, progress: bool = True):
         self.encoder = encoder
         self.featurizer = featurizer
-        self.device = torch.device(device)
-        self.micro_batch = micro_batch or featurizer.config.encode_micro_batch
-        self.progress = progress
         self.fingerprint = backbone_fingerprint(encoder, featurizer)
-        if self.fingerprint not in _SHARED:
-            _SHARED[self.fingerprint] = _load_from_disk(self.fingerprint)
-        self.vectors = _SHARED[self.fingerprint]
+        self.table = TokenChunkCache(encoder, featurizer, device, micro_batch, fingerprint=self.fingerprint)
+        self.progress = progress
+        self.vectors: dict[str, np.ndarray] = {}
+        """_user_key(user) -> its (real chunks, H) vectors, in the featurizer's chunk order."""
 
     @property
     def hidden_size(self) -> int:
         return self.encoder.hidden_size
 
-    @torch.inference_mode()
     def precompute(self, users: Sequence[UserData], desc: str = "chunk vectors") -> int:
-        """Encode every not-yet-cached user; chunks of all users are batched together by length."""
-        todo = [u for u in {_user_key(u): u for u in users}.items() if u[0] not in self.vectors]
+        """Look up (encoding what the chunk table lacks) every user not seen yet; returns the chunks encoded."""
+        todo = {key: user for user in users if (key := _user_key(user)) not in self.vectors}
         if not todo:
             return 0
-        ids, masks, counts = [], [], []
-        for _, user in todo:
-            feats = self.featurizer.user_features(user)
-            real = int(feats["chunk_mask"].sum())
-            ids.append(feats["user_input_ids"][:real])
-            masks.append(feats["user_attention_mask"][:real])
-            counts.append(real)
-        # Each distinct chunk is encoded once (users who share a chunk's tokens share its vector).
-        stacked_ids, stacked_masks = np.concatenate(ids), np.concatenate(masks)
-        first_of: dict[bytes, int] = {}
-        inverse = np.array([first_of.setdefault(row[used.astype(bool)].tobytes(), len(first_of))
-                            for row, used in zip(stacked_ids, stacked_masks, strict=True)], dtype=np.int64)
-        distinct = np.unique(inverse, return_index=True)[1]
-        all_ids = torch.as_tensor(stacked_ids[distinct])
-        all_masks = torch.as_tensor(stacked_masks[distinct])
-        order = torch.argsort(all_masks.sum(1), descending=True)  # similar lengths share a micro-batch
-        out = torch.empty(len(order), self.hidden_size, dtype=torch.float32)
-        was_training = self.encoder.training
-        self.encoder.eval()
-        total = int(all_masks.sum())
-        with tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not self.progress) as bar:
-            for start in range(0, len(order), self.micro_batch):
-                rows = order[start : start + self.micro_batch]
-                batch_ids, batch_mask = trim_token_columns(all_ids[rows], all_masks[rows])
-                vectors = self.encoder(batch_ids.to(self.device), batch_mask.to(self.device))
-                out[rows] = vectors.float().cpu()
-                bar.update(int(batch_mask.sum()))
-        self.encoder.train(was_training)
-        out = out[torch.as_tensor(inverse)]
-        # Rows of `out` now follow `todo` order (each user's chunks contiguous): slice them back per user.
-        position = 0
-        for key, n in zip([k for k, _ in todo], counts, strict=True):
-            self.vectors[key] = out[position : position + n].numpy().copy()
-            position += n
-        _save_to_disk(self.fingerprint, self.vectors)
-        return len(todo)
+        rows = [{"user_id": key, "chunk_tokens": self.featurizer.user_tokens(user)} for key, user in todo.items()]
+        before = self.table.encoded_chunks
+        self.table.progress = desc if self.progress else None
+        for key, vectors in zip(todo, self.table(rows), strict=True):
+            self.vectors[key] = vectors
+        self.table.entries.clear()  # the per-user arrays live in self.vectors; the table keeps the chunks
+        self.table.flush()  # one call scores a whole split: keep what it encoded for the next process
+        return self.table.encoded_chunks - before
 
     def chunk_vectors(self, user: UserData) -> np.ndarray:
         key = _user_key(user)
@@ -310,7 +295,10 @@ class TokenChunkCache:
     """The on-disk file's kind (None: memory only, as for hidden states, which are too large to keep)."""
 
     def __init__(self, encoder: TextEncoder, featurizer: Featurizer, device: str | torch.device = "cpu",
-                 micro_batch: int | None = None):
+                 micro_batch: int | None = None, fingerprint: str | None = None):
+        """`fingerprint`: the backbone's, when the caller has it (evaluation always does); a cache with one
+        shares the process's table of that backbone. Without it, one is computed only if UUE_CHUNK_CACHE_DIR
+        is set (hashing a large backbone's weights costs seconds per worker)."""
         from uue.data.featurize import pad_sequences
 
         self._pad = pad_sequences
@@ -322,13 +310,16 @@ class TokenChunkCache:
         self.left = tokenizer.padding_side == "left"
         self.entries: dict[str, Any] = {}
         """user_id -> its cache entry (what `_keep` makes of its encoded chunks, in order)."""
-        self.fingerprint = (backbone_fingerprint(encoder, featurizer)
-                            if self.disk_kind and _disk_cache_enabled() else None)
-        self.chunks: dict[bytes, Any] = _load_from_disk(self.fingerprint, self.disk_kind) if self.fingerprint else {}
+        if fingerprint is None and self.disk_kind and _disk_cache_enabled():
+            fingerprint = backbone_fingerprint(encoder, featurizer)
+        self.fingerprint = fingerprint if self.disk_kind else None
+        self.chunks: dict[bytes, Any] = _shared_table(self.fingerprint, self.disk_kind) if self.fingerprint else {}
         """Digest of a chunk's tokens -> the encoded chunk."""
         self._saved_size = len(self.chunks)
         self.encoded_chunks = 0
         """Chunks this cache ran through the backbone (the rest were shared or read from disk)."""
+        self.progress: str | None = None
+        """A progress bar's label while encoding (evaluation sets it); None: no bar (the training loop)."""
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> Sequence[np.ndarray]:
         """One micro-batch of padded chunks -> what is kept of each chunk (here its (H,) vector)."""
@@ -346,17 +337,26 @@ class TokenChunkCache:
         keys = sorted(missing, key=lambda k: -len(missing[k]))  # similar lengths share a micro-batch
         was_training = self.encoder.training
         self.encoder.eval()
-        for start in range(0, len(keys), self.micro_batch):
-            batch_keys = keys[start : start + self.micro_batch]
-            ids, mask = self._pad([missing[k] for k in batch_keys], self.pad_id, self.left)
-            outputs = self._encode(torch.as_tensor(ids, device=self.device), torch.as_tensor(mask, device=self.device))
-            self.chunks.update(zip(batch_keys, outputs, strict=True))
+        total = sum(len(t) for t in missing.values())
+        with tqdm(total=total, desc=self.progress, unit="tok", unit_scale=True, disable=self.progress is None) as bar:
+            for start in range(0, len(keys), self.micro_batch):
+                batch_keys = keys[start : start + self.micro_batch]
+                ids, mask = self._pad([missing[k] for k in batch_keys], self.pad_id, self.left)
+                outputs = self._encode(torch.as_tensor(ids, device=self.device),
+                                       torch.as_tensor(mask, device=self.device))
+                self.chunks.update(zip(batch_keys, outputs, strict=True))
+                bar.update(int(mask.sum()))
         self.encoder.train(was_training)
         self.encoded_chunks += len(keys)
 
     def _to_disk(self, encoded_any: bool) -> None:
         pending = len(self.chunks) - self._saved_size
         if pending and (not encoded_any or pending >= max(64, self._saved_size // 4)):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the table to UUE_CHUNK_CACHE_DIR now if it grew since the last write (no-op when unset)."""
+        if self.fingerprint and len(self.chunks) > self._saved_size:
             _save_to_disk(self.fingerprint, self.chunks, self.disk_kind)
             self._saved_size = len(self.chunks)
 
