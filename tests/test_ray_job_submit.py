@@ -83,6 +83,12 @@ class RayHead:
         # state-API clients connect here instead of failing on "multiple active Ray instances" when other Ray
         # clusters run on the same machine.
         self.env["RAY_ADDRESS"] = f"127.0.0.1:{self.gcs_port}"
+        # A DeepSpeed kernel build killed midway leaves its lock behind, and torch waits on that lock forever:
+        # training on CPU must not build the kernel (uue.train.ray.skip_cpu_shared_memory_build), so it must finish.
+        self.env["TORCH_EXTENSIONS_DIR"] = os.path.join(self.temp_dir, "torch_extensions")
+        stale_build = Path(self.env["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm"
+        stale_build.mkdir(parents=True)
+        (stale_build / "lock").touch()
         self.log_path = Path(self.temp_dir) / "head.log"
         command = [
             RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",

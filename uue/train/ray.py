@@ -83,6 +83,22 @@ def _dump_gathered_weights(engine: Any, path: Path, rank: int) -> None:
         torch.save(weights, path)
 
 
+def skip_cpu_shared_memory_build(device: torch.device) -> None:
+    """Keep DeepSpeed on CPU from JIT-compiling its shared-memory all-reduce kernel at `deepspeed.initialize`.
+
+    That kernel serves only DeepSpeed inference's `inference_all_reduce`, which training never calls, yet its build
+    needs a C++ toolchain, costs every fresh machine a compile, and a build killed midway leaves a lock file
+    (TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/lock) that every later run waits on forever. Marked incompatible,
+    DeepSpeed uses the process group's (gloo) collectives, as it does wherever the kernel cannot be built.
+    """
+    if device.type != "cpu":
+        return
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 # ---------------------------------------------------------------------------------- the worker
 def train_fn(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: DeepSpeed engine, resume, the loop over its shard, checkpoints."""
@@ -108,6 +124,7 @@ def train_fn(loop_config: dict[str, Any]) -> None:
     shards = Shards(loop_config["shards_uri"], loop_config["manifest"])
     inputs = build_inputs(config, shards, model, featurizer, device, seed + rank)
     schedule = warmup_cosine(total_steps, config.model.warmup_ratio)
+    skip_cpu_shared_memory_build(device)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, config.model), config=loop_config["deepspeed"],
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
