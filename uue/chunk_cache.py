@@ -72,6 +72,13 @@ def _save_to_disk(fingerprint: str, entries: dict, kind: str) -> None:
     partial.replace(path)  # atomic: a concurrent reader sees the old file or the new one
 
 
+def _hash_weights(digest: hashlib.blake2b, module: torch.nn.Module) -> None:
+    """Feed every weight (by name, as fp32 bytes) into `digest`: cache keys change whenever a weight does."""
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+
 def backbone_fingerprint(encoder: TextEncoder, featurizer: Featurizer) -> str:
     """Hash of the weights and of what decides a chunk's tokens (lengths, tokenizer, pooling)."""
     digest = hashlib.blake2b(digest_size=16)
@@ -79,9 +86,7 @@ def backbone_fingerprint(encoder: TextEncoder, featurizer: Featurizer) -> str:
     digest.update(f"{encoder.pooling}|{cfg.max_chunk_length}|{cfg.num_chunks_per_user}|".encode())
     digest.update(type(featurizer.user_tokenizer).__name__.encode())
     digest.update(str(len(featurizer.user_tokenizer)).encode())
-    for name, tensor in sorted(encoder.backbone.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    _hash_weights(digest, encoder.backbone)
     return digest.hexdigest()
 
 
@@ -164,9 +169,7 @@ def statement_vector_features(encoder: TextEncoder, features: dict[str, np.ndarr
     key = None
     if _disk_cache_enabled():  # UUE_CHUNK_CACHE_DIR: the same weights and tokens give the same vectors
         digest = hashlib.blake2b(digest_size=16)
-        for name, tensor in sorted(encoder.backbone.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        _hash_weights(digest, encoder.backbone)
         digest.update(f"{encoder.pooling}|{tuple(ids.shape)}".encode())
         digest.update(ids.numpy().tobytes())
         digest.update(mask.numpy().tobytes())
