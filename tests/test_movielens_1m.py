@@ -14,8 +14,11 @@ import pytest
 from uue.data.readers import load_dataset
 from uue.movielens import (
     OCCUPATION_CODES_1M,
+    RATING_WORDS,
     MovieLensOptions,
+    Rating,
     convert_movielens,
+    history_line,
     read_movielens,
     split_history,
     write_movielens,
@@ -104,6 +107,22 @@ def test_ratings_per_chunk_splits_the_same_history_into_chunks_of_that_many_rati
         assert single.users[uid].chunks[-1].timestamp == user.chunks[-1].timestamp
     with pytest.raises(ValueError, match="ratings_per_chunk must be >= 0"):
         MovieLensOptions(variant="1m", ratings_per_chunk=-1).resolved()
+
+
+def test_rating_words_state_the_same_ratings_and_leave_labels_alone(tmp_path):
+    raw = read_movielens(write_ml1m(tmp_path), variant="1m")
+    digits, digit_summary = convert_movielens(MovieLensOptions(**SMALL), raw=raw, progress=False)
+    words, word_summary = convert_movielens(MovieLensOptions(**SMALL, rating_text="words"), raw=raw, progress=False)
+    assert word_summary["options"]["rating_text"] == "words"
+    assert words.labels == digits.labels and words.statements == digits.statements
+    as_words = {f"{text}: {stars}": f"{word} {text}" for stars, word in RATING_WORDS.items() for text in
+                {c.text.rsplit(": ", 1)[0] for u in digits.users.values() for c in u.chunks}}
+    for uid, user in digits.users.items():  # line by line: the digit's words, before the same film name
+        assert [c.text for c in words.users[uid].chunks] == [as_words[c.text] for c in user.chunks]
+    with pytest.raises(ValueError, match="rating 3.5 of film Heat"):
+        history_line(raw, Rating("Heat (1995)", 3.5, 0), "words")
+    with pytest.raises(ValueError, match="rating_text must be"):
+        MovieLensOptions(variant="1m", rating_text="stars").resolved()
 
 
 def test_conversion_has_gender_and_zero_shot_films_that_never_train(tmp_path):

@@ -42,7 +42,7 @@ def cmd_data_movielens(args: argparse.Namespace) -> int:
     from uue.movielens import MovieLensOptions, write_movielens
 
     options = MovieLensOptions(variant=args.variant, seed=args.seed, train_phrasings=args.train_phrasings,
-                               eval_phrasing=args.eval_phrasing)
+                               eval_phrasing=args.eval_phrasing, rating_text=args.rating_text)
     if args.max_history is not None:
         options.max_history = args.max_history
     if args.ratings_per_chunk is not None:
@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     movielens.add_argument("--ratings-per-chunk", type=int, default=None,
                            help="history ratings per chunk (default: 0 on 100K, 1 on 1M; 0: as many as fit "
                                 "in --max-chunk-length)")
+    movielens.add_argument("--rating-text", choices=["digit", "words"], default="digit",
+                           help="history lines state the rating as a digit ('Heat (1995): 5') or in words "
+                                "('loved Heat (1995)')")
     movielens.set_defaults(func=cmd_data_movielens)
 
     evaluate = sub.add_parser("evaluate", help="score a model on a dataset's test labels, beside the baseline")
