@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from uue.config import ModelConfig
 from uue.model.backbone import TextEncoder
 from uue.model.packing import PackingOptions
-from uue.model.pooling import AttentionPooling, MeanChunkPooling
+from uue.model.pooling import AttentionPooling, MeanChunkPooling, WeightedMeanPooling
 
 
 class MetadataFusion(nn.Module):
@@ -94,11 +94,11 @@ class UserTower(nn.Module):
         self.encoder = encoder
         self.micro_batch = config.encode_micro_batch
         self.checkpoint_chunks = config.gradient_checkpointing_chunks
-        self.pooling: nn.Module = (
-            AttentionPooling(hidden, config.attention_heads, config.dropout)
-            if config.use_attention_pooling
-            else MeanChunkPooling()
-        )
+        self.pooling: nn.Module = MeanChunkPooling()
+        if config.use_attention_pooling and config.attention_pooling_kind == "weighted_mean":
+            self.pooling = WeightedMeanPooling(hidden, config.attention_heads)
+        elif config.use_attention_pooling:
+            self.pooling = AttentionPooling(hidden, config.attention_heads, config.dropout)
         self.metadata = (
             MetadataFusion(config.metadata_dim, hidden, config.dropout) if config.use_user_metadata else None
         )

@@ -26,7 +26,7 @@ def param_groups(model: UUEModel, config: ModelConfig) -> list[dict]:
     """Per-tower learning rates ("separate optimizers" of the original design) in one optimizer.
 
     Backbones learn slowly (pretrained), heads (pooling, metadata fusion, projections, temperature)
-    faster; biases, norms, the pooling query and the temperature get no weight decay.
+    faster; biases, norms, the pooling queries and the temperature get no weight decay.
     """
     rates = {
         "user_backbone": config.user_learning_rate or config.learning_rate,
@@ -43,7 +43,7 @@ def param_groups(model: UUEModel, config: ModelConfig) -> list[dict]:
             kind = "item_backbone"
         else:
             kind = "head"
-        no_decay = param.ndim < 2 or name.endswith(".query") or name == "logit_scale"
+        no_decay = param.ndim < 2 or name.endswith((".query", ".queries")) or name == "logit_scale"
         groups.setdefault((kind, no_decay), []).append(param)
     return [
         {"params": params, "lr": rates[kind], "weight_decay": 0.0 if no_decay else config.weight_decay,
