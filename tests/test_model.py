@@ -117,7 +117,7 @@ def test_weighted_mean_pooling_starts_as_the_mean_ignores_padding_and_learns_whi
     pooling = model.user_tower.pooling
     assert type(pooling).__name__ == "WeightedMeanPooling"
     generator = torch.Generator().manual_seed(0)
-    vectors = torch.randn(4, 6, pooling.queries.size(1), generator=generator)
+    vectors = torch.randn(4, 6, model.user_tower.encoder.hidden_size, generator=generator)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]).bool()
     real = mask.unsqueeze(-1).float()
     torch.testing.assert_close(pooling(vectors, mask), (vectors * real).sum(1) / real.sum(1))  # zero queries: mean
@@ -140,6 +140,7 @@ def test_weighted_mean_pooling_starts_as_the_mean_ignores_padding_and_learns_whi
     padded = inputs.clone()
     padded[~mask] = 100.0  # what padding holds changes nothing
     torch.testing.assert_close(pooling(padded, mask), pooling(inputs, mask))
+    assert (pooling.queries[0] - pooling.queries[1]).abs().max() > 1e-2  # the heads learned different queries
     model.save_pretrained(tmp_path / "m")  # the learned queries survive save and load
     torch.testing.assert_close(UUEModel.from_pretrained(tmp_path / "m").user_tower.pooling.queries, pooling.queries)
 

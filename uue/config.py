@@ -46,9 +46,10 @@ class ModelConfig(_Strict):
     attention_heads: int = Field(8, gt=0)
     attention_pooling_kind: Literal["multihead", "weighted_mean"] = "multihead"
     """multihead: one learned query attends over projected chunk vectors (random value/output projections, then a
-    LayerNorm). weighted_mean: each of the attention_heads queries softmax-weights the chunk vectors themselves and
-    the heads' weights are averaged; the queries start at zero, so the pool starts as the plain mean and stays in
-    the backbone's space (what frozen, identity-initialised heads rely on) while it learns which chunks count."""
+    LayerNorm). weighted_mean: each of the attention_heads queries scores the chunks on its slice of their vectors,
+    and the softmax weights, averaged over heads, weigh the chunk vectors themselves; the queries start at zero, so
+    the pool starts as the plain mean and stays in the backbone's space (what frozen, identity-initialised heads
+    rely on) while it learns which chunks count."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     use_user_metadata: bool = False
     use_item_metadata: bool = False

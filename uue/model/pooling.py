@@ -32,21 +32,27 @@ class AttentionPooling(nn.Module):
 
 
 class WeightedMeanPooling(nn.Module):
-    """Softmax-weighted mean of the chunk vectors themselves: per head a learned query scores each chunk, and the
-    heads' weights are averaged (attention_pooling_kind="weighted_mean").
+    """Softmax-weighted mean of the chunk vectors themselves (attention_pooling_kind="weighted_mean").
 
-    The queries start at zero, so it starts as the plain mean, and the pooled vector is always a convex combination
-    of chunk vectors: unlike AttentionPooling, no random projection moves it out of the backbone's space. What it
-    learns is which chunks count (frozen MiniLM's rating lines, for one, differ along a shared rating direction).
+    Head h scores each chunk by a learned query against the h-th slice of its vector, as multi-head attention
+    splits its keys, and the heads' weights are averaged. The queries start at zero, so it starts as the plain
+    mean; the slices give each head its own gradient, so the heads do not stay copies of each other. The pooled
+    vector is always a convex combination of chunk vectors: unlike AttentionPooling, no random projection moves it
+    out of the backbone's space. What it learns is which chunks count.
     """
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
-        self.queries = nn.Parameter(torch.zeros(num_heads, hidden_size))
+        if hidden_size % num_heads:
+            raise ValueError(f"attention_heads={num_heads} must divide the backbone hidden size {hidden_size}")
+        self.num_heads = num_heads
+        self.queries = nn.Parameter(torch.zeros(num_heads, hidden_size // num_heads))
 
     def forward(self, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
         """(B, C, H) vectors, (B, C) bool mask of real chunks -> (B, H)."""
-        scores = torch.einsum("bch,qh->bqc", chunk_vectors, self.queries.to(chunk_vectors.dtype))
+        batch, chunks, hidden = chunk_vectors.shape
+        keys = chunk_vectors.view(batch, chunks, self.num_heads, hidden // self.num_heads)
+        scores = torch.einsum("bcqd,qd->bqc", keys, self.queries.to(chunk_vectors.dtype))
         scores = scores.masked_fill(~chunk_mask.bool().unsqueeze(1), float("-inf"))
         weights = scores.softmax(dim=-1).mean(dim=1)
         return torch.einsum("bc,bch->bh", weights, chunk_vectors)
