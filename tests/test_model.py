@@ -232,9 +232,11 @@ def test_backbone_folder_loads_with_plain_transformers(tiny_model_config, tmp_pa
     assert AutoTokenizer.from_pretrained(tmp_path / "m" / "user_tower" / "backbone")("hi")["input_ids"]
 
 
-def test_heads_must_divide_hidden_size(tiny_model_config):
+@pytest.mark.parametrize("kind", ["multihead", "weighted_mean"])
+def test_heads_must_divide_hidden_size(tiny_model_config, kind):
     with pytest.raises(ValueError, match="must divide"):
-        UUEModel.from_config(tiny_model_config.model_copy(update={"attention_heads": 5}))
+        UUEModel.from_config(tiny_model_config.model_copy(update={"attention_heads": 5,
+                                                                  "attention_pooling_kind": kind}))
 
 
 def test_missing_model_names_itself(monkeypatch):

@@ -6,6 +6,12 @@ import torch
 from torch import nn
 
 
+def _check_heads(hidden_size: int, num_heads: int) -> None:
+    """Both attention poolings split the chunk vectors into num_heads equal slices."""
+    if hidden_size % num_heads:
+        raise ValueError(f"attention_heads={num_heads} must divide the backbone hidden size {hidden_size}")
+
+
 class AttentionPooling(nn.Module):
     """Multi-head attention from one learned query over the chunk vectors.
 
@@ -14,10 +20,7 @@ class AttentionPooling(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(
-                f"attention_heads={num_heads} must divide the backbone hidden size {hidden_size}"
-            )
+        _check_heads(hidden_size, num_heads)
         self.query = nn.Parameter(torch.randn(1, 1, hidden_size) * hidden_size**-0.5)
         self.attention = nn.MultiheadAttention(hidden_size, num_heads, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(hidden_size)
@@ -43,8 +46,7 @@ class WeightedMeanPooling(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"attention_heads={num_heads} must divide the backbone hidden size {hidden_size}")
+        _check_heads(hidden_size, num_heads)
         self.num_heads = num_heads
         self.queries = nn.Parameter(torch.zeros(num_heads, hidden_size // num_heads))
 
