@@ -21,8 +21,14 @@ def test_vectors_come_back_from_disk_in_a_fresh_cache(tiny_model_config, sample_
     users = list(dataset.users.values())[:4]
     distinct = len({tuple(t) for u in users for t in featurizer.user_tokens(u)})
     first = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)
+    baseline = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)  # same backbone, same table
+    writes = []
+    save = chunk_cache._save_to_disk
+    monkeypatch.setattr(chunk_cache, "_save_to_disk", lambda *args: writes.append(args) or save(*args))
     assert first.precompute(users) == distinct
     assert len(list(tmp_path.glob("chunk-table-*.pkl"))) == 1  # the file training's TokenChunkCache reads
+    assert baseline.precompute(users) == 0 and len(writes) == 1  # what `first` wrote is not written again
+    monkeypatch.setattr(chunk_cache, "_save_to_disk", save)
     monkeypatch.setattr(chunk_cache, "_SHARED", {})  # as a new process would start
     again = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)
     assert again.precompute(users) == 0  # nothing left to encode

@@ -19,6 +19,7 @@ import hashlib
 import os
 import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,17 @@ from uue.data.featurize import Featurizer, trim_token_columns
 from uue.data.schema import UserData
 from uue.model.backbone import TextEncoder
 
-_SHARED: dict[str, dict] = {}
-"""kind-fingerprint -> a chunk table every cache of that backbone in this process shares."""
+
+@dataclass
+class _ChunkTable:
+    """Digest of a chunk's tokens -> the encoded chunk, and how many entries the file on disk holds."""
+
+    chunks: dict[bytes, Any] = field(default_factory=dict)
+    saved_size: int = 0
+
+
+_SHARED: dict[str, _ChunkTable] = {}
+"""kind-fingerprint -> the chunk table every cache of that backbone in this process shares (and writes)."""
 CACHE_DIR_ENV = "UUE_CHUNK_CACHE_DIR"
 
 
@@ -40,11 +50,12 @@ def _disk_cache_enabled() -> bool:
     return bool(os.environ.get(CACHE_DIR_ENV))
 
 
-def _shared_table(fingerprint: str, kind: str) -> dict:
+def _shared_table(fingerprint: str, kind: str) -> _ChunkTable:
     """The process's one table of `kind` for a backbone, read from UUE_CHUNK_CACHE_DIR the first time."""
     key = f"{kind}-{fingerprint}"
     if key not in _SHARED:
-        _SHARED[key] = _load_from_disk(fingerprint, kind)
+        chunks = _load_from_disk(fingerprint, kind)
+        _SHARED[key] = _ChunkTable(chunks, len(chunks))
     return _SHARED[key]
 
 
@@ -316,9 +327,9 @@ class TokenChunkCache:
         if fingerprint is None and self.disk_kind and _disk_cache_enabled():
             fingerprint = backbone_fingerprint(encoder, featurizer)
         self.fingerprint = fingerprint if self.disk_kind else None
-        self.chunks: dict[bytes, Any] = _shared_table(self.fingerprint, self.disk_kind) if self.fingerprint else {}
+        self._table = _shared_table(self.fingerprint, self.disk_kind) if self.fingerprint else _ChunkTable()
+        self.chunks = self._table.chunks
         """Digest of a chunk's tokens -> the encoded chunk."""
-        self._saved_size = len(self.chunks)
         self.encoded_chunks = 0
         """Chunks this cache ran through the backbone (the rest were shared or read from disk)."""
         self.progress: str | None = None
@@ -353,15 +364,16 @@ class TokenChunkCache:
         self.encoded_chunks += len(keys)
 
     def _to_disk(self, encoded_any: bool) -> None:
-        pending = len(self.chunks) - self._saved_size
-        if pending and (not encoded_any or pending >= max(64, self._saved_size // 4)):
+        pending = len(self.chunks) - self._table.saved_size
+        if pending and (not encoded_any or pending >= max(64, self._table.saved_size // 4)):
             self.flush()
 
     def flush(self) -> None:
-        """Write the table to UUE_CHUNK_CACHE_DIR now if it grew since the last write (no-op when unset)."""
-        if self.fingerprint and len(self.chunks) > self._saved_size:
+        """Write the table to UUE_CHUNK_CACHE_DIR now if it grew since anyone's last write (no-op when unset):
+        caches that share a table share its saved size, so none rewrites what another already wrote."""
+        if self.fingerprint and len(self.chunks) > self._table.saved_size:
             _save_to_disk(self.fingerprint, self.chunks, self.disk_kind)
-            self._saved_size = len(self.chunks)
+            self._table.saved_size = len(self.chunks)
 
     @torch.inference_mode()
     def __call__(self, rows: Sequence[dict]) -> list[Any]:
