@@ -145,6 +145,38 @@ def test_weighted_mean_pooling_starts_as_the_mean_ignores_padding_and_learns_whi
     torch.testing.assert_close(UUEModel.from_pretrained(tmp_path / "m").user_tower.pooling.queries, pooling.queries)
 
 
+def test_chunk_adapter_starts_as_the_identity_and_reads_what_a_mean_of_chunks_cannot(tiny_model_config, tmp_path):
+    cfg = tiny_model_config.model_copy(update={"use_attention_pooling": False, "chunk_adapter_rank": 8})
+    model = _model(cfg)
+    tower = model.user_tower
+    hidden = tower.encoder.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    film_a, film_b, loved = torch.randn(3, hidden, generator=generator)
+    # Two users with the same mean chunk vector: one loved film a and not b, the other the reverse.
+    vectors = torch.stack([torch.stack([film_a + loved, film_b - loved]),
+                           torch.stack([film_a - loved, film_b + loved])])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    plain = _model(cfg.model_copy(update={"chunk_adapter_rank": 0}))
+    plain.user_tower.load_state_dict({k: v for k, v in tower.state_dict().items() if "chunk_adapter" not in k})
+    with torch.no_grad():
+        torch.testing.assert_close(tower(mask, chunk_vectors=vectors), plain.user_tower(mask, chunk_vectors=vectors))
+        first, second = plain.user_tower(mask, chunk_vectors=vectors)
+        torch.testing.assert_close(first, second)  # a mean of the chunks cannot tell them apart
+    direction = torch.nn.functional.normalize(torch.randn(cfg.embedding_dim, generator=generator), dim=0)
+    optimizer = torch.optim.Adam(tower.chunk_adapter.parameters(), lr=0.01)
+    for _ in range(100):
+        optimizer.zero_grad()
+        users = tower(mask, chunk_vectors=vectors)
+        loss = (users[1] - users[0]) @ direction  # the adapter alone learns to separate them
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        users = tower(mask, chunk_vectors=vectors)
+    assert float((users[0] - users[1]) @ direction) > 0.5
+    model.save_pretrained(tmp_path / "m")  # the adapter survives save and load
+    torch.testing.assert_close(UUEModel.from_pretrained(tmp_path / "m").user_tower(mask, chunk_vectors=vectors), users)
+
+
 def _loss_and_grads(model: UUEModel, batch):
     model.train()
     model.zero_grad()

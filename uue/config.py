@@ -100,6 +100,13 @@ class ModelConfig(_Strict):
     (which films together point to a gender, say) rather than only re-weight directions. The item tower's
     correction stays affine: the statement tower then exports as one Dense layer and stays a linear map of
     the pretrained statement space."""
+    chunk_adapter_rank: int = Field(0, ge=0)
+    """0: off. r > 0: before pooling, each chunk vector passes through its own residual MLP, x + up(gelu(down(x)))
+    with a rank-r bottleneck (`up` zero-initialised, so the untrained tower is unchanged). A mean of chunk vectors
+    is linear in them: what one chunk says jointly (this film, loved) cannot be read off the mean when the
+    backbone encodes it as a small shift of the film's vector. The adapter lets each chunk's features be
+    combined nonlinearly before they are averaged (a Deep Sets encoder on the chunk vectors); it runs on cached
+    chunk vectors, so it trains at the cost of a head."""
     label_loss_weight: float = Field(0.0, ge=0)
     """Weight of a pointwise loss beside InfoNCE (uue.label_loss): binary cross-entropy on each batch
     user's own labelled statements, label 1 and label 0 as they occur in the training split, on

@@ -99,6 +99,9 @@ class UserTower(nn.Module):
             self.pooling = WeightedMeanPooling(hidden, config.attention_heads)
         elif config.use_attention_pooling:
             self.pooling = AttentionPooling(hidden, config.attention_heads, config.dropout)
+        self.chunk_adapter = (
+            LowRankResidualProjection(hidden, config.chunk_adapter_rank, "gelu") if config.chunk_adapter_rank else None
+        )
         self.metadata = (
             MetadataFusion(config.metadata_dim, hidden, config.dropout) if config.use_user_metadata else None
         )
@@ -208,6 +211,8 @@ class UserTower(nn.Module):
 
     def _head(self, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor, metadata: torch.Tensor | None
               ) -> torch.Tensor:
+        if self.chunk_adapter is not None:  # per chunk (padding rows too: the pooling masks them out)
+            chunk_vectors = self.chunk_adapter(chunk_vectors)
         pooled = self.pooling(chunk_vectors, chunk_mask)
         if self.metadata is not None:
             if metadata is None:
