@@ -93,7 +93,7 @@ def stage_data(folder: Path, users: int) -> dict:
 
 def stage_preprocess(raw: Path, pre: Path, users: int) -> dict:
     from uue.config import load_config
-    from uue.ray_preprocess import preprocess
+    from uue.data.preprocess import preprocess
 
     ray = _ray_init()
     store = StorePeak(ray)

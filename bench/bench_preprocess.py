@@ -1,4 +1,4 @@
-"""Preprocessing throughput: the Ray Data job (`uue.ray_preprocess.preprocess`) against its named peer, the same
+"""Preprocessing throughput: the Ray Data job (`uue.data.preprocess.preprocess`) against its named peer, the same
 validation + chunk splitting + `Featurizer` in one process (what `load_dataset` + a loop would do).
 
     .venv/bin/python -m bench.bench_preprocess --users 400 --chunks 40 --config configs/minilm.yaml --cpus 2
@@ -21,7 +21,7 @@ from uue.config import load_config
 from uue.data.chunking import split_long_chunks
 from uue.data.featurize import Featurizer
 from uue.data.readers import load_dataset
-from uue.model.backbone import load_tokenizer
+from uue.data.tokenizers import load_tokenizer
 
 WORDS = ("data model train user post movie film music garden recipe football match weather coffee code "
          "review story night city river mountain book game team score").split()
@@ -70,7 +70,7 @@ def main() -> None:
 
     import ray
 
-    from uue.ray_preprocess import preprocess
+    from uue.data.preprocess import preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "raw"

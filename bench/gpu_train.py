@@ -7,7 +7,7 @@ four variants: plain Hugging Face padded + SDPA (`hf_padded_sdpa`), the same und
 regionally compiled layers (`packed_compiled`); then, on the full-length stream, the packed compiled path
 with chunk-level and per-layer activation checkpointing (memory per 1k tokens). Two streams: chunk lengths
 drawn from the MovieLens-100K chunks' length distribution (`movielens`: computed from the data via
-uue.movielens when recbole's copy of the data and the MiniLM tokenizer are installed, else the stored
+uue.data.movielens when recbole's copy of the data and the MiniLM tokenizer are installed, else the stored
 table below), and every chunk full length (`full`). Padded variants pad every chunk to --chunk-tokens (as
 the platform does); packed variants see the ragged chunks. Printed per variant: useful (non-padding)
 tokens/s, MFU on useful tokens (6N, uue.model.flops), HFU (8N when
@@ -52,7 +52,7 @@ H100_BF16_PEAK_FLOPS = 989e12
 WORDS = ("river summit ledger violin orbit harvest lantern cipher meadow falcon quartz ember tide forge "
          "pixel marble canyon signal velvet glacier compass thunder willow saffron beacon mosaic").split()
 
-# MovieLens-100K chunks (uue.movielens defaults, max_chunk_length=256, MiniLM WordPiece tokenizer, chunk text
+# MovieLens-100K chunks (uue.data.movielens defaults, max_chunk_length=256, MiniLM WordPiece tokenizer, chunk text
 # as the featurizer writes it, special tokens included): 1,591 chunks, mean 178 tokens; counts per 16-token
 # bin (1-16, 17-32, ..., 241-256). Used when the data or tokenizer is not installed; rescaled to --chunk-tokens.
 MOVIELENS_LENGTH_BINS = (4, 16, 12, 17, 34, 99, 216, 194, 106, 66, 41, 34, 32, 25, 25, 670)
@@ -117,7 +117,8 @@ def movielens_lengths(chunk_tokens: int, source: str) -> tuple[list[int], str]:
     if source == "movielens":
         try:
             from uue.data.featurize import chunk_text
-            from uue.movielens import MovieLensOptions, convert_movielens, load_tokenizer
+            from uue.data.movielens import MovieLensOptions, convert_movielens
+            from uue.data.tokenizers import load_tokenizer
 
             tokenizer_name = "minilm"
             dataset, _ = convert_movielens(MovieLensOptions(max_chunk_length=chunk_tokens, tokenizer=tokenizer_name),
@@ -125,7 +126,7 @@ def movielens_lengths(chunk_tokens: int, source: str) -> tuple[list[int], str]:
             tokenizer = load_tokenizer(tokenizer_name)
             texts = [chunk_text(c) for user in dataset.users.values() for c in user.chunks]
             lengths = [min(chunk_tokens, len(ids)) for ids in tokenizer(texts)["input_ids"]]
-            return lengths, f"MovieLens-100K via uue.movielens ({tokenizer_name} tokenizer), {len(lengths)} chunks"
+            return lengths, f"MovieLens-100K via uue.data.movielens ({tokenizer_name} tokenizer), {len(lengths)} chunks"
         except Exception as err:  # noqa: BLE001 (any missing piece -> the stored table, said so in the output)
             print(f"MovieLens lengths unavailable ({type(err).__name__}: {err}); using the stored table")
     scale = chunk_tokens / MOVIELENS_BIN_TOKENS
@@ -251,7 +252,7 @@ def run_towers(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from uue.model.backbone import build_byte_tokenizer
+    from uue.data.tokenizers import build_byte_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.dry_run:
@@ -354,12 +355,13 @@ def non_embedding_parameters(preset: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModel
 
+    from uue.data import tokenizers
     from uue.model import backbone
 
-    if preset.lower() in backbone.RANDOM_PRESETS:
-        config = backbone._tiny_config(preset.lower(), len(backbone.build_byte_tokenizer()))
+    if preset.lower() in tokenizers.RANDOM_PRESETS:
+        config = backbone._tiny_config(preset.lower(), len(tokenizers.build_byte_tokenizer()))
     else:
-        config = AutoConfig.from_pretrained(backbone.resolve_model_name(preset))
+        config = AutoConfig.from_pretrained(tokenizers.resolve_model_name(preset))
     with torch.device("meta"):
         model = AutoModel.from_config(config)
     total = sum(p.numel() for p in model.parameters())

@@ -16,7 +16,7 @@ import sys
 
 from uue.cli import resolve_model_dir
 from uue.data.schema import DataValidationError
-from uue.model.backbone import ModelNotAvailableError
+from uue.data.tokenizers import ModelNotAvailableError
 
 
 def build_parser() -> argparse.ArgumentParser:

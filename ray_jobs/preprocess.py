@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from uue.config import REPO_ROOT, ConfigError, load_config
-from uue.model.backbone import ModelNotAvailableError
+from uue.data.tokenizers import ModelNotAvailableError
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "minilm.yaml"
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from uue.ray_preprocess import preprocess
+    from uue.data.preprocess import preprocess
 
     ray.init(ignore_reinit_error=True)  # under `ray job submit` this joins the job's cluster
     try:

@@ -19,7 +19,7 @@ import sys
 
 from uue.config import ConfigError, load_config
 from uue.data.schema import DataValidationError
-from uue.model.backbone import ModelNotAvailableError
+from uue.data.tokenizers import ModelNotAvailableError
 
 
 def build_parser() -> argparse.ArgumentParser:

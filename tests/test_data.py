@@ -13,7 +13,7 @@ from uue.data import DataValidationError, load_dataset, write_dataset
 from uue.data.featurize import Featurizer, collate, hash_metadata, select_chunks, trim_batch
 from uue.data.readers import dataset_from_users
 from uue.data.schema import UserChunk, UserData
-from uue.model.backbone import build_byte_tokenizer
+from uue.data.tokenizers import build_byte_tokenizer
 
 
 def _copy_sample(sample_data_dir, tmp_path):

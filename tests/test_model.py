@@ -8,8 +8,9 @@ import torch
 from uue.config import ModelConfig
 from uue.data.featurize import Featurizer, collate, trim_batch
 from uue.data.schema import UserChunk, UserData
+from uue.data.tokenizers import ModelNotAvailableError
 from uue.model import UUEModel, load_tower
-from uue.model.backbone import ModelNotAvailableError, load_backbone
+from uue.model.backbone import load_backbone
 
 TEXTS = ["Summited the ridge at dawn.", "Made fresh pasta tonight, the dough needed more rest than I thought.",
          "Jazz trio at the club.", "Beat the final boss after forty attempts."]

@@ -13,17 +13,17 @@ from datetime import datetime
 import pytest
 
 from uue.data.featurize import chunk_text
-from uue.data.readers import load_dataset
-from uue.movielens import (
+from uue.data.movielens import (
     GENRE_PHRASES,
     MovieLensNotFoundError,
     MovieLensOptions,
     film_name,
-    load_tokenizer,
     movielens_files,
     read_movielens,
     write_movielens,
 )
+from uue.data.readers import load_dataset
+from uue.data.tokenizers import load_tokenizer
 
 # Genre names as a reader would spot them, written independently of the converter's own list.
 GENRE_NAMES = re.compile(

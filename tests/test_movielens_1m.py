@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from uue.data.readers import load_dataset
-from uue.movielens import (
+from uue.data.movielens import (
     OCCUPATION_CODES_1M,
     RATING_WORDS,
     MovieLensOptions,
@@ -23,6 +22,7 @@ from uue.movielens import (
     split_history,
     write_movielens,
 )
+from uue.data.readers import load_dataset
 
 FILMS = [  # item_id (the title with its year, as ML-1M has it), title, year, genres
     ("Toy Story (1995)", "Toy Story", "1995", "Animation Children's Comedy"),

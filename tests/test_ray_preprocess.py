@@ -17,7 +17,7 @@ import pytest
 from uue.data.chunking import chunk_token_budget, split_long_chunks, split_text
 from uue.data.featurize import Featurizer, chunk_text
 from uue.data.schema import UserChunk, parse_label, parse_statement, parse_user
-from uue.model.backbone import load_tokenizer
+from uue.data.tokenizers import load_tokenizer
 
 WORDS = ("the quick brown fox jumps over lazy dogs while überraschend naïve 東京 tokenization-heavy "
          "antidisestablishmentarianism").split()
@@ -175,7 +175,7 @@ def test_preprocess_rejects_exactly_the_bad_rows_and_matches_the_featurizer(
     ray_session, planted, s3_bucket, tmp_path, tiny_model_config
 ):
 
-    from uue.ray_preprocess import MANIFEST, REJECTS, preprocess
+    from uue.data.preprocess import MANIFEST, REJECTS, preprocess
 
     root, expected_rejects, good = planted
     config = tiny_model_config
@@ -300,7 +300,7 @@ def test_training_streams_shards_from_an_object_store(ray_session, s3_bucket, sa
     """End to end through S3: Ray preprocessing writes the shards to the bucket, then `uue train`'s trainer and a
     Ray Train worker (ZeRO-0) both stream them from there: the same per-step losses."""
     from uue.config import load_config
-    from uue.ray_preprocess import preprocess
+    from uue.data.preprocess import preprocess
     from uue.train import UUETrainer
     from uue.train.ray import run_training
 

@@ -83,7 +83,7 @@ def test_one_ray_worker_equals_uue_train_from_the_shards_alone(ray_session, tmp_
     single-process trainer run the same loop over the same stream: the same per-step losses."""
     import shutil
 
-    from uue.ray_preprocess import preprocess
+    from uue.data.preprocess import preprocess
 
     raw, pre = tmp_path / "raw", tmp_path / "pre"
     shutil.copytree(REPO_ROOT / "uue" / "sample_data", raw)

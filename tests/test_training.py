@@ -204,7 +204,7 @@ def test_shards_store_ragged_tokens_and_training_labels_and_refuse_another_confi
                        featurizer.item_tokenizer)
     with pytest.raises(PreprocessedMismatchError, match="max_chunk_length: preprocessed with 32, this config needs 16"):
         check_manifest(shards.manifest, other, "train", shards.uri)
-    from uue.model.backbone import load_tokenizer
+    from uue.data.tokenizers import load_tokenizer
 
     qwen = Featurizer(tiny_model_config.model_copy(update={"user_model_name": "tiny-qwen3"}),
                       load_tokenizer("tiny-qwen3"), featurizer.item_tokenizer)

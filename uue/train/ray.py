@@ -213,13 +213,13 @@ def _run_name(storage: str, resume: bool) -> str:
 
 def prepare_shards(config: ExperimentConfig, featurizer: Featurizer, dataset: UUEDataset | None = None) -> Shards:
     """data.path as checked shards: a preprocessed folder as it is, a raw folder (or in-memory dataset)
-    preprocessed with Ray Data first (uue.ray_preprocess) into data.preprocessed_dir."""
+    preprocessed with Ray Data first (uue.data.preprocess) into data.preprocessed_dir."""
     path = config.data.path
     if dataset is None and is_preprocessed(path):
         return open_shards(config, featurizer)
     if "://" not in path:  # Ray Data's read tasks run in worker processes, not in this directory
         path = str(Path(path).resolve())
-    from uue.ray_preprocess import preprocess
+    from uue.data.preprocess import preprocess
 
     target = preprocessed_target(config)
     if "://" not in target:
@@ -256,7 +256,7 @@ def run_training(config: ExperimentConfig, probe: TrainProbe | None = None, resu
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from uue.model.backbone import load_tokenizer
+    from uue.data.tokenizers import load_tokenizer
 
     dist = config.distributed
     if dist.zero_stage == 3 and (config.model.cache_chunk_vectors or config.model.hidden_cache_layers("user")):

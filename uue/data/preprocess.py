@@ -138,7 +138,7 @@ def _check_label_references(batch: dict[str, np.ndarray], user_ids: frozenset, s
 @functools.lru_cache(maxsize=4)
 def _featurizer(model_config_json: str) -> Featurizer:
     """One Featurizer per process and config: tokenizers load once per actor or task worker."""
-    from uue.model.backbone import load_tokenizer
+    from uue.data.tokenizers import load_tokenizer
 
     config = ModelConfig.model_validate_json(model_config_json)
     return Featurizer(config, load_tokenizer(config.user_model_name), load_tokenizer(config.item_model_name))

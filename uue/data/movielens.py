@@ -460,18 +460,6 @@ def _iso(timestamp: int) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def load_tokenizer(name: str):
-    """The tokenizer that counts chunk tokens: a preset/model name's own tokenizer."""
-    from uue.model.backbone import build_byte_tokenizer, resolve_model_name
-
-    key = name.lower()
-    if key in ("tiny", "tiny-qwen3"):
-        return build_byte_tokenizer("right" if key == "tiny" else "left")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_model_name(name))
-
-
 def pack_lines(lines: Sequence[str], timestamps: Sequence[int], max_tokens: int,
                count_tokens: Callable[[list[str]], list[int]], max_lines: int = 0) -> list[UserChunk]:
     """Greedily pack lines (in order) into chunks whose text stays within `max_tokens` tokens (and, with
@@ -623,6 +611,8 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
                       progress: bool = True) -> tuple[UUEDataset, dict]:
     """Build the dataset in memory; returns (dataset, summary of counts and options)."""
     from tqdm.auto import tqdm
+
+    from uue.data.tokenizers import load_tokenizer
 
     options = (options or MovieLensOptions()).resolved()
     raw = raw or read_movielens(variant=options.variant)
