@@ -1,7 +1,7 @@
 """Ray Data batch indexing job: encode statements with a checkpoint's item tower into vectors + an ANN index.
 
     ray job submit --working-dir . -- python -m ray_jobs.index_items \
-        --checkpoint runs/minilm/model --input uue/sample_data --output runs/minilm/index \
+        --checkpoint runs/minilm/model --input uue/data/sample_data --output runs/minilm/index \
         --config configs/minilm.yaml index.max_actors=4
 
 The input is a data-contract folder (its `statements` table), or any .jsonl/.parquet file or folder of

@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_DATA = REPO_ROOT / "uue" / "sample_data"
+SAMPLE_DATA = REPO_ROOT / "uue" / "data" / "sample_data"
 
 
 @pytest.fixture(scope="session")

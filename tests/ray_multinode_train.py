@@ -37,7 +37,7 @@ def main(output_dir: str) -> int:
             f"training.output_dir={output_dir}", "training.max_steps=null", "model.num_epochs=1",
             "model.batch_size=8", "distributed.num_workers=2", "distributed.cpus_per_worker=0.5",
             "distributed.featurize_cpus=0.25", "distributed.placement_strategy=STRICT_SPREAD",
-            "distributed.zero_stage=1", f"data.path={REPO_ROOT / 'uue' / 'sample_data'}",
+            "distributed.zero_stage=1", f"data.path={REPO_ROOT / 'uue' / 'data' / 'sample_data'}",
             # the demo's CPU path: frozen backbones, chunk and statement vectors cached in each worker
             "model.freeze_user_backbone=true", "model.cache_chunk_vectors=true",
             "model.freeze_item_backbone=true", "model.cache_statement_vectors=true",

@@ -186,7 +186,7 @@ def test_runtime_env_uploads_the_code_and_leaves_out_venv_runs_and_git(tmp_path)
     create_package(str(REPO_ROOT), package, include_gitignore=False, excludes=runtime_env["excludes"])
     names = zipfile.ZipFile(package).namelist()
     for needed in ("ray_jobs/preprocess.py", "ray_jobs/train.py", "ray_jobs/evaluate.py", "uue/data/featurize.py",
-                   "uue/sample_data/users.jsonl", "configs/tiny.yaml", "configs/qwen3-embedding-0.6b.yaml"):
+                   "uue/data/sample_data/users.jsonl", "configs/tiny.yaml", "configs/qwen3-embedding-0.6b.yaml"):
         assert needed in names, needed
     for excluded in (".venv/", ".git/", "runs/", ".gpu/"):
         assert not any(n.startswith(excluded) for n in names), excluded

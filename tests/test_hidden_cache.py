@@ -111,7 +111,7 @@ def _run(config: ModelConfig, out: Path, **training) -> ExperimentConfig:
     """Sample data (32 training users, 4 steps an epoch at batch 8), top block of both towers trainable."""
     experiment = ExperimentConfig(model=config, training=TrainingConfig(
         output_dir=str(out), progress_bar=False, log_every_steps=1, **training))
-    experiment.data.path = str(Path(__file__).resolve().parent.parent / "uue" / "sample_data")
+    experiment.data.path = str(Path(__file__).resolve().parent.parent / "uue" / "data" / "sample_data")
     return experiment
 
 

@@ -180,7 +180,7 @@ def test_preprocess_train_evaluate_through_ray_job_submit(ray_head, tmp_path):
     # Outputs go to absolute paths: a job runs in an unpacked copy of the working dir that Ray deletes later.
     preprocessed, run, evaluation = tmp_path / "preprocessed", tmp_path / "run", tmp_path / "eval"
     output = _check(ray_head.submit(
-        "python", "-m", "ray_jobs.preprocess", "--input", "uue/sample_data", "--output", str(preprocessed),
+        "python", "-m", "ray_jobs.preprocess", "--input", "uue/data/sample_data", "--output", str(preprocessed),
         "--config", "configs/tiny.yaml", "--max-actors", "1", "--max-rejects", "0"), "preprocess job")
     assert "succeeded" in output
     manifest = json.loads((preprocessed / "manifest.json").read_text())
@@ -196,7 +196,7 @@ def test_preprocess_train_evaluate_through_ray_job_submit(ray_head, tmp_path):
     assert model.config.user_model_name == "tiny"
 
     _check(ray_head.submit(
-        "python", "-m", "ray_jobs.evaluate", "--model", str(run), "--data", "uue/sample_data",
+        "python", "-m", "ray_jobs.evaluate", "--model", str(run), "--data", "uue/data/sample_data",
         "--out", str(evaluation), "--no-baseline"), "evaluate job")
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert 0.0 <= metrics["overall"]["auc"] <= 1.0

@@ -271,7 +271,7 @@ def test_preprocess_rejects_exactly_the_bad_rows_and_matches_the_featurizer(
 def test_preprocess_cli_reports_a_bad_config_without_starting_ray(tmp_path, capsys):
     from ray_jobs.preprocess import main
 
-    code = main(["--input", "uue/sample_data", "--output", str(tmp_path / "o"), "--config", "configs/tiny.yaml",
+    code = main(["--input", "uue/data/sample_data", "--output", str(tmp_path / "o"), "--config", "configs/tiny.yaml",
                  "model.max_chunk_length=1"])
     assert code == 2
     assert "model.max_chunk_length" in capsys.readouterr().err

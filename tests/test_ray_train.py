@@ -73,7 +73,7 @@ def test_train_job_rejects_a_bad_config_before_starting_ray(tmp_path):
 
 # ---------------------------------------------------------------------------------- Ray Train fits
 def _train_users() -> set[str]:
-    dataset = load_dataset(REPO_ROOT / "uue" / "sample_data")
+    dataset = load_dataset(REPO_ROOT / "uue" / "data" / "sample_data")
     return {u for u, _ in dataset.positive_pairs("train")}
 
 
@@ -86,7 +86,7 @@ def test_one_ray_worker_equals_uue_train_from_the_shards_alone(ray_session, tmp_
     from uue.data.preprocess import preprocess
 
     raw, pre = tmp_path / "raw", tmp_path / "pre"
-    shutil.copytree(REPO_ROOT / "uue" / "sample_data", raw)
+    shutil.copytree(REPO_ROOT / "uue" / "data" / "sample_data", raw)
     overrides = ("training.max_steps=null", "model.num_epochs=2", "model.dropout=0.0", "model.positives_per_user=2",
                  "training.log_every_steps=1", "distributed.zero_stage=0", "model.label_loss_weight=0.5",
                  "model.negative_sampling=random", "model.num_negative_samples=2")

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _experiment(model_config, out: Path, **training) -> ExperimentConfig:
     return ExperimentConfig(
         model=model_config,
-        data={"path": str(REPO / "uue" / "sample_data")},
+        data={"path": str(REPO / "uue" / "data" / "sample_data")},
         training=TrainingConfig(output_dir=str(out), progress_bar=False, log_every_steps=1, **training),
     )
 
@@ -218,7 +218,7 @@ def test_cli_trains_from_the_shards_alone_after_the_raw_folder_is_gone(tmp_path)
     import shutil
 
     raw = tmp_path / "raw"
-    shutil.copytree(REPO / "uue" / "sample_data", raw)
+    shutil.copytree(REPO / "uue" / "data" / "sample_data", raw)
     uue = [sys.executable, "-m", "uue.cli", "train", "--config", str(REPO / "configs" / "tiny.yaml")]
     first = subprocess.run([*uue, f"data.path={raw}", f"training.output_dir={tmp_path / 'a'}",
                             f"data.preprocessed_dir={tmp_path / 'pre'}", "training.max_steps=1"],

@@ -186,7 +186,7 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     """Where the training data lives and how it is streamed."""
 
-    path: str = "uue/sample_data"
+    path: str = "uue/data/sample_data"
     """A preprocessed folder (ray_jobs.preprocess output, with manifest.json) or a data-contract folder, which
     training preprocesses first (into preprocessed_dir)."""
     train_split: str = "train"

@@ -2,7 +2,7 @@
 
 48 fictional users, each with two interests out of eight, writing forum posts, reviews and chat messages;
 two statements per interest; label 1 for a user's interests and 0 for two interests they lack.
-Users 0-31 are `train`, 32-39 `validation`, 40-47 `test`.  Run: python -m uue.sample_data.generate
+Users 0-31 are `train`, 32-39 `validation`, 40-47 `test`.  Run: python -m uue.data.sample_data.generate
 """
 
 from __future__ import annotations
