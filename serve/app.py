@@ -134,7 +134,7 @@ class UUEIngress:
     """HTTP front: validation, tower calls, index search, index hot swap, metrics."""
 
     async def __init__(self, user_tower: DeploymentHandle, item_tower: DeploymentHandle, args: dict):
-        from uue.calibration import PlattCalibrator
+        from uue.evaluation.calibration import PlattCalibrator
         from uue.indexing import checkpoint_fingerprint
         from uue.serving.handles import HandleBackend
         from uue.serving.http import ServingService

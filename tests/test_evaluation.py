@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from uue.calibration import PlattCalibrator, calibrate_model
 from uue.cli import main
 from uue.data.readers import load_dataset, write_dataset
 from uue.evaluation import evaluate_model
 from uue.evaluation.analysis import alignment, effective_rank, spearman, uniformity, user_similarity
+from uue.evaluation.calibration import PlattCalibrator, calibrate_model
 from uue.evaluation.metrics import best_threshold, f1_at, mean_user_auc, retrieval_metrics, roc_auc, roc_curve
 
 

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from uue.calibration import PlattCalibrator
+from uue.evaluation.calibration import PlattCalibrator
 from uue.inference import UUEInference
 from uue.model import UUEModel
 from uue.serving.index_slot import IndexMismatchError, IndexSlot, point_index

@@ -20,7 +20,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = result.history[-1] if result.history else {}
     print(f"trained {result.steps} steps; final loss {last.get('loss', float('nan')):.4f}; model: {result.model_dir}")
     if result.model_dir is not None and trainer.dataset is not None:  # shards alone have no validation labels
-        from uue.calibration import calibrate_model
+        from uue.evaluation.calibration import calibrate_model
 
         calibrator = calibrate_model(result.model_dir, trainer.dataset, config.data.validation_split)
         if calibrator is not None:
@@ -115,7 +115,7 @@ def read_user_file(path: str, user_id: str | None = None):
 def cmd_score(args: argparse.Namespace) -> int:
     import json
 
-    from uue.calibration import PlattCalibrator
+    from uue.evaluation.calibration import PlattCalibrator
     from uue.inference import UUEInference
 
     model_dir = resolve_model_dir(args.checkpoint)
@@ -132,7 +132,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                           "calibrated": calibrator is not None}))
     if calibrator is None:
         print(f"note: {model_dir} has no calibration.json (train with validation labels, or run "
-              "uue.calibration.calibrate_model), so no probability", file=sys.stderr)
+              "uue.evaluation.calibration.calibrate_model), so no probability", file=sys.stderr)
     return 0
 
 

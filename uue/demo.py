@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from uue.calibration import calibrate_model
 from uue.config import REPO_ROOT, load_config
 from uue.data.movielens import MovieLensOptions, write_movielens
 from uue.data.schema import Statement
 from uue.evaluation import evaluate_model
+from uue.evaluation.calibration import calibrate_model
 from uue.evaluation.evaluate import ModelEmbedder
 from uue.evaluation.report import comparison_rows
 from uue.train import UUETrainer

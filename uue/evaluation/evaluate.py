@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from uue.calibration import PlattCalibrator, expected_calibration_error
 from uue.chunk_cache import ChunkVectorCache
 from uue.data.featurize import Featurizer, collate, trim_batch
 from uue.data.readers import UUEDataset, load_dataset
 from uue.data.schema import Label, Statement, UserData
 from uue.evaluation.analysis import embedding_statistics, user_similarity
+from uue.evaluation.calibration import PlattCalibrator, expected_calibration_error
 from uue.evaluation.metrics import best_threshold, f1_at, mean_user_auc, retrieval_metrics, roc_auc
 from uue.inference import encode_statements_in_batches
 from uue.model.backbone import TextEncoder, load_backbone

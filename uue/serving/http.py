@@ -43,8 +43,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from uue.calibration import PlattCalibrator
 from uue.data.schema import Statement, UserChunk, UserData
+from uue.evaluation.calibration import PlattCalibrator
 from uue.serving.api import (
     ENUM_KEY,
     LIMIT_KEY,

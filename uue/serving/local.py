@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI
 
-from uue.calibration import PlattCalibrator
 from uue.data.schema import Statement, UserChunk, UserData
+from uue.evaluation.calibration import PlattCalibrator
 from uue.serving.encoders import StatementEncoder, UserEncoder
 from uue.serving.settings import RequestLimits, UserStoreArgs
 
