@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from uue.config import REPO_ROOT as ROOT
     from uue.config import load_config
     from uue.data.readers import write_table
-    from uue.indexing import StatementIndex, build_index
+    from uue.index.build import StatementIndex, build_index
     from uue.inference import UUEInference
     from uue.model import UUEModel
 

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from uue.config import ModelConfig
-    from uue.indexing import StatementIndex, build_index
+    from uue.index.build import StatementIndex, build_index
     from uue.model import UUEModel
 
     cuda = torch.cuda.is_available()

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"index_items: error: {err}", file=sys.stderr)
         return 2
 
-    from uue.indexing import build_index
+    from uue.index.build import build_index
 
     try:
         manifest = build_index(

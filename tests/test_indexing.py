@@ -13,7 +13,7 @@ import pytest
 
 from uue.data.readers import load_dataset
 from uue.data.schema import DataValidationError
-from uue.indexing import (
+from uue.index.build import (
     ANN_FILE,
     MANIFEST_FILE,
     VECTORS_DIR,
@@ -324,7 +324,7 @@ def test_packed_indexing_writes_the_padded_vectors_and_answers_the_same_top_k(
 
 
 def test_index_encoding_options_are_validated(tiny_model_dir):
-    from uue.indexing import index_model_config
+    from uue.index.build import index_model_config
 
     saved = json.loads((tiny_model_dir / "item_tower" / "tower.json").read_text())["model_config"]
     assert index_model_config(saved).attention == "padded"  # "model": what the tower was saved with

@@ -280,7 +280,7 @@ def test_preprocess_cli_reports_a_bad_config_without_starting_ray(tmp_path, caps
 def test_dataset_and_index_input_read_an_object_store_uri_with_its_query_options(s3_bucket, sample_data_dir):
     """Credentials and ?endpoint_override=... configure the filesystem that opens every listed file."""
     from uue.data.readers import load_dataset
-    from uue.indexing import input_files, read_statement_files
+    from uue.index.build import input_files, read_statement_files
 
     s3, s3_uri = s3_bucket
     pafs.copy_files(str(sample_data_dir), "uue/sample", source_filesystem=pafs.LocalFileSystem(),

@@ -54,7 +54,7 @@ def _env(**extra: str) -> dict[str, str]:
 def served(tmp_path_factory, ray_session, sample_data_dir):
     """A tiny model, its index, the local config pointed at them, and the vectors the server must return."""
     from uue.config import ModelConfig
-    from uue.indexing import build_index
+    from uue.index.build import build_index
     from uue.inference import UUEInference
     from uue.model import UUEModel
 

@@ -34,7 +34,7 @@ FUZZ_KEY = "fuzz-api-key"
 @pytest.fixture(scope="module")
 def fuzzed_app(tmp_path_factory, ray_session, sample_data_dir):
     from uue.config import ModelConfig
-    from uue.indexing import build_index
+    from uue.index.build import build_index
     from uue.model import UUEModel
     from uue.serving.local import build_local_app
 

@@ -1,0 +1,1 @@
+"""Statement indexes: the batch build on Ray Data (build.py) and reading a built index."""
