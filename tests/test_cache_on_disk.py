@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-import uue.chunk_cache as chunk_cache
-from uue.chunk_cache import ChunkVectorCache, TokenChunkCache, statement_vector_features
+import uue.model.cache as chunk_cache
 from uue.data.featurize import Featurizer
 from uue.data.readers import load_dataset
+from uue.model.cache import ChunkVectorCache, TokenChunkCache, statement_vector_features
 from uue.model.uue_model import UUEModel
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from uue.chunk_cache import ChunkVectorCache, TokenChunkCache
 from uue.config import ConfigError, ExperimentConfig, ModelConfig, TrainingConfig, load_config
 from uue.data.featurize import Featurizer, collate
 from uue.data.readers import load_dataset
 from uue.data.schema import UserChunk, UserData
+from uue.model.cache import ChunkVectorCache, TokenChunkCache
 from uue.model.uue_model import UUEModel
 from uue.train import UUETrainer
 
@@ -47,7 +47,7 @@ def test_a_chunk_shared_by_users_is_encoded_once_and_each_user_gets_its_own_vect
              for i, picks in enumerate([(0, 1), (1, 0, 3), (2,), (0, 2, 3)])]
     alone = [ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False) for _ in users]
     expected = [c.chunk_vectors(u) for c, u in zip(alone, users, strict=True)]
-    import uue.chunk_cache as chunk_cache
+    import uue.model.cache as chunk_cache
 
     chunk_cache._SHARED.clear()
     together = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from uue.chunk_cache import HiddenStateCache, statement_hidden_features
 from uue.config import ConfigError, ExperimentConfig, ModelConfig, TrainingConfig, load_config
 from uue.data.featurize import Featurizer, collate, trim_batch
 from uue.data.readers import load_dataset
 from uue.model.backbone import forward_from_layer, hidden_states_at, load_backbone
+from uue.model.cache import HiddenStateCache, statement_hidden_features
 from uue.model.uue_model import UUEModel
 from uue.train import UUETrainer
 from uue.train.checkpoint import latest_checkpoint
@@ -135,7 +135,7 @@ def _ragged(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
 def test_the_collators_hidden_batches_encode_like_its_token_batches(tiny_model_config, sample_data_dir, preset):
     """BatchCollator over user rows (ragged chunk tokens): the per-user cache of chunk hidden states (real
     tokens only, padded at the batch) and the statement table's hidden states give the towers' token outputs."""
-    from uue.chunk_cache import TokenHiddenCache
+    from uue.model.cache import TokenHiddenCache
     from uue.train.stream import BatchCollator, StatementTable
 
     config = _top_n(tiny_model_config.model_copy(update={  # chunks of 36-76 bytes: none truncated, padding varies

@@ -83,7 +83,7 @@ class ModelConfig(_Strict):
     learn_temperature: bool = True
     max_logit_scale: float = Field(100.0, gt=1)
     cache_chunk_vectors: bool = False
-    """With freeze_user_backbone: encode each user's chunks once (uue.chunk_cache) and train the user side
+    """With freeze_user_backbone: encode each user's chunks once (uue.model.cache) and train the user side
     (pooling, metadata fusion, projection) on the cached chunk vectors; the CPU-friendly path."""
     projection_init: Literal["random", "identity"] = "random"
     """"identity" starts both projections at the identity (needs embedding_dim == the backbones' hidden size):
@@ -126,12 +126,12 @@ class ModelConfig(_Strict):
     """With freeze_item_backbone: encode each statement once and train the item projection on the cache."""
     cache_hidden_states: bool = False
     """Top-N fine-tuning on a cache: for each tower with `*_trainable_layers: N` (and not frozen), the frozen
-    lower blocks run once and their hidden states at the cut are cached (uue.chunk_cache.HiddenStateCache),
+    lower blocks run once and their hidden states at the cut are cached (uue.model.cache.HiddenStateCache),
     so a training step runs only the top N blocks (and the heads). The same model as running the whole
     backbone with its lower blocks frozen, except that those blocks run without dropout. In the training loop
     (uue.train, one process or a Ray worker) the statement table holds every statement's hidden states at the
     item cut, computed once per process, and each user's chunks are run through the lower blocks the first
-    time the user is collated (uue.chunk_cache.TokenHiddenCache; on Ray it needs distributed.zero_stage <= 2)."""
+    time the user is collated (uue.model.cache.TokenHiddenCache; on Ray it needs distributed.zero_stage <= 2)."""
     hidden_cache_dtype: Literal["float16", "float32"] = "float16"
     """Storage of the cached hidden states (float16 halves memory; float32 is exact)."""
 

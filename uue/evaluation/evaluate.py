@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from uue.chunk_cache import ChunkVectorCache
 from uue.data.featurize import Featurizer, collate, trim_batch
 from uue.data.readers import UUEDataset, load_dataset
 from uue.data.schema import Label, Statement, UserData
@@ -30,6 +29,7 @@ from uue.evaluation.calibration import PlattCalibrator, expected_calibration_err
 from uue.evaluation.metrics import best_threshold, f1_at, mean_user_auc, retrieval_metrics, roc_auc
 from uue.inference import encode_statements_in_batches
 from uue.model.backbone import TextEncoder, load_backbone
+from uue.model.cache import ChunkVectorCache
 from uue.model.uue_model import UUEModel
 
 ZERO_SHOT_PREFIX = "zero-shot"

@@ -214,7 +214,7 @@ class TextEncoder(nn.Module):
                                   torch.is_grad_enabled() and weight.requires_grad)
         return encode_packed(runner, self.pooling, lengths, gather, flat_ids, backend)
     def forward_from_layer(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
-        """Pooled vectors from hidden states cached at block `layer` (uue.chunk_cache.HiddenStateCache)."""
+        """Pooled vectors from hidden states cached at block `layer` (uue.model.cache.HiddenStateCache)."""
         dtype = next(self.backbone.parameters()).dtype
         top = forward_from_layer(self.backbone, hidden.to(dtype), attention_mask, layer)
         return pool_hidden_states(top, attention_mask, self.pooling)

@@ -80,7 +80,7 @@ def _hidden_cut(encoder: TextEncoder, trainable_layers: int | None) -> int | Non
     """Block index where a tower trained on cached hidden states starts (None: it reads tokens or vectors)."""
     if not trainable_layers:
         return None
-    from uue.chunk_cache import cut_layer
+    from uue.model.cache import cut_layer
 
     return cut_layer(encoder, trainable_layers)
 

@@ -58,12 +58,12 @@ def build_inputs(config: ExperimentConfig, shards: Shards, model: UUEModel, feat
     hidden_dtype = getattr(torch, cfg.hidden_cache_dtype)
     table = StatementTable(shards.statements(), featurizer)
     if cfg.cache_statement_vectors:
-        from uue.chunk_cache import statement_vector_features
+        from uue.model.cache import statement_vector_features
 
         vectors = statement_vector_features(model.item_tower.encoder, table.pool_features(), device=device)
         table.text_vectors = vectors["item_text_vectors"]
     elif model.item_tower.hidden_cut is not None:
-        from uue.chunk_cache import statement_hidden_features
+        from uue.model.cache import statement_hidden_features
 
         hidden = statement_hidden_features(model.item_tower.encoder, table.pool_features(),
                                            model.item_tower.hidden_cut, device=device, dtype=hidden_dtype)
@@ -71,11 +71,11 @@ def build_inputs(config: ExperimentConfig, shards: Shards, model: UUEModel, feat
     chunk_vectors: Any = None
     chunk_hidden: Any = None
     if cfg.cache_chunk_vectors:
-        from uue.chunk_cache import TokenChunkCache
+        from uue.model.cache import TokenChunkCache
 
         chunk_vectors = TokenChunkCache(model.user_tower.encoder, featurizer, device)
     elif model.user_tower.hidden_cut is not None:
-        from uue.chunk_cache import TokenHiddenCache
+        from uue.model.cache import TokenHiddenCache
 
         chunk_hidden = TokenHiddenCache(model.user_tower.encoder, featurizer, model.user_tower.hidden_cut, device,
                                         hidden_dtype)

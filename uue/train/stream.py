@@ -108,9 +108,9 @@ class StatementTable:
 
 
 ChunkVectors = Callable[[Sequence[dict[str, Any]]], list[np.ndarray]]
-"""User rows -> each user's (chunks, H) chunk vectors (uue.chunk_cache.TokenChunkCache)."""
+"""User rows -> each user's (chunks, H) chunk vectors (uue.model.cache.TokenChunkCache)."""
 ChunkHidden = Callable[[Sequence[dict[str, Any]]], list[list[np.ndarray]]]
-"""User rows -> each user's chunks as (tokens, H) hidden states at the cut (uue.chunk_cache.TokenHiddenCache)."""
+"""User rows -> each user's chunks as (tokens, H) hidden states at the cut (uue.model.cache.TokenHiddenCache)."""
 
 
 class BatchCollator:
