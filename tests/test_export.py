@@ -52,7 +52,7 @@ def test_cli_export_of_a_tiny_model_with_metadata_fusion(tmp_path, capsys):
 
 def test_export_of_a_decoder_with_a_low_rank_head(tmp_path):
     """Qwen3-style decoder, last-token pooling with left padding, low-rank residual projection."""
-    from uue.export import export_sentence_transformers
+    from uue.model.export import export_sentence_transformers
 
     _saved(tmp_path / "model", user_model_name="tiny-qwen3", item_model_name="tiny-qwen3", embedding_dim=32,
            projection_rank=4)
@@ -61,7 +61,7 @@ def test_export_of_a_decoder_with_a_low_rank_head(tmp_path):
 
 
 def test_export_names_a_folder_that_is_not_a_model(tmp_path):
-    from uue.export import export_sentence_transformers
+    from uue.model.export import export_sentence_transformers
 
     with pytest.raises(FileNotFoundError, match="not a saved UUE model folder"):
         export_sentence_transformers(tmp_path, tmp_path / "st")

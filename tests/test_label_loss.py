@@ -125,7 +125,7 @@ def test_low_rank_projection_starts_at_the_identity_and_moves_only_its_rank(tiny
 
 def test_gelu_user_correction_starts_at_the_identity_trains_nonlinear_and_keeps_the_item_head_exportable(
         tiny_model_config, sample_batches, tmp_path):
-    from uue.export import metadata_free_projection
+    from uue.model.export import metadata_free_projection
 
     cfg = tiny_model_config.model_copy(update={
         "embedding_dim": 32, "projection_rank": 4, "user_projection_activation": "gelu", "use_attention_pooling": False,

@@ -150,7 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export_sentence_transformers(args: argparse.Namespace) -> int:
-    from uue.export import export_sentence_transformers
+    from uue.model.export import export_sentence_transformers
 
     out = export_sentence_transformers(resolve_model_dir(args.checkpoint), args.out)
     print(f"wrote {out}: the item tower as a sentence-transformers model (SentenceTransformer({str(out)!r}))")
