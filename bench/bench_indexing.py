@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from uue.config import load_config
     from uue.data.readers import write_table
     from uue.index.build import StatementIndex, build_index
-    from uue.inference import UUEInference
     from uue.model import UUEModel
+    from uue.model.inference import UUEInference
 
     load_before = os.getloadavg()[0]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_indexing_"))

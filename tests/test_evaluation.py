@@ -177,7 +177,7 @@ def test_calibrate_model_is_used_by_evaluation_and_score_cli(tiny_model_dir, sam
     result = evaluate_model(tiny_model_dir, sample_data_dir, tmp_path, baseline=False, report=False, progress=False)
     assert result["calibration"]["source"] == "model folder (calibration.json)"
 
-    from uue.inference import UUEInference
+    from uue.model.inference import UUEInference
 
     dataset = load_dataset(sample_data_dir)
     user = dataset.users[sorted(dataset.users)[0]]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from uue.config import ModelConfig
-from uue.inference import UUEInference
 from uue.model import UUEModel
+from uue.model.inference import UUEInference
 
 TEXTS = ["loves hiking in the mountains", "enjoys cooking at home",
          "would enjoy a late-night horror film with friends, popcorn and the lights off", "x"]

@@ -23,8 +23,8 @@ from uue.index.build import (
     build_index,
     checkpoint_fingerprint,
 )
-from uue.inference import UUEInference
 from uue.model import UUEModel
+from uue.model.inference import UUEInference
 
 POOL = dict(min_actors=1, max_actors=2, progress=False)  # autoscaled between 1 and 2 actors
 ONE_ACTOR = dict(min_actors=1, max_actors=1, progress=False)

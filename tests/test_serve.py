@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from uue.evaluation.calibration import PlattCalibrator
-from uue.inference import UUEInference
 from uue.model import UUEModel
+from uue.model.inference import UUEInference
 from uue.serving.index_slot import IndexMismatchError, IndexSlot, point_index
 
 USERS = [

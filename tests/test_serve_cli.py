@@ -55,8 +55,8 @@ def served(tmp_path_factory, ray_session, sample_data_dir):
     """A tiny model, its index, the local config pointed at them, and the vectors the server must return."""
     from uue.config import ModelConfig
     from uue.index.build import build_index
-    from uue.inference import UUEInference
     from uue.model import UUEModel
+    from uue.model.inference import UUEInference
 
     root = tmp_path_factory.mktemp("serve-cli")
     UUEModel.from_config(ModelConfig(user_model_name="tiny", item_model_name="tiny", embedding_dim=16,

@@ -19,8 +19,8 @@ from uue.data.featurize import Featurizer
 from uue.data.readers import dataset_from_users
 from uue.data.schema import UserChunk, UserData
 from uue.data.shards import PreprocessedMismatchError, Shards, check_manifest
-from uue.inference import UUEInference
 from uue.model import UUEModel, load_tower
+from uue.model.inference import UUEInference
 from uue.train import UUETrainer
 from uue.train.checkpoint import latest_checkpoint
 from uue.train.step import param_groups, warmup_cosine

@@ -2,8 +2,8 @@
 
 from uue.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainingConfig, load_config
 from uue.data import DataValidationError, Statement, UserChunk, UserData, UUEDataset, load_dataset
-from uue.inference import UUEEvaluator, UUEInference
 from uue.model import UUEModel
+from uue.model.inference import UUEEvaluator, UUEInference
 from uue.train import UUETrainer, train_step
 
 __version__ = "0.1.0"

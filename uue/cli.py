@@ -101,7 +101,7 @@ def read_user_file(path: str, user_id: str | None = None):
     if file.suffix == ".json":
         record = json.loads(text)
         if isinstance(record, list):
-            from uue.inference import as_chunks
+            from uue.model.inference import as_chunks
 
             return UserData(user_id=user_id or file.stem, chunks=as_chunks(record))
         return parse_user(record, str(file), 1)
@@ -116,7 +116,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     import json
 
     from uue.evaluation.calibration import PlattCalibrator
-    from uue.inference import UUEInference
+    from uue.model.inference import UUEInference
 
     model_dir = resolve_model_dir(args.checkpoint)
     user = read_user_file(args.user, args.user_id)

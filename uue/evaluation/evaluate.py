@@ -27,9 +27,9 @@ from uue.data.schema import Label, Statement, UserData
 from uue.evaluation.analysis import embedding_statistics, user_similarity
 from uue.evaluation.calibration import PlattCalibrator, expected_calibration_error
 from uue.evaluation.metrics import best_threshold, f1_at, mean_user_auc, retrieval_metrics, roc_auc
-from uue.inference import encode_statements_in_batches
 from uue.model.backbone import TextEncoder, load_backbone
 from uue.model.cache import ChunkVectorCache
+from uue.model.inference import encode_statements_in_batches
 from uue.model.uue_model import UUEModel
 
 ZERO_SHOT_PREFIX = "zero-shot"
