@@ -13,8 +13,8 @@ from uue.data.schema import Statement, UserChunk, UserData
 from uue.model import UUEModel
 from uue.serving.api import RequestError
 from uue.serving.local import InProcessBackend
+from uue.serving.user_store import open_user_store
 from uue.serving.users import UserService
-from uue.user_store import open_user_store
 
 LIMIT = 8
 
@@ -93,7 +93,7 @@ def test_concurrent_appends_keep_every_chunk_and_a_consistent_vector(service, ba
         sorted(c.timestamp or "" for c in history)
     order = [c.seq for c in state.chunks]  # arrival order decided by the store's commits
     by_hash = {c.text_hash: c for c in state.chunks}
-    from uue.user_store import text_hash
+    from uue.serving.user_store import text_hash
 
     arrived = sorted(history, key=lambda c: by_hash[text_hash(c.text)].seq)
     assert order == sorted(order)

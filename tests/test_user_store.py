@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from uue.data.featurize import select_chunk_indices
-from uue.user_store import (
+from uue.serving.user_store import (
     ModelMismatchError,
     RedisUserStore,
     SQLiteUserStore,

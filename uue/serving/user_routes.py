@@ -19,8 +19,8 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel
 
 from uue.serving.api import USER_ID_PATTERN, ErrorBody, HistoryIn, RequestError, check_user
+from uue.serving.user_store import UserState
 from uue.serving.users import PooledUser, UserService
-from uue.user_store import UserState
 
 if TYPE_CHECKING:
     from uue.serving.http import ServingService

@@ -29,7 +29,7 @@ from uue.data.schema import UserChunk, UserData
 from uue.serving.api import RequestError
 from uue.serving.auth import ApiKeys
 from uue.serving.settings import UserStoreArgs
-from uue.user_store import (
+from uue.serving.user_store import (
     ModelMismatchError,
     StoreConflictError,
     StoredChunk,
