@@ -17,9 +17,9 @@ import torch.multiprocessing as mp
 from conftest import slice_users
 
 from uue.config import ModelConfig
-from uue.loss import InfoNCELoss
 from uue.model import UUEModel
 from uue.negatives import NegativeSampler
+from uue.train.loss import InfoNCELoss
 from uue.train.step import refresh_negatives
 
 WORLD = 2

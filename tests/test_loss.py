@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uue.loss import InfoNCELoss
 from uue.model import UUEModel, UUEOutput
 from uue.negatives import NegativeSampler
+from uue.train.loss import InfoNCELoss
 from uue.train.step import TorchOptimization, train_step
 
 

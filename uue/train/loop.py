@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from uue.loss import InfoNCELoss
+from uue.train.loss import InfoNCELoss
 from uue.train.samplers import Samplers
 from uue.train.step import refresh_negatives, train_step, unwrap
 from uue.train.stream import BatchCollator, UserStream

@@ -17,9 +17,9 @@ from torch import nn
 
 from uue.config import ModelConfig
 from uue.label_loss import UserLabelSampler, label_loss
-from uue.loss import InfoNCELoss
 from uue.model.uue_model import UUEModel
 from uue.negatives import NegativeSampler
+from uue.train.loss import InfoNCELoss
 
 
 def param_groups(model: UUEModel, config: ModelConfig) -> list[dict]:
