@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uue.label_loss import UserLabelSampler, label_loss
 from uue.model import UUEModel
 from uue.model.towers import LowRankResidualProjection
+from uue.train.label_loss import UserLabelSampler, label_loss
 from uue.train.loss import InfoNCELoss
 from uue.train.samplers import build_samplers
 from uue.train.step import TorchOptimization, train_step

@@ -108,7 +108,7 @@ class ModelConfig(_Strict):
     combined nonlinearly before they are averaged (a Deep Sets encoder on the chunk vectors); it runs on cached
     chunk vectors, so it trains at the cost of a head."""
     label_loss_weight: float = Field(0.0, ge=0)
-    """Weight of a pointwise loss beside InfoNCE (uue.label_loss): binary cross-entropy on each batch
+    """Weight of a pointwise loss beside InfoNCE (uue.train.label_loss): binary cross-entropy on each batch
     user's own labelled statements, label 1 and label 0 as they occur in the training split, on
     logit_scale * cosine + a learned bias. In-batch softmax only learns which statement fits a user
     *relatively*; this term teaches absolute scores (how often a kind of statement is true), which the

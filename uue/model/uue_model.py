@@ -31,8 +31,8 @@ from uue.model.backbone import TextEncoder, freeze_backbone, load_backbone
 from uue.model.towers import ItemTower, UserTower
 
 if TYPE_CHECKING:
-    from uue.label_loss import UserLabelSampler
     from uue.negatives import NegativeSampler
+    from uue.train.label_loss import UserLabelSampler
 
 FORMAT_VERSION = 1
 
@@ -73,7 +73,7 @@ class UUEModel(nn.Module):
         self.logit_scale = nn.Parameter(
             torch.full((1,), math.log(1.0 / config.temperature)), requires_grad=config.learn_temperature
         )
-        # The label loss's logit offset (uue.label_loss); only trained when that loss is on.
+        # The label loss's logit offset (uue.train.label_loss); only trained when that loss is on.
         self.label_bias = nn.Parameter(torch.zeros(1), requires_grad=config.label_loss_weight > 0)
 
     @classmethod

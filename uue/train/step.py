@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from uue.config import ModelConfig
-from uue.label_loss import UserLabelSampler, label_loss
 from uue.model.uue_model import UUEModel
 from uue.negatives import NegativeSampler
+from uue.train.label_loss import UserLabelSampler, label_loss
 from uue.train.loss import InfoNCELoss
 
 
