@@ -18,8 +18,8 @@ from conftest import slice_users
 
 from uue.config import ModelConfig
 from uue.model import UUEModel
-from uue.negatives import NegativeSampler
 from uue.train.loss import InfoNCELoss
+from uue.train.negatives import NegativeSampler
 from uue.train.step import refresh_negatives
 
 WORLD = 2

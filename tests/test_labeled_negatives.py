@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from uue.negatives import NegativeSampler
+from uue.train.negatives import NegativeSampler
 
 
 def test_labeled_negatives_prefer_known_false_and_top_up_at_random():

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from uue.model import UUEModel, UUEOutput
-from uue.negatives import NegativeSampler
 from uue.train.loss import InfoNCELoss
+from uue.train.negatives import NegativeSampler
 from uue.train.step import TorchOptimization, train_step
 
 

@@ -31,8 +31,8 @@ from uue.model.backbone import TextEncoder, freeze_backbone, load_backbone
 from uue.model.towers import ItemTower, UserTower
 
 if TYPE_CHECKING:
-    from uue.negatives import NegativeSampler
     from uue.train.label_loss import UserLabelSampler
+    from uue.train.negatives import NegativeSampler
 
 FORMAT_VERSION = 1
 

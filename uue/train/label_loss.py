@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from uue.negatives import gather_pool_features
+from uue.train.negatives import gather_pool_features
 
 
 @dataclass

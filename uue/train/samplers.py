@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from uue.config import ModelConfig
-from uue.negatives import NegativeSampler
 from uue.train.label_loss import UserLabelSampler
+from uue.train.negatives import NegativeSampler
 
 
 def wants_negative_sampler(config: ModelConfig) -> bool:

@@ -17,9 +17,9 @@ from torch import nn
 
 from uue.config import ModelConfig
 from uue.model.uue_model import UUEModel
-from uue.negatives import NegativeSampler
 from uue.train.label_loss import UserLabelSampler, label_loss
 from uue.train.loss import InfoNCELoss
+from uue.train.negatives import NegativeSampler
 
 
 def param_groups(model: UUEModel, config: ModelConfig) -> list[dict]:
