@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uue.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
 from uue.model.uue_model import UUEOutput
+from uue.train.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
 
 
 def positive_columns(user_positives: torch.Tensor, column_statements: torch.Tensor) -> torch.Tensor:
