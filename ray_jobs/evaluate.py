@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from uue.cli import resolve_model_dir
+from uue.cli.main import resolve_model_dir
 from uue.data.schema import DataValidationError
 from uue.data.tokenizers import ModelNotAvailableError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from uue.demo import run_demo
+from uue.cli.demo import run_demo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

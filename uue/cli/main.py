@@ -143,7 +143,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from uue.demo import run_demo
+    from uue.cli.demo import run_demo
 
     run_demo(args.config, args.overrides, variant=args.variant, split=args.split)
     return 0
