@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from uue.config import REPO_ROOT as ROOT
     from uue.config import load_config
     from uue.data.readers import write_table
-    from uue.index.build import StatementIndex, build_index
+    from uue.index import StatementIndex
+    from uue.index.build import build_index
     from uue.model import UUEModel
     from uue.model.inference import UUEInference
 

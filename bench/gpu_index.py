@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from uue.config import ModelConfig
-    from uue.index.build import StatementIndex, build_index
+    from uue.index import StatementIndex
+    from uue.index.build import build_index
     from uue.model import UUEModel
 
     cuda = torch.cuda.is_available()

@@ -14,9 +14,9 @@ import argparse
 import json
 import sys
 
-from uue.cli.main import resolve_model_dir
 from uue.data.schema import DataValidationError
 from uue.data.tokenizers import ModelNotAvailableError
+from uue.model.folder import resolve_model_dir
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,7 +135,7 @@ class UUEIngress:
 
     async def __init__(self, user_tower: DeploymentHandle, item_tower: DeploymentHandle, args: dict):
         from uue.evaluation.calibration import PlattCalibrator
-        from uue.index.build import checkpoint_fingerprint
+        from uue.model.folder import checkpoint_fingerprint
         from uue.serving.handles import HandleBackend
         from uue.serving.http import ServingService
         from uue.serving.index_slot import IndexSlot

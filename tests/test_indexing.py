@@ -13,17 +13,17 @@ import pytest
 
 from uue.data.readers import load_dataset
 from uue.data.schema import DataValidationError
-from uue.index.build import (
+from uue.index.build import build_index
+from uue.index.load import (
     ANN_FILE,
     MANIFEST_FILE,
     VECTORS_DIR,
     IncompleteIndexError,
     StatementIndex,
     UnknownStatementError,
-    build_index,
-    checkpoint_fingerprint,
 )
 from uue.model import UUEModel
+from uue.model.folder import checkpoint_fingerprint
 from uue.model.inference import UUEInference
 
 POOL = dict(min_actors=1, max_actors=2, progress=False)  # autoscaled between 1 and 2 actors

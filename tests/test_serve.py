@@ -182,7 +182,7 @@ def test_concurrent_embeddings_equal_in_process_inference(server, local_model):
 
 
 def test_score_gives_similarity_and_calibrated_probability(server, local_model, model_dir, indexes):
-    from uue.index.build import StatementIndex
+    from uue.index import StatementIndex
 
     body = {"user": {"chunks": USERS[0]}, "statements": STATEMENTS[:2], "statement_ids": ["cooking_0"]}
     response = server["client"].post("/score", json=body)
@@ -201,7 +201,7 @@ def test_score_gives_similarity_and_calibrated_probability(server, local_model, 
 
 
 def test_retrieve_returns_the_index_top_k(server, local_model, indexes):
-    from uue.index.build import StatementIndex
+    from uue.index import StatementIndex
 
     response = server["client"].post("/retrieve", json={"user": {"chunks": USERS[1]}, "k": 5})
     assert response.status_code == 200, response.text
@@ -430,7 +430,7 @@ def test_killing_a_tower_replica_under_load_loses_no_request(server, ray_session
 
 def test_index_slot_keeps_serving_when_a_new_version_is_bad(indexes, tmp_path):
     """Pointer and in-place rebuilds swap; a missing folder or another model's index is refused, the current stays."""
-    from uue.index.build import StatementIndex
+    from uue.index import StatementIndex
 
     pointer = tmp_path / "CURRENT"
     point_index(pointer, indexes["v1"])

@@ -9,6 +9,7 @@ from pathlib import Path
 from uue.config import ConfigError, load_config
 from uue.data.schema import DataValidationError
 from uue.data.tokenizers import PRESETS, ModelNotAvailableError
+from uue.model.folder import resolve_model_dir
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -27,15 +28,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"calibrated on {calibrator.fitted_on} '{config.data.validation_split}' labels: "
                   f"{result.model_dir}/calibration.json")
     return 0
-
-
-def resolve_model_dir(path: str) -> Path:
-    """A model folder, a checkpoint folder (step_N/model) or a training output_dir (its model/)."""
-    folder = Path(path)
-    for candidate in (folder, folder / "model"):
-        if (candidate / "uue.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"{path} is not a UUE model folder (no uue.json in it or in {path}/model)")
 
 
 def cmd_data_movielens(args: argparse.Namespace) -> int:
@@ -83,7 +75,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def read_user_file(path: str, user_id: str | None = None):
     """A user from FILE: a contract users .jsonl/.json record (or a list of chunks), or plain text."""
     import json
-    from pathlib import Path
 
     from uue.data.schema import UserChunk, UserData, parse_user
 

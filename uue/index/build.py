@@ -1,11 +1,5 @@
 """Batch indexing of statements: Ray Data runs the item tower in an autoscaled actor pool, the driver writes
-the vectors as Parquet shards and builds a usearch HNSW index over them.
-
-An index is a folder:
-    vectors/part-NNNNN.parquet  statement_id (str), text (str), vector (list<float32>, unit length);
-                                row i of the shards in name order has ANN key i
-    index.usearch               usearch HNSW index, inner-product metric, f32
-    manifest.json               version, checkpoint_fingerprint, count, dimension, metric, created_at, source, ...
+the vectors as Parquet shards and builds a usearch HNSW index over them (the folder layout: uue.index.load).
 
 `manifest.json` is what makes a folder an index: a build writes everything into a hidden staging folder
 beside the output and renames it into place at the end, so a reader never sees half an index and an
@@ -17,7 +11,6 @@ killed run may be truncated, and the ANN graph has to be rebuilt over every vect
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -36,72 +29,16 @@ import pyarrow.parquet as pq
 
 from uue.data.readers import SHARD_SUFFIXES, iter_file_records, resolve_filesystem, table_files
 from uue.data.schema import DataValidationError, Statement, parse_statement
+from uue.index.load import ANN_FILE, INDEX_FORMAT, INDEX_FORMAT_VERSION, MANIFEST_FILE, METRIC, VECTORS_DIR, new_ann
+from uue.model.folder import checkpoint_fingerprint, resolve_item_tower
 
 if TYPE_CHECKING:
     from uue.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-INDEX_FORMAT = "uue-statement-index"
-INDEX_FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-ANN_FILE = "index.usearch"
-VECTORS_DIR = "vectors"
-METRIC = "ip"  # inner product of unit vectors = cosine; usearch reports distance = 1 - dot
 CONTRACT_COLUMNS = ("statement_id", "text")
 _INDEX_ENTRIES = {MANIFEST_FILE, ANN_FILE, VECTORS_DIR}
-
-
-class IncompleteIndexError(FileNotFoundError):
-    """A folder is not a complete statement index (missing or inconsistent manifest, ANN file or shards)."""
-
-
-class UnknownStatementError(KeyError):
-    """A statement id that the index does not hold."""
-
-    def __str__(self) -> str:  # KeyError would print the repr of the message
-        return str(self.args[0])
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def resolve_item_tower(checkpoint: str | Path) -> tuple[Path, Path]:
-    """(folder whose weights are fingerprinted, item tower folder) for a model, checkpoint or tower folder.
-
-    Accepts a model folder (uue.json + item_tower/), a training checkpoint `step_N/` or output dir (which
-    hold `model/`), or an item tower folder itself.
-    """
-    folder = Path(checkpoint)
-    for candidate in (folder, folder / "model"):
-        if (candidate / "uue.json").is_file() and (candidate / "item_tower" / "tower.json").is_file():
-            return candidate, candidate / "item_tower"
-    tower_json = folder / "tower.json"
-    if tower_json.is_file() and json.loads(tower_json.read_text()).get("tower") == "item":
-        return folder, folder
-    raise FileNotFoundError(
-        f"checkpoint {checkpoint}: not a UUE model folder (uue.json + item_tower/), a checkpoint holding model/, "
-        "or an item tower folder (tower.json with tower=item)"
-    )
-
-
-def checkpoint_fingerprint(folder: str | Path) -> str:
-    """sha256 over the weight files (*.safetensors, by relative path and content) of a model folder.
-
-    The serving side computes the same value for the model it loaded, to tell whether an index was built
-    with the same item tower.
-    """
-    folder = Path(folder)
-    if folder.is_dir() and not (folder / "tower.json").is_file():
-        folder = resolve_item_tower(folder)[0]
-    files = sorted(p for p in folder.rglob("*.safetensors") if p.is_file())
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weight files to fingerprint")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- input
@@ -334,13 +271,6 @@ def _vectors_table(ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray
                      "vector": column})
 
 
-def _new_ann(dimension: int, connectivity: int, expansion_search: int) -> Any:
-    from usearch.index import Index
-
-    return Index(ndim=dimension, metric=METRIC, dtype="f32", connectivity=connectivity,
-                 expansion_search=expansion_search)
-
-
 class _ShardWriter:
     """Buffers encoded rows into numbered Parquet shards and feeds the ANN index from a background thread.
 
@@ -356,7 +286,7 @@ class _ShardWriter:
         self.folder = folder
         self.dimension = dimension
         self.rows_per_shard = rows_per_shard
-        self.ann = _new_ann(dimension, connectivity, expansion_search)
+        self.ann = new_ann(dimension, connectivity, expansion_search)
         self.shards: list[dict[str, Any]] = []
         self.count = 0  # rows received
         self.ann_seconds = 0.0
@@ -626,131 +556,3 @@ def build_index(
     return manifest
 
 
-# ---------------------------------------------------------------------------------------------- reading
-class StatementIndex:
-    """A loaded index: ANN search over statement vectors, plus id -> (text, vector) lookup."""
-
-    def __init__(self, folder: Path, manifest: dict[str, Any], ids: list[str], texts: list[str],
-                 vectors: np.ndarray, ann: Any):
-        self.folder = folder
-        self.manifest = manifest
-        self.ids = ids
-        self.texts = texts
-        self.vectors = vectors
-        self._ann = ann
-        self._position = {sid: i for i, sid in enumerate(ids)}
-
-    @property
-    def version(self) -> str:
-        return str(self.manifest["version"])
-
-    @property
-    def dimension(self) -> int:
-        return int(self.manifest["dimension"])
-
-    @property
-    def checkpoint_fingerprint(self) -> str:
-        return str(self.manifest["checkpoint_fingerprint"])
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __contains__(self, statement_id: object) -> bool:
-        return statement_id in self._position
-
-    @classmethod
-    def load(cls, folder: str | Path) -> StatementIndex:
-        """Load a complete index; raises `IncompleteIndexError` naming what is missing or inconsistent."""
-        folder = Path(str(folder).removeprefix("file://"))
-
-        def incomplete(reason: str) -> IncompleteIndexError:
-            return IncompleteIndexError(f"{folder} is not a complete statement index: {reason}")
-
-        manifest_path = folder / MANIFEST_FILE
-        if not folder.is_dir():
-            raise incomplete("no such folder")
-        if not manifest_path.is_file():
-            raise incomplete(f"no {MANIFEST_FILE} (a build that did not finish, or not an index)")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise incomplete(f"{MANIFEST_FILE} is not valid JSON ({err.msg})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
-            raise incomplete(f"{MANIFEST_FILE} is not a {INDEX_FORMAT} manifest")
-        if int(manifest.get("format_version", 0)) > INDEX_FORMAT_VERSION:
-            raise incomplete(f"format_version {manifest['format_version']} is newer than {INDEX_FORMAT_VERSION}")
-        shards = manifest.get("shards") or []
-        tables = []
-        for shard in shards:
-            path = folder / VECTORS_DIR / shard["file"]
-            if not path.is_file():
-                raise incomplete(f"missing vector shard {VECTORS_DIR}/{shard['file']}")
-            table = pq.read_table(path, columns=["statement_id", "text", "vector"])
-            if table.num_rows != shard["rows"]:
-                raise incomplete(
-                    f"{VECTORS_DIR}/{shard['file']} has {table.num_rows} rows, manifest says {shard['rows']}"
-                )
-            tables.append(table)
-        count, dimension = int(manifest["count"]), int(manifest["dimension"])
-        if sum(t.num_rows for t in tables) != count:
-            raise incomplete(f"shards hold {sum(t.num_rows for t in tables)} rows, manifest count is {count}")
-        table = pa.concat_tables(tables) if tables else None
-        if table is None or count == 0:
-            raise incomplete("the index holds no statements")
-        vectors = np.asarray(table.column("vector").combine_chunks().flatten().to_numpy(), dtype=np.float32)
-        if vectors.size != count * dimension:
-            raise incomplete(f"vectors do not have dimension {dimension}")
-        ann_path = folder / str(manifest.get("ann", {}).get("file", ANN_FILE))
-        if not ann_path.is_file():
-            raise incomplete(f"no {ann_path.name}")
-        ann_settings = manifest.get("ann", {})
-        ann = _new_ann(
-            dimension, int(ann_settings.get("connectivity", 16)), int(ann_settings.get("expansion_search", 64))
-        )
-        ann.load(str(ann_path))
-        if len(ann) != count or ann.ndim != dimension:
-            raise incomplete(f"{ann_path.name} holds {len(ann)} vectors of dimension {ann.ndim}, expected "
-                             f"{count} x {dimension}")
-        ids = table.column("statement_id").to_pylist()
-        return cls(folder, manifest, ids, table.column("text").to_pylist(), vectors.reshape(count, dimension), ann)
-
-    def _queries(self, query_vectors: np.ndarray, k: int) -> np.ndarray:
-        queries = np.asarray(query_vectors, dtype=np.float32)
-        if queries.ndim == 1:
-            queries = queries[None, :]
-        if queries.ndim != 2 or queries.shape[1] != self.dimension:
-            raise ValueError(f"query vectors must have shape (n, {self.dimension}), got {np.shape(query_vectors)}")
-        if not np.isfinite(queries).all():
-            raise ValueError("query vectors contain NaN or infinity")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        return queries
-
-    def search(self, query_vectors: np.ndarray, k: int, exact: bool = False) -> list[list[tuple[str, str, float]]]:
-        """Top-k statements per query vector: [(statement_id, text, score = dot product)], best first.
-
-        `exact=True` scores every statement (brute force) instead of walking the HNSW graph.
-        """
-        queries = self._queries(query_vectors, k)
-        k = min(int(k), len(self))
-        if exact:
-            scores = queries @ self.vectors.T
-            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            return [[(self.ids[j], self.texts[j], float(scores[i, j])) for j in row] for i, row in enumerate(top)]
-        matches = self._ann.search(queries, k)
-        keys = np.asarray(matches.keys).reshape(len(queries), -1)
-        distances = np.asarray(matches.distances).reshape(len(queries), -1)
-        # usearch answers one query with `Matches` (only the hits) and several with `BatchMatches` (+ counts)
-        counts = np.asarray(getattr(matches, "counts", [keys.shape[1]])).reshape(-1)
-        return [
-            [(self.ids[int(key)], self.texts[int(key)], float(1.0 - dist))
-             for key, dist in zip(keys[i, : counts[i]], distances[i, : counts[i]], strict=True)]
-            for i in range(len(queries))
-        ]
-
-    def statement(self, statement_id: str) -> tuple[str, np.ndarray]:
-        """(text, unit vector) of one statement; `UnknownStatementError` for an id not in the index."""
-        position = self._position.get(statement_id)
-        if position is None:
-            raise UnknownStatementError(f"unknown statement id {statement_id!r} (index version {self.version})")
-        return self.texts[position], self.vectors[position]

@@ -14,7 +14,7 @@ import logging
 import threading
 from pathlib import Path
 
-from uue.index.build import MANIFEST_FILE, StatementIndex
+from uue.index.load import MANIFEST_FILE, StatementIndex
 
 logger = logging.getLogger(__name__)
 

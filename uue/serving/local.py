@@ -44,7 +44,7 @@ def build_local_app(model_dir: str | Path, limits: RequestLimits | None = None, 
                     dtype: str = "float32", index: str | None = None,
                     admin_token: str | None = None, user_store: UserStoreArgs | None = None) -> FastAPI:
     """`user_store`: stored users (their API keys come from the env var it names, as under Serve)."""
-    from uue.index.build import checkpoint_fingerprint
+    from uue.model.folder import checkpoint_fingerprint
     from uue.serving.http import ServingService, build_http_app
     from uue.serving.index_slot import IndexSlot
     from uue.serving.users import open_user_service
