@@ -33,8 +33,7 @@ def _overrides(out: Path, epochs: int) -> list[str]:
             "model.batch_size=16", "model.positives_per_user=5", "model.num_negative_samples=0",
             "model.negative_sampling=none", "model.num_chunks_per_user=20", "model.max_chunk_length=64",
             "training.log_every_steps=1", "training.checkpoint_every_steps=null", "distributed.num_workers=2",
-            "distributed.cpus_per_worker=0.5", "distributed.featurize_cpus=0.5",
-            "distributed.resumable_final_checkpoint=false"]
+            "distributed.cpus_per_worker=0.5", "distributed.featurize_cpus=0.5"]
 
 
 def _peak_rss_mib() -> float:
@@ -123,7 +122,7 @@ def stage_ray(pre: Path, out: Path, epochs: int) -> dict:
     ray = _ray_init()
     store = StorePeak(ray)
     config = load_config(TINY, [*_overrides(out, epochs), f"data.path={pre}"])
-    result = run_training(config, probe=TrainProbe(data_only=True))
+    result = run_training(config, probe=TrainProbe(data_only=True, resumable_final_checkpoint=False))
     peak = store.close()
     ray.shutdown()
     return {"steps": result.steps, "users_per_s": _users_per_second(out / "metrics.jsonl"),

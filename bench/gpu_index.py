@@ -65,14 +65,13 @@ def raw_inference(item_tower_dir: Path, texts: list[str], batch_size: int, devic
     device-resident batches: the peer, and the ceiling of the padded job."""
     import torch
 
-    from uue.config import ModelConfig
     from uue.data.featurize import Featurizer
+    from uue.model.folder import read_tower_config
     from uue.model.uue_model import load_tower
 
     tower, tokenizer = load_tower(item_tower_dir, map_location=device)
     tower.to(getattr(torch, dtype))
-    meta = json.loads((item_tower_dir / "tower.json").read_text())
-    featurizer = Featurizer(ModelConfig.model_validate(meta["model_config"]), tokenizer, tokenizer)
+    featurizer = Featurizer(read_tower_config(item_tower_dir), tokenizer, tokenizer)
     batches = []
     for start in range(0, len(texts), batch_size):
         feats = featurizer.statement_features(texts[start : start + batch_size])

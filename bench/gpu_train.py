@@ -376,6 +376,7 @@ def run_ray_step(args: argparse.Namespace) -> int:
     import torch
 
     from uue.config import load_config
+    from uue.train import TrainProbe
     from uue.train.ray import run_training
 
     use_gpu = args.gpu == "yes" or (args.gpu == "auto" and torch.cuda.is_available())
@@ -401,7 +402,7 @@ def run_ray_step(args: argparse.Namespace) -> int:
         f"distributed.num_workers={args.workers}", f"distributed.use_gpu={str(use_gpu).lower()}",
         f"distributed.zero_stage={args.zero_stage}", "distributed.gpus_per_worker=1",
         f"distributed.cpus_per_worker={worker_cpus}", f"distributed.featurize_cpus={1 if use_gpu else 0.5}",
-        "distributed.resumable_final_checkpoint=false", f"distributed.storage_path={out / 'ray_train'}",
+        f"distributed.storage_path={out / 'ray_train'}",
     ])
     metrics_file = out / "run" / "metrics.jsonl"
     metrics_file.unlink(missing_ok=True)
@@ -411,7 +412,7 @@ def run_ray_step(args: argparse.Namespace) -> int:
              include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     started = time.perf_counter()
     try:
-        result = run_training(config)
+        result = run_training(config, probe=TrainProbe(resumable_final_checkpoint=False))
     finally:
         ray.shutdown()
     wall = time.perf_counter() - started

@@ -1,4 +1,5 @@
-"""Config: the seed's fields and defaults, strict validation, key=value overrides, shipped YAML files."""
+"""Config: the seed's fields and defaults, sections, strict validation, key=value overrides, shipped YAML files,
+what a saved model records."""
 
 from __future__ import annotations
 
@@ -38,8 +39,57 @@ def test_unknown_key_is_rejected_with_its_path(tmp_path):
 
 
 def test_bad_value_names_the_key():
-    with pytest.raises(ConfigError, match=r"model\.temperature"):
+    with pytest.raises(ConfigError, match=r"model\.loss\.temperature"):
+        load_config(None, ["model.loss.temperature=-1"])
+    with pytest.raises(ConfigError, match=r"model\.loss\.temperature"):  # a seed name lands in its section
         load_config(None, ["model.temperature=-1"])
+
+
+def test_unknown_key_inside_a_section_is_rejected_with_its_path():
+    with pytest.raises(ConfigError, match=r"model\.heads\.projection_rnak: unknown key"):
+        load_config(None, ["model.heads.projection_rnak=4"])
+
+
+def test_keys_live_in_sections_and_the_seed_names_reach_them():
+    config = ModelConfig(batch_size=4, projection_rank=8, projection_init="identity", embedding_dim=32)
+    assert config.optim.batch_size == 4 and config.heads.projection_rank == 8 and config.towers.embedding_dim == 32
+    assert config.batch_size == 4  # read by its own name
+    config.batch_size = 6  # and set, validated
+    assert config.optim.batch_size == 6
+    with pytest.raises(ValueError):
+        config.batch_size = 0
+    copy = config.model_copy(update={"num_negative_samples": 3, "negatives": {"negative_sampling": "hard"}})
+    assert (copy.negatives.num_negative_samples, copy.negatives.negative_sampling) == (3, "hard")
+    with pytest.raises(ValueError, match="cache_chunk_vectors needs freeze_user_backbone"):
+        config.model_copy(update={"cache_chunk_vectors": True})  # copies are validated
+    with pytest.raises(ValueError, match="given both"):
+        ModelConfig(batch_size=4, optim={"batch_size": 8})
+
+
+def test_overrides_reach_nested_keys_and_beat_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  heads:\n    projection_rank: 4\n  batch_size: 16\n")  # seed names in a file too
+    config = load_config(path, ["model.heads.projection_rank=128", "model.optim.batch_size=8"]).model
+    assert (config.heads.projection_rank, config.optim.batch_size) == (128, 8)
+    assert load_config(path, ["model.projection_rank=2"]).model.heads.projection_rank == 2
+
+
+def test_a_saved_model_records_only_what_using_it_needs():
+    saved = ModelConfig(label_loss_weight=2.0, batch_size=4, attention="packed", pack_tokens=1024).saved()
+    assert set(saved) == {"towers", "pooling", "heads", "packing", "loss"}
+    assert saved["loss"] == {"max_logit_scale": 100.0} and saved["packing"]["attention"] == "packed"
+    assert ModelConfig.from_saved(saved).packing.pack_tokens == 1024
+
+
+def test_the_flat_dump_of_earlier_versions_loads_and_a_removed_pooling_is_refused():
+    flat = {**ModelConfig().model_dump()["towers"], "attention_pooling_kind": "multihead",
+            "freeze_item_projection": True, "projection_rank": 4, "embedding_dim": 32, "batch_size": 2}
+    config = ModelConfig.from_saved(flat)
+    assert (config.heads.projection_rank, config.optim.batch_size) == (4, 2)
+    with pytest.raises(ValueError, match="weighted_mean"):
+        ModelConfig.from_saved({**flat, "attention_pooling_kind": "weighted_mean"})
+    assert ModelConfig.from_saved({**flat, "attention_pooling_kind": "weighted_mean",
+                                   "use_attention_pooling": False}).pooling.use_attention_pooling is False
 
 
 def test_overrides_parse_yaml_scalars():

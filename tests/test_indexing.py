@@ -325,8 +325,9 @@ def test_packed_indexing_writes_the_padded_vectors_and_answers_the_same_top_k(
 
 def test_index_encoding_options_are_validated(tiny_model_dir):
     from uue.index.build import index_model_config
+    from uue.model.folder import read_tower_config
 
-    saved = json.loads((tiny_model_dir / "item_tower" / "tower.json").read_text())["model_config"]
+    saved = read_tower_config(tiny_model_dir / "item_tower")
     assert index_model_config(saved).attention == "padded"  # "model": what the tower was saved with
     assert index_model_config(saved, "packed", compile_layers=True).compile_layers
     with pytest.raises(ValueError, match="pack_tokens=16 must hold the longest sequence"):

@@ -111,41 +111,6 @@ def test_attention_and_mean_pooling_differ(tiny_model_config):
     torch.testing.assert_close(pooled, vectors.mean(1))
 
 
-def test_weighted_mean_pooling_starts_as_the_mean_ignores_padding_and_learns_which_chunks_count(tiny_model_config,
-                                                                                              tmp_path):
-    cfg = tiny_model_config.model_copy(update={"attention_pooling_kind": "weighted_mean", "attention_heads": 2})
-    model = _model(cfg)
-    pooling = model.user_tower.pooling
-    assert type(pooling).__name__ == "WeightedMeanPooling"
-    generator = torch.Generator().manual_seed(0)
-    vectors = torch.randn(4, 6, model.user_tower.encoder.hidden_size, generator=generator)
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]).bool()
-    real = mask.unsqueeze(-1).float()
-    torch.testing.assert_close(pooling(vectors, mask), (vectors * real).sum(1) / real.sum(1))  # zero queries: mean
-    # Chunks marked along one direction are the ones that count: the queries learn to weigh them.
-    marker = torch.nn.functional.normalize(torch.randn(vectors.size(-1), generator=generator), dim=0)
-    marked = torch.rand(4, 6, generator=generator) < 0.5
-    marked[:, 0] = True
-    inputs = vectors + 3 * marked.unsqueeze(-1) * marker
-    weights = (marked & mask).unsqueeze(-1).float()
-    target = (inputs * weights).sum(1) / weights.sum(1)
-    optimizer = torch.optim.Adam(pooling.parameters(), lr=0.05)
-    losses = []
-    for _ in range(200):
-        optimizer.zero_grad()
-        loss = (pooling(inputs, mask) - target).pow(2).sum(-1).mean()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.1 * losses[0]
-    padded = inputs.clone()
-    padded[~mask] = 100.0  # what padding holds changes nothing
-    torch.testing.assert_close(pooling(padded, mask), pooling(inputs, mask))
-    assert (pooling.queries[0] - pooling.queries[1]).abs().max() > 1e-2  # the heads learned different queries
-    model.save_pretrained(tmp_path / "m")  # the learned queries survive save and load
-    torch.testing.assert_close(UUEModel.from_pretrained(tmp_path / "m").user_tower.pooling.queries, pooling.queries)
-
-
 def test_chunk_adapter_starts_as_the_identity_and_reads_what_a_mean_of_chunks_cannot(tiny_model_config, tmp_path):
     cfg = tiny_model_config.model_copy(update={"use_attention_pooling": False, "chunk_adapter_rank": 8})
     model = _model(cfg)
@@ -265,11 +230,9 @@ def test_backbone_folder_loads_with_plain_transformers(tiny_model_config, tmp_pa
     assert AutoTokenizer.from_pretrained(tmp_path / "m" / "user_tower" / "backbone")("hi")["input_ids"]
 
 
-@pytest.mark.parametrize("kind", ["multihead", "weighted_mean"])
-def test_heads_must_divide_hidden_size(tiny_model_config, kind):
+def test_heads_must_divide_hidden_size(tiny_model_config):
     with pytest.raises(ValueError, match="must divide"):
-        UUEModel.from_config(tiny_model_config.model_copy(update={"attention_heads": 5,
-                                                                  "attention_pooling_kind": kind}))
+        UUEModel.from_config(tiny_model_config.model_copy(update={"attention_heads": 5}))
 
 
 def test_missing_model_names_itself(monkeypatch):

@@ -1,14 +1,15 @@
 """Typed, validated configuration.
 
-`ModelConfig` keeps every field (and default) of the original UUE design so that code written against
-the seed API still works; the fields after the seed block extend it. `ExperimentConfig` is what a YAML
-file under `configs/` holds: the model plus data, training-loop and distributed settings. Unknown keys
-are rejected so a typo never silently falls back to a default.
+`ExperimentConfig` is what a YAML file under `configs/` holds: the model plus data, training-loop,
+distributed and index settings. `ModelConfig` is grouped into sections that follow the packages (towers,
+pooling, heads, loss, negatives, caching, packing, optim). The seed API still works: `ModelConfig(batch_size=8,
+...)`, `config.batch_size`, and `model.batch_size=8` overrides take a key's own name without its section
+(every key name is unique across sections). Unknown keys are rejected with their path, so a typo never
+silently falls back to a default.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,65 +27,53 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-class ModelConfig(_Strict):
-    """The two towers, the loss and the optimisation hyper-parameters."""
+# ------------------------------------------------------------------------------------------- model sections
+class TowersConfig(_Strict):
+    """The two backbones and what they read (uue.model.backbone, uue.model.towers)."""
 
-    # --- the seed design's fields, with its defaults -------------------------------------------
     user_model_name: str = "Qwen/Qwen3-Embedding-0.6B"
     item_model_name: str = "Qwen/Qwen3-Embedding-0.6B"
     embedding_dim: int = Field(1024, gt=0)
     max_chunk_length: int = Field(250, gt=2)
     max_statement_length: int = Field(128, gt=2)
     max_context_length: int = Field(64, ge=0)
-    batch_size: int = Field(32, gt=0)
-    learning_rate: float = Field(2e-5, gt=0)
-    temperature: float = Field(0.1, gt=0.01, le=1.0)
-    num_epochs: int = Field(10, gt=0)
     num_chunks_per_user: int = Field(100, gt=0)
-    num_negative_samples: int = Field(15, ge=0)
-    use_attention_pooling: bool = True
-    attention_heads: int = Field(8, gt=0)
-    attention_pooling_kind: Literal["multihead", "weighted_mean"] = "multihead"
-    """multihead: one learned query attends over projected chunk vectors (random value/output projections, then a
-    LayerNorm). weighted_mean: each of the attention_heads queries scores the chunks on its slice of their vectors,
-    and the softmax weights, averaged over heads, weigh the chunk vectors themselves; the queries start at zero, so
-    the pool starts as the plain mean and stays in the backbone's space (what frozen, identity-initialised heads
-    rely on) while it learns which chunks count."""
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    use_user_metadata: bool = False
-    use_item_metadata: bool = False
-    metadata_dim: int = Field(64, gt=0)
-    item_metadata_dim: int = Field(64, gt=0)
-
-    # --- extensions ---------------------------------------------------------------------------
-    negative_sampling: Literal["none", "random", "hard", "semi_hard", "labeled"] = "random"
-    """How the num_negative_samples extra columns per user are picked (in-batch negatives always apply);
-    "labeled": the user's own label-0 statements of the training split, topped up at random."""
-    semi_hard_margin: float = Field(0.2, gt=0)
-    negative_refresh_steps: int = Field(50, gt=0)
-    """Re-encode the statement pool with the current item tower every this many steps (hard/semi-hard)."""
     freeze_user_backbone: bool = False
     freeze_item_backbone: bool = False
     user_trainable_layers: int | None = Field(None, ge=0)
     """Train only the top N transformer layers of the user backbone (None: all, unless frozen)."""
     item_trainable_layers: int | None = Field(None, ge=0)
-    user_learning_rate: float | None = Field(None, gt=0)
-    """Learning rate of the user backbone (None: learning_rate)."""
-    item_learning_rate: float | None = Field(None, gt=0)
-    head_learning_rate: float | None = Field(None, gt=0)
-    """Learning rate of pooling, metadata fusion, projections and temperature (None: 10x learning_rate)."""
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
     encode_micro_batch: int = Field(32, gt=0)
     """Chunks encoded at once by the user backbone: bounds activation memory per user batch."""
     gradient_checkpointing_chunks: bool = True
     """Recompute chunk activations in backward so training memory does not grow with chunks per user."""
-    learn_temperature: bool = True
-    max_logit_scale: float = Field(100.0, gt=1)
-    cache_chunk_vectors: bool = False
-    """With freeze_user_backbone: encode each user's chunks once (uue.model.cache) and train the user side
-    (pooling, metadata fusion, projection) on the cached chunk vectors; the CPU-friendly path."""
+
+
+class PoolingConfig(_Strict):
+    """How a user's chunk vectors become one vector (uue.model.pooling)."""
+
+    use_attention_pooling: bool = True
+    """One learned query attends over the chunk vectors (random value/output projections, then a LayerNorm);
+    False: the masked mean."""
+    attention_heads: int = Field(8, gt=0)
+    chunk_adapter_rank: int = Field(0, ge=0)
+    """0: off. r > 0: before pooling, each chunk vector passes through its own residual MLP, x + up(gelu(down(x)))
+    with a rank-r bottleneck (`up` zero-initialised, so the untrained tower is unchanged). A mean of chunk vectors
+    is linear in them: what one chunk says jointly (this film, loved) cannot be read off the mean when the
+    backbone encodes it as a small shift of the film's vector. The adapter lets each chunk's features be
+    combined nonlinearly before they are averaged (a Deep Sets encoder on the chunk vectors); it runs on cached
+    chunk vectors, so it trains at the cost of a head."""
+
+
+class HeadsConfig(_Strict):
+    """What sits on the pooled vectors: metadata fusion and the projections (uue.model.towers)."""
+
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """In metadata fusion and attention pooling."""
+    use_user_metadata: bool = False
+    use_item_metadata: bool = False
+    metadata_dim: int = Field(64, gt=0)
+    item_metadata_dim: int = Field(64, gt=0)
     projection_init: Literal["random", "identity"] = "random"
     """"identity" starts both projections at the identity (needs embedding_dim == the backbones' hidden size):
     with frozen backbones and mean pooling the untrained model then IS the pretrained embedding space, and
@@ -100,45 +89,73 @@ class ModelConfig(_Strict):
     (which films together point to a gender, say) rather than only re-weight directions. The item tower's
     correction stays affine: the statement tower then exports as one Dense layer and stays a linear map of
     the pretrained statement space."""
-    chunk_adapter_rank: int = Field(0, ge=0)
-    """0: off. r > 0: before pooling, each chunk vector passes through its own residual MLP, x + up(gelu(down(x)))
-    with a rank-r bottleneck (`up` zero-initialised, so the untrained tower is unchanged). A mean of chunk vectors
-    is linear in them: what one chunk says jointly (this film, loved) cannot be read off the mean when the
-    backbone encodes it as a small shift of the film's vector. The adapter lets each chunk's features be
-    combined nonlinearly before they are averaged (a Deep Sets encoder on the chunk vectors); it runs on cached
-    chunk vectors, so it trains at the cost of a head."""
+
+
+class LossConfig(_Strict):
+    """What a training step optimises (uue.train.objective, uue.train.loss, uue.train.label_loss)."""
+
+    temperature: float = Field(0.1, gt=0.01, le=1.0)
+    """Initial InfoNCE temperature; the model keeps it as a learnable log-scale, 1 / temperature."""
+    learn_temperature: bool = True
+    """False: the logit scale stays at 1 / temperature."""
+    max_logit_scale: float = Field(100.0, gt=1)
+    """The logit scale is clamped to at most this (open_clip's bound of 100)."""
+    positives_per_user: int = Field(4, gt=0)
+    """A training row is a user: each step trains up to this many of the user's positives (drawn from
+    (seed, epoch, user)) against one encoding of the user's history; the user's other positives are never
+    negatives (the loss masks them, across workers)."""
     label_loss_weight: float = Field(0.0, ge=0)
     """Weight of a pointwise loss beside InfoNCE (uue.train.label_loss): binary cross-entropy on each batch
     user's own labelled statements, label 1 and label 0 as they occur in the training split, on
     logit_scale * cosine + a learned bias. In-batch softmax only learns which statement fits a user
     *relatively*; this term teaches absolute scores (how often a kind of statement is true), which the
     pooled AUC over users and statement families, and calibration, need."""
-    positives_per_user: int = Field(4, gt=0)
-    """A training row is a user: each step trains up to this many of the user's positives (drawn from
-    (seed, epoch, user)) against one encoding of the user's history; the user's other positives are never
-    negatives (the loss masks them, across workers)."""
     labels_per_user: int = Field(16, gt=0)
     """Labelled statements drawn (uniformly, with replacement) per batch user for the label loss."""
-    freeze_item_projection: bool = False
-    """Keep the item tower's projection fixed (with frozen item backbone + identity init: statements stay in
-    the pretrained space and only the user tower learns to point into it, as in locked-image tuning)."""
+
+
+class NegativesConfig(_Strict):
+    """Sampled negatives beside the in-batch ones (uue.train.negatives)."""
+
+    negative_sampling: Literal["none", "random", "hard", "semi_hard", "labeled"] = "random"
+    """How the num_negative_samples extra columns per user are picked (in-batch negatives always apply);
+    "labeled": the user's own label-0 statements of the training split, topped up at random."""
+    num_negative_samples: int = Field(15, ge=0)
+    semi_hard_margin: float = Field(0.2, gt=0)
+    """semi_hard: candidates score within this margin below the user's positive."""
+    negative_refresh_steps: int = Field(50, gt=0)
+    """Re-encode the statement pool with the current item tower every this many steps (hard/semi-hard)."""
+
+
+class CachingConfig(_Strict):
+    """What frozen backbone parts compute once and reuse (uue.model.cache)."""
+
+    cache_chunk_vectors: bool = False
+    """With freeze_user_backbone: encode each distinct chunk once and train the user side (pooling, metadata
+    fusion, projection) on the cached chunk vectors; the CPU-friendly path."""
     cache_statement_vectors: bool = False
     """With freeze_item_backbone: encode each statement once and train the item projection on the cache."""
     cache_hidden_states: bool = False
     """Top-N fine-tuning on a cache: for each tower with `*_trainable_layers: N` (and not frozen), the frozen
-    lower blocks run once and their hidden states at the cut are cached (uue.model.cache.HiddenStateCache),
-    so a training step runs only the top N blocks (and the heads). The same model as running the whole
-    backbone with its lower blocks frozen, except that those blocks run without dropout. In the training loop
-    (uue.train, one process or a Ray worker) the statement table holds every statement's hidden states at the
-    item cut, computed once per process, and each user's chunks are run through the lower blocks the first
-    time the user is collated (uue.model.cache.TokenHiddenCache; on Ray it needs distributed.zero_stage <= 2)."""
+    lower blocks run once per distinct chunk or statement and their hidden states at the cut are cached, so a
+    training step runs only the top N blocks (and the heads). The same model as running the whole backbone
+    with its lower blocks frozen, except that those blocks run without dropout. On Ray the user side needs
+    distributed.zero_stage <= 2 (the cache runs outside the engine's forward)."""
     hidden_cache_dtype: Literal["float16", "float32"] = "float16"
     """Storage of the cached hidden states (float16 halves memory; float32 is exact)."""
+    cache_dir: str | None = None
+    """A folder that keeps the cached chunk and statement vectors between runs (one file per backbone
+    fingerprint), so runs sharing a frozen backbone encode each text once between them; the environment
+    variable UUE_CHUNK_CACHE_DIR overrides it. None: in memory only."""
+
+
+class PackingConfig(_Strict):
+    """How the backbones see a batch: padded or padding-free packs (uue.model.packing)."""
 
     attention: Literal["padded", "packed"] = "padded"
-    """How the towers' backbones see a batch. "padded": the Hugging Face forward on (N, L) padded batches with
-    SDPA (the reference). "packed": padding-free (uue.model.packing): each batch is unpadded and its
-    sequences laid end to end in packs of pack_tokens tokens, attention confined to each sequence."""
+    """"padded": the Hugging Face forward on (N, L) padded batches with SDPA (the reference). "packed":
+    padding-free: each batch is unpadded and its sequences laid end to end in packs of pack_tokens tokens,
+    attention confined to each sequence."""
     pack_tokens: int = Field(8192, gt=0)
     """Tokens per pack (a static shape; the packed path's micro-batch, replacing encode_micro_batch)."""
     pack_max_sequences: int | None = Field(None, gt=0)
@@ -152,35 +169,139 @@ class ModelConfig(_Strict):
     """Packed user tower with gradient_checkpointing_chunks: recompute whole packs ("chunks": least memory,
     one extra forward) or each layer's inside ("layers": keeps layer inputs, frees attention/MLP activations)."""
 
+
+class OptimConfig(_Strict):
+    """Batch, epochs and the optimizer (uue.train.step)."""
+
+    batch_size: int = Field(32, gt=0)
+    """Users per step and worker."""
+    num_epochs: int = Field(10, gt=0)
+    learning_rate: float = Field(2e-5, gt=0)
+    user_learning_rate: float | None = Field(None, gt=0)
+    """Learning rate of the user backbone (None: learning_rate)."""
+    item_learning_rate: float | None = Field(None, gt=0)
+    head_learning_rate: float | None = Field(None, gt=0)
+    """Learning rate of pooling, metadata fusion, projections and temperature (None: 10x learning_rate)."""
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Linear warmup over this share of the steps, then cosine decay to 0."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+    @property
+    def effective_head_learning_rate(self) -> float:
+        return self.head_learning_rate if self.head_learning_rate is not None else 10 * self.learning_rate
+
+
+SECTIONS: dict[str, type[_Strict]] = {
+    "towers": TowersConfig, "pooling": PoolingConfig, "heads": HeadsConfig, "loss": LossConfig,
+    "negatives": NegativesConfig, "caching": CachingConfig, "packing": PackingConfig, "optim": OptimConfig,
+}
+SECTION_OF: dict[str, str] = {key: section for section, cls in SECTIONS.items() for key in cls.model_fields}
+"""Each key's section: key names are unique across sections, so the seed's flat names stay unambiguous."""
+SAVED_WITH_A_MODEL: dict[str, Any] = {"towers": True, "pooling": True, "heads": True, "packing": True,
+                                      "loss": {"max_logit_scale"}}
+"""What a saved model records (uue.json, tower.json): what building and using its towers needs, nothing of how
+it was trained (the `model_dump(include=...)` spec)."""
+
+
+def _nest_flat_keys(data: dict[str, Any], where: str = "model") -> dict[str, Any]:
+    """{batch_size: 8, heads: {...}} -> {optim: {batch_size: 8}, heads: {...}}; a key given both ways is an error."""
+    out = {key: dict(value) if key in SECTIONS and isinstance(value, dict) else value for key, value in data.items()}
+    for key in [k for k in data if k in SECTION_OF]:
+        section = out.setdefault(SECTION_OF[key], {})
+        if not isinstance(section, dict):
+            break  # the section's own error says what is wrong
+        if key in section:
+            raise ValueError(f"{where}.{key} is given both as {key} and as {SECTION_OF[key]}.{key}")
+        section[key] = out.pop(key)
+    return out
+
+
+class ModelConfig(_Strict):
+    """The two towers, the loss and the optimisation hyper-parameters, in sections."""
+
+    towers: TowersConfig = Field(default_factory=TowersConfig)
+    pooling: PoolingConfig = Field(default_factory=PoolingConfig)
+    heads: HeadsConfig = Field(default_factory=HeadsConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    caching: CachingConfig = Field(default_factory=CachingConfig)
+    packing: PackingConfig = Field(default_factory=PackingConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_flat_keys(cls, data: Any) -> Any:
+        return _nest_flat_keys(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
-    def _check_heads(self) -> ModelConfig:
-        if self.use_attention_pooling and self.attention_heads < 1:
-            raise ValueError("attention_heads must be >= 1 with use_attention_pooling")
-        if self.user_projection_activation != "none" and not self.projection_rank:
+    def _check_combinations(self) -> ModelConfig:
+        towers, caching, heads = self.towers, self.caching, self.heads
+        if heads.user_projection_activation != "none" and not heads.projection_rank:
             raise ValueError("user_projection_activation needs projection_rank >= 1 (it acts inside the correction)")
-        if self.cache_chunk_vectors and not self.freeze_user_backbone:
+        if caching.cache_chunk_vectors and not towers.freeze_user_backbone:
             raise ValueError("cache_chunk_vectors needs freeze_user_backbone: true (a trained backbone changes them)")
-        if self.cache_statement_vectors and not self.freeze_item_backbone:
+        if caching.cache_statement_vectors and not towers.freeze_item_backbone:
             raise ValueError("cache_statement_vectors needs freeze_item_backbone: true")
-        if self.attention == "packed":
-            longest = max(self.max_chunk_length, self.max_statement_length + self.max_context_length)
-            if self.pack_tokens < longest:
-                raise ValueError(f"pack_tokens={self.pack_tokens} must hold the longest sequence ({longest} tokens: "
-                                 "max_chunk_length, or max_statement_length + max_context_length)")
-        if self.cache_hidden_states and not (self.hidden_cache_layers("user") or self.hidden_cache_layers("item")):
+        if self.packing.attention == "packed":
+            longest = max(towers.max_chunk_length, towers.max_statement_length + towers.max_context_length)
+            if self.packing.pack_tokens < longest:
+                raise ValueError(f"pack_tokens={self.packing.pack_tokens} must hold the longest sequence ({longest} "
+                                 "tokens: max_chunk_length, or max_statement_length + max_context_length)")
+        if caching.cache_hidden_states and not (self.hidden_cache_layers("user") or self.hidden_cache_layers("item")):
             raise ValueError("cache_hidden_states needs user_trainable_layers or item_trainable_layers >= 1 on a "
                              "tower whose backbone is not frozen")
         return self
 
     def hidden_cache_layers(self, tower: Literal["user", "item"]) -> int | None:
         """N when `tower` trains its top N blocks on cached hidden states (cache_hidden_states), else None."""
-        frozen = self.freeze_user_backbone if tower == "user" else self.freeze_item_backbone
-        layers = self.user_trainable_layers if tower == "user" else self.item_trainable_layers
-        return layers if self.cache_hidden_states and not frozen and layers else None
+        towers = self.towers
+        frozen = towers.freeze_user_backbone if tower == "user" else towers.freeze_item_backbone
+        layers = towers.user_trainable_layers if tower == "user" else towers.item_trainable_layers
+        return layers if self.caching.cache_hidden_states and not frozen and layers else None
 
-    @property
-    def effective_head_learning_rate(self) -> float:
-        return self.head_learning_rate if self.head_learning_rate is not None else 10 * self.learning_rate
+    # -- the seed API: a key by its own name, wherever its section is ------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        section = SECTION_OF.get(name)
+        if section is None:
+            return super().__getattr__(name)  # type: ignore[misc]
+        return getattr(getattr(self, section), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        section = SECTION_OF.get(name)
+        if section is None:
+            super().__setattr__(name, value)
+        else:
+            setattr(getattr(self, section), name, value)
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> ModelConfig:
+        """A copy with `update` applied and validated; `update` may name keys by section or by their own name."""
+        if not update:
+            return super().model_copy(deep=deep)
+        data = self.model_dump()
+        for section, values in _nest_flat_keys(dict(update)).items():
+            if section in SECTIONS and isinstance(values, dict):
+                data[section] = {**data[section], **values}
+            else:
+                data[section] = values
+        return type(self).model_validate(data)
+
+    # -- what a saved model records ----------------------------------------------------------------------
+    def saved(self) -> dict[str, Any]:
+        """The sections a saved model needs to be rebuilt and used (SAVED_WITH_A_MODEL)."""
+        return self.model_dump(include=SAVED_WITH_A_MODEL)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> ModelConfig:
+        """The config recorded in a saved model or preprocessed folder: sectioned (this version) or the flat
+        dump of every key that earlier versions wrote (two of its keys are gone: see below)."""
+        data = dict(data)
+        data.pop("freeze_item_projection", None)  # it only kept a projection out of training
+        pooling_kind = data.pop("attention_pooling_kind", "multihead")
+        if pooling_kind != "multihead" and data.get("use_attention_pooling", True):
+            raise ValueError(f"the saved model pools with attention_pooling_kind={pooling_kind!r}, which this "
+                             "version no longer builds (measured no better than multihead attention or the mean)")
+        return cls.model_validate(data)
 
 
 class DataConfig(_Strict):
@@ -231,8 +352,6 @@ class DistributedConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     featurize_cpus: float = Field(1.0, gt=0)
     """CPUs per Ray Data task that reads the users shards for the workers."""
-    resumable_final_checkpoint: bool = True
-    """False: the last checkpoint holds the model only, not the DeepSpeed optimizer state (benchmarks)."""
 
 
 class IndexConfig(_Strict):
@@ -301,12 +420,16 @@ def _parse_value(raw: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides (e.g. `model.batch_size=8`) to a nested dict."""
+    """Apply `section.key=value` overrides (e.g. `model.optim.batch_size=8`) to a nested dict. A model key may
+    leave out its section (`model.batch_size=8`, the seed's names): it lands in its section, so it overrides
+    what a YAML file sets there."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.batch_size=8)")
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.optim.batch_size=8)")
         dotted, raw = item.split("=", 1)
         keys = dotted.strip().split(".")
+        if len(keys) == 2 and keys[0] == "model" and keys[1] in SECTION_OF:
+            keys.insert(1, SECTION_OF[keys[1]])
         node = data
         for key in keys[:-1]:
             child = node.setdefault(key, {})
@@ -339,12 +462,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping of sections, got {type(loaded).__name__}")
         data = loaded
-    data = apply_overrides(data, list(overrides or []))
     try:
+        if isinstance(data.get("model"), dict):  # a file written with the seed's flat names
+            data["model"] = _nest_flat_keys(data["model"])
+        data = apply_overrides(data, list(overrides or []))
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
-
-
-def model_config_from_json(text: str) -> ModelConfig:
-    return ModelConfig.model_validate(json.loads(text))
+    except ValueError as err:  # a key given both flat and in its section
+        raise ConfigError(f"invalid config {source}: {err}") from None

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from uue.data.readers import SHARD_SUFFIXES, iter_file_records, resolve_filesystem, table_files
 from uue.data.schema import DataValidationError, Statement, parse_statement
 from uue.index.load import ANN_FILE, INDEX_FORMAT, INDEX_FORMAT_VERSION, MANIFEST_FILE, METRIC, VECTORS_DIR, new_ann
-from uue.model.folder import checkpoint_fingerprint, resolve_item_tower
+from uue.model.folder import checkpoint_fingerprint, read_tower_config, resolve_item_tower
 
 if TYPE_CHECKING:
     from uue.config import ModelConfig
@@ -140,15 +140,13 @@ def resolve_dtype(dtype: str, device: str) -> str:
 IndexAttention = Literal["model", "padded", "packed"]
 
 
-def index_model_config(model_config: dict[str, Any], attention: IndexAttention = "model",
+def index_model_config(saved: ModelConfig, attention: IndexAttention = "model",
                        compile_layers: bool | None = None, pack_tokens: int | None = None) -> ModelConfig:
     """The item tower's saved ModelConfig with the index's encoding choices applied (and validated).
 
-    attention "model" keeps what the tower was saved with (model.attention; padded by default);
+    attention "model" keeps what the tower was saved with (model.packing.attention; padded by default);
     compile_layers / pack_tokens None keep the model's values.
     """
-    from uue.config import ModelConfig
-
     if attention not in ("model", "padded", "packed"):
         raise ValueError(f"index attention {attention!r}: use model, padded or packed")
     updates: dict[str, Any] = {}
@@ -159,7 +157,7 @@ def index_model_config(model_config: dict[str, Any], attention: IndexAttention =
     if pack_tokens is not None:
         updates["pack_tokens"] = pack_tokens
     try:
-        return ModelConfig.model_validate({**model_config, **updates})
+        return saved.model_copy(update=updates)
     except ValueError as err:  # e.g. pack_tokens shorter than the longest statement
         raise ValueError(f"index encoding options {updates}: {err}") from None
 
@@ -178,12 +176,10 @@ def _featurizer(item_tower_folder: str) -> Any:
     """The tower's tokenizer + featurizer, loaded once per Ray worker process (tasks reuse their workers)."""
     from transformers import AutoTokenizer
 
-    from uue.config import ModelConfig
     from uue.data.featurize import Featurizer
 
-    meta = json.loads((Path(item_tower_folder) / "tower.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(Path(item_tower_folder) / "backbone")
-    return Featurizer(ModelConfig.model_validate(meta["model_config"]), tokenizer, tokenizer)
+    return Featurizer(read_tower_config(item_tower_folder), tokenizer, tokenizer)
 
 
 def tokenize_statements(batch: dict[str, np.ndarray], item_tower_folder: str) -> dict[str, Any]:
@@ -228,8 +224,7 @@ class ItemTowerEncoder:
         self.device = torch.device(device)
         self.tower, tokenizer = load_tower(item_tower_folder, map_location=self.device)
         self.tower.to(getattr(torch, resolve_dtype(dtype, device)))
-        meta = json.loads((Path(item_tower_folder) / "tower.json").read_text())
-        config = index_model_config(meta["model_config"], attention, compile_layers, pack_tokens)
+        config = index_model_config(read_tower_config(item_tower_folder), attention, compile_layers, pack_tokens)
         self.attention = config.attention
         encoder = self.tower.encoder
         if self.attention == "packed":
@@ -446,9 +441,9 @@ def build_index(
     model_folder, tower_folder = resolve_item_tower(checkpoint)
     fingerprint = checkpoint_fingerprint(model_folder)
     files, contract, filesystem = input_files(str(input_uri), id_column, text_column)
-    tower_meta = json.loads((tower_folder / "tower.json").read_text())
-    dimension = int(tower_meta["model_config"]["embedding_dim"])
-    encoding = index_model_config(tower_meta["model_config"], attention, compile_layers, pack_tokens)
+    saved = read_tower_config(tower_folder)
+    dimension = saved.towers.embedding_dim
+    encoding = index_model_config(saved, attention, compile_layers, pack_tokens)
     version = new_version(fingerprint)
     device = "cuda" if gpus_per_actor > 0 else "cpu"
 

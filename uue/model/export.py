@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from uue.data.featurize import hash_metadata
+from uue.model.folder import read_tower_config
 from uue.model.towers import ItemTower, LowRankResidualProjection
 from uue.model.uue_model import load_tower
 
@@ -62,7 +63,7 @@ def export_sentence_transformers(model_dir: str | Path, out: str | Path) -> Path
         raise FileExistsError(f"{out} exists and is not empty: choose a new folder for the export")
     tower, _ = load_tower(tower_folder)
     assert isinstance(tower, ItemTower)
-    max_length = int(meta["model_config"]["max_statement_length"])
+    max_length = read_tower_config(tower_folder).towers.max_statement_length
     pooling = {"mean": "mean", "last_token": "lasttoken"}[meta["pooling"]]
     weight, bias = metadata_free_projection(tower)
     transformer = Transformer(str(tower_folder / "backbone"), max_seq_length=max_length)

@@ -1,7 +1,11 @@
-"""A saved model folder on disk: finding it from what a user points at, and fingerprinting its weights.
+"""A saved model folder on disk: finding it from what a user points at, reading its config, fingerprinting its
+weights.
 
 Light on purpose (no torch): the index build's driver and the serving ingress need these without loading
-a model. What the folder holds is written and read by uue.model.uue_model.
+a model. The weights are written and read by uue.model.uue_model.
+
+Format versions: 1 recorded the flat dump of every ModelConfig key; 2 records the sections that using the
+model needs (ModelConfig.saved). Both load.
 """
 
 from __future__ import annotations
@@ -9,6 +13,26 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
+
+from uue.config import ModelConfig
+
+FORMAT_VERSION = 2
+
+
+def read_meta(path: Path, expected_format: str) -> dict[str, Any]:
+    """uue.json ("uue-model") or tower.json ("uue-tower"), refused when it is another file or a newer version."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {path.parent} is not a saved UUE {expected_format} folder")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != expected_format or meta.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: expected format {expected_format!r} version <= {FORMAT_VERSION}, got {meta}")
+    return meta
+
+
+def read_tower_config(tower_folder: str | Path) -> ModelConfig:
+    """The ModelConfig a tower folder was saved with (either format version)."""
+    return ModelConfig.from_saved(read_meta(Path(tower_folder) / "tower.json", "uue-tower")["model_config"])
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from uue.config import ModelConfig
 from uue.model.backbone import TextEncoder
 from uue.model.packing import PackingOptions
-from uue.model.pooling import AttentionPooling, MeanChunkPooling, WeightedMeanPooling
+from uue.model.pooling import AttentionPooling, MeanChunkPooling
 
 
 class MetadataFusion(nn.Module):
@@ -95,9 +95,7 @@ class UserTower(nn.Module):
         self.micro_batch = config.encode_micro_batch
         self.checkpoint_chunks = config.gradient_checkpointing_chunks
         self.pooling: nn.Module = MeanChunkPooling()
-        if config.use_attention_pooling and config.attention_pooling_kind == "weighted_mean":
-            self.pooling = WeightedMeanPooling(hidden, config.attention_heads)
-        elif config.use_attention_pooling:
+        if config.use_attention_pooling:
             self.pooling = AttentionPooling(hidden, config.attention_heads, config.dropout)
         self.chunk_adapter = (
             LowRankResidualProjection(hidden, config.chunk_adapter_rank, "gelu") if config.chunk_adapter_rank else None

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,13 +28,13 @@ from transformers.utils import logging as hf_logging
 
 from uue.config import ModelConfig
 from uue.model.backbone import TextEncoder, freeze_backbone, load_backbone
+from uue.model.folder import FORMAT_VERSION, read_meta
 from uue.model.towers import ItemTower, UserTower
 
 if TYPE_CHECKING:
     from uue.train.label_loss import UserLabelSampler
     from uue.train.negatives import NegativeSampler
 
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -87,7 +87,6 @@ class UUEModel(nn.Module):
             torch.manual_seed(seed + 2)  # heads identical on every worker
             user_tower = UserTower(TextEncoder(user_backbone), config)
             item_tower = ItemTower(TextEncoder(item_backbone), config)
-        item_tower.projection.requires_grad_(not config.freeze_item_projection)
         return cls(config, user_tower, item_tower, user_tok, item_tok)
 
     def clamped_logit_scale(self) -> torch.Tensor:
@@ -186,7 +185,7 @@ class UUEModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
         (folder / "uue.json").write_text(
-            json.dumps({"format": "uue-model", "version": FORMAT_VERSION, "model_config": self.config.model_dump()},
+            json.dumps({"format": "uue-model", "version": FORMAT_VERSION, "model_config": self.config.saved()},
                        indent=2)
         )
         scalars = {"logit_scale": state["logit_scale"]}
@@ -205,8 +204,7 @@ class UUEModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> UUEModel:
         folder = Path(folder)
-        meta = _read_json(folder / "uue.json", "uue-model")
-        config = ModelConfig.model_validate(meta["model_config"])
+        config = ModelConfig.from_saved(read_meta(folder / "uue.json", "uue-model")["model_config"])
         user_tower, user_tok = load_tower(folder / "user_tower", map_location)
         item_tower, item_tok = load_tower(folder / "item_tower", map_location)
         model = cls(config, user_tower, item_tower, user_tok, item_tok)  # type: ignore[arg-type]
@@ -217,17 +215,7 @@ class UUEModel(nn.Module):
                 model.label_bias.copy_(scalars["label_bias"])
         freeze_backbone(model.user_tower.encoder.backbone, config.freeze_user_backbone, config.user_trainable_layers)
         freeze_backbone(model.item_tower.encoder.backbone, config.freeze_item_backbone, config.item_trainable_layers)
-        model.item_tower.projection.requires_grad_(not config.freeze_item_projection)
         return model.to(map_location)
-
-
-def _read_json(path: Path, expected_format: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {path.parent} is not a saved UUE {expected_format} folder")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != expected_format or meta.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: expected format {expected_format!r} version <= {FORMAT_VERSION}, got {meta}")
-    return meta
 
 
 def _save_tower(
@@ -245,7 +233,7 @@ def _save_tower(
     save_file(head_state, str(folder / "head.safetensors"))
     (folder / "tower.json").write_text(json.dumps({
         "format": "uue-tower", "version": FORMAT_VERSION, "tower": name,
-        "pooling": tower.encoder.pooling, "model_config": config.model_dump(),  # type: ignore[union-attr]
+        "pooling": tower.encoder.pooling, "model_config": config.saved(),  # type: ignore[union-attr]
     }, indent=2))
 
 
@@ -269,8 +257,8 @@ def load_tower(
 ) -> tuple[UserTower | ItemTower, PreTrainedTokenizerBase]:
     """Load one tower folder on its own: (tower in eval mode, its tokenizer)."""
     folder = Path(folder)
-    meta = _read_json(folder / "tower.json", "uue-tower")
-    config = ModelConfig.model_validate(meta["model_config"])
+    meta = read_meta(folder / "tower.json", "uue-tower")
+    config = ModelConfig.from_saved(meta["model_config"])
     with _quiet_transformers():
         backbone = AutoModel.from_pretrained(folder / "backbone")
     if getattr(backbone, "pooler", None) is not None:

@@ -7,16 +7,15 @@ equal `UUEInference` vectors for the same model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from uue.config import ModelConfig
 from uue.data.featurize import Featurizer, collate, hash_metadata, select_chunks, trim_batch, trim_token_columns
 from uue.data.schema import Statement, UserChunk, UserData
+from uue.model.folder import read_tower_config
 from uue.model.uue_model import load_tower
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,7 +36,7 @@ class _TowerEncoder:
             raise FileNotFoundError(f"{folder}/tower.json not found: {model_dir} is not a saved UUE model folder")
         self.model_dir = str(model_dir)
         self.device = _pick_device(device)
-        self.config = ModelConfig.model_validate(json.loads((folder / "tower.json").read_text())["model_config"])
+        self.config = read_tower_config(folder)
         tower, tokenizer = load_tower(folder, map_location=self.device)
         self.dtype = DTYPES[dtype]
         self.tower = tower.to(self.dtype).eval()

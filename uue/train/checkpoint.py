@@ -104,8 +104,8 @@ def restore_checkpoint(folder: Path, *, model: Any, optimization: Any, samplers:
     state = read_state(folder)
     step = int(state["step"])
     if not state.get("resumable", True):
-        raise RuntimeError(f"checkpoint {folder} holds the model only (distributed.resumable_final_checkpoint="
-                           "false): it cannot resume training")
+        raise RuntimeError(f"checkpoint {folder} holds the model only (TrainProbe(resumable_final_checkpoint="
+                           "False)): it cannot resume training")
     if state["optimizer"] != optimization.kind:
         raise RuntimeError(f"checkpoint {folder} holds {state['optimizer']} optimizer state; this run optimizes "
                            f"with {optimization.kind} (resume a Ray run with ray_jobs.train --resume, a local "

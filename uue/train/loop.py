@@ -27,7 +27,7 @@ from uue.train.stream import BatchCollator, UserStream
 
 @dataclass
 class TrainProbe:
-    """Diagnostics a run can be asked for (tests, audits); none changes what is trained.
+    """Diagnostics a run can be asked for (tests, audits, benchmarks); none changes what is trained.
 
     batch_log_dir:      each rank appends (step, epoch, user ids, statement indices, loss, node) per step to
                         rank_R.jsonl there: the audit trail of which data every step used.
@@ -48,6 +48,9 @@ class TrainProbe:
     fail_marker: str | None = None
     data_only: bool = False
     """Stream and collate every batch but run no model step (bench/bench_data_scale.py: the data path alone)."""
+    resumable_final_checkpoint: bool = True
+    """False: a Ray run's last checkpoint holds the model only, not the DeepSpeed optimizer state (benchmarks:
+    a large model's optimizer state takes longer to write than the steps they time)."""
 
 
 def sum_across_ranks(values: list[float]) -> list[float]:

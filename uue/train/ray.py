@@ -177,7 +177,7 @@ def train_fn(loop_config: dict[str, Any]) -> None:
         _dump_gathered_weights(engine, Path(probe.weights_dump_dir) / "gathered_weights.pt", rank)
     # The last checkpoint is the result: the model folder in the single-process format, plus resumable state.
     report(step, loop.epoch, history[-1] if history else {"step": step},
-           resumable=config.distributed.resumable_final_checkpoint)
+           resumable=probe.resumable_final_checkpoint)
 
 
 # ---------------------------------------------------------------------------------- the driver

@@ -31,7 +31,7 @@ def param_groups(model: UUEModel, config: ModelConfig) -> list[dict]:
     rates = {
         "user_backbone": config.user_learning_rate or config.learning_rate,
         "item_backbone": config.item_learning_rate or config.learning_rate,
-        "head": config.effective_head_learning_rate,
+        "head": config.optim.effective_head_learning_rate,
     }
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -43,7 +43,7 @@ def param_groups(model: UUEModel, config: ModelConfig) -> list[dict]:
             kind = "item_backbone"
         else:
             kind = "head"
-        no_decay = param.ndim < 2 or name.endswith((".query", ".queries")) or name == "logit_scale"
+        no_decay = param.ndim < 2 or name.endswith(".query") or name == "logit_scale"
         groups.setdefault((kind, no_decay), []).append(param)
     return [
         {"params": params, "lr": rates[kind], "weight_decay": 0.0 if no_decay else config.weight_decay,
