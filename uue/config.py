@@ -362,11 +362,14 @@ class IndexConfig(_Strict):
     max_actors: int = Field(2, gt=0)
     batch_size: int = Field(64, gt=0)
     """Statements per map_batches call (one forward pass of the item tower)."""
-    gpus_per_actor: float = Field(0, ge=0)
-    cpus_per_actor: float = Field(1, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Item tower precision in the actors (auto: bfloat16 on GPU, float32 on CPU); vectors are stored as f32."""
+    gpus_per_actor: float = Field(0, ge=0)
+    """GPUs each actor reserves (0: the actors encode on CPU)."""
+    cpus_per_actor: float = Field(1, gt=0)
+    """CPUs each actor reserves; on CPU also its torch threads."""
     rows_per_shard: int = Field(50_000, gt=0)
+    """Vectors per Parquet shard of the index folder."""
     id_column: str = "statement_id"
     text_column: str = "text"
     connectivity: int = Field(16, gt=1)

@@ -96,78 +96,18 @@ GENDER_PHRASES: dict[str, tuple[str, ...]] = {
     "F": ("is a woman", "is female", "is a female viewer", "is a woman or girl"),
     "M": ("is a man", "is male", "is a male viewer", "is a man or boy"),
 }
-_SAME = {
-    "artist": ("is an artist", "works as an artist", "makes art for a living", "earns a living as an artist"),
-    "homemaker": ("is a homemaker", "keeps house full time", "stays at home and runs the household",
-                  "runs a household as their occupation"),
-    "lawyer": ("is a lawyer", "works as an attorney", "practises law", "earns a living as a lawyer"),
-    "programmer": ("works as a programmer", "is a software developer", "writes code for a living",
-                   "earns a living as a programmer"),
-    "retired": ("is retired", "has retired from work", "no longer works, being retired", "is a retiree"),
-    "scientist": ("is a scientist", "works as a researcher", "does scientific research",
-                  "earns a living as a scientist"),
-    "writer": ("is a writer", "works as an author", "writes for a living", "earns a living as a writer"),
-    "educator": ("works as an educator", "is a teacher", "works in education", "earns a living teaching"),
-}
-OCCUPATIONS_100K: dict[str, tuple[str, ...]] = {
-    "administrator": ("works as an administrator", "is an administrator", "has an administrative job",
-                      "does administrative work for a living"),
-    "artist": _SAME["artist"],
-    "doctor": ("is a doctor", "works as a physician", "practises medicine", "earns a living as a doctor"),
-    "educator": _SAME["educator"],
-    "engineer": ("is an engineer", "works as an engineer", "has an engineering job", "earns a living as an engineer"),
-    "entertainment": ("works in entertainment", "has a job in the entertainment industry", "works in show business",
-                      "earns a living in entertainment"),
-    "executive": ("is an executive", "works as a manager", "holds an executive position",
-                  "earns a living as an executive"),
-    "healthcare": ("works in healthcare", "has a job in health care", "works in the medical field",
-                   "earns a living in healthcare"),
-    "homemaker": _SAME["homemaker"],
-    "lawyer": _SAME["lawyer"],
-    "librarian": ("is a librarian", "works in a library", "works as a librarian", "earns a living as a librarian"),
-    "marketing": ("works in marketing", "has a marketing job", "is a marketer", "earns a living in marketing"),
-    "programmer": _SAME["programmer"],
-    "retired": _SAME["retired"],
-    "salesman": ("works in sales", "is a salesperson", "has a sales job", "earns a living selling"),
-    "scientist": _SAME["scientist"],
-    "student": ("is a student", "is studying", "goes to school or university", "is currently a student"),
-    "technician": ("works as a technician", "is a technician", "has a technical job",
-                   "earns a living as a technician"),
-    "writer": _SAME["writer"],
-}
-# MovieLens-1M codes its occupations 0-20 (its README); 0 is "other or not specified".
-OCCUPATIONS_1M: dict[str, tuple[str, ...]] = {
-    "educator": ("works as an educator", "is a teacher or academic", "works in education", "earns a living teaching"),
-    "artist": _SAME["artist"],
-    "clerical": ("does clerical or administrative work", "works as an office clerk", "has an administrative job",
-                 "earns a living in office administration"),
-    "college_student": ("is a college or graduate student", "studies at a university", "is enrolled in college",
-                        "is currently a university student"),
-    "customer_service": ("works in customer service", "has a customer service job", "helps customers for a living",
-                         "earns a living in customer service"),
-    "doctor": ("works as a doctor or in health care", "has a job in health care", "works in the medical field",
-               "earns a living in healthcare"),
-    "executive": ("is an executive or manager", "works as a manager", "holds an executive position",
-                  "earns a living as an executive"),
-    "farmer": ("is a farmer", "works on a farm", "farms for a living", "earns a living as a farmer"),
-    "homemaker": _SAME["homemaker"],
-    "k12_student": ("is a school student", "goes to high school", "is a pupil in school",
-                    "is currently a school pupil"),
-    "lawyer": _SAME["lawyer"],
-    "programmer": _SAME["programmer"],
-    "retired": _SAME["retired"],
-    "sales_marketing": ("works in sales or marketing", "has a sales job", "is a marketer",
-                        "earns a living in sales and marketing"),
-    "scientist": _SAME["scientist"],
-    "self_employed": ("is self-employed", "runs their own business", "works for themselves",
-                      "earns a living as a freelancer"),
-    "technician_engineer": ("works as a technician or engineer", "is an engineer", "has a technical job",
-                            "earns a living as a technician or engineer"),
-    "tradesman": ("works as a tradesman or craftsman", "works in a skilled trade", "is a craftsman",
-                  "earns a living in a trade"),
-    "unemployed": ("is unemployed", "does not have a job", "is out of work", "is currently looking for work"),
-    "writer": _SAME["writer"],
-}
+
+
+def _occupation_phrasings() -> dict[str, dict[str, tuple[str, ...]]]:
+    """Each release's occupations and their phrasings (movielens_occupations.json), in the release's order."""
+    table = json.loads((Path(__file__).parent / "movielens_occupations.json").read_text())
+    return {variant: {key: tuple(phrases) for key, phrases in occupations.items()}
+            for variant, occupations in table.items()}
+
+
+OCCUPATIONS_100K: dict[str, tuple[str, ...]] = _occupation_phrasings()["100k"]
+# MovieLens-1M codes its occupations 0-20 (its README) in the file's order; 0 is "other or not specified".
+OCCUPATIONS_1M: dict[str, tuple[str, ...]] = _occupation_phrasings()["1m"]
 OCCUPATION_CODES_1M: tuple[str, ...] = ("other",) + tuple(OCCUPATIONS_1M)
 # The one-phrasing wording of each 100K occupation (what the demo used before wording families).
 OCCUPATION_PHRASES: dict[str, str] = {k: v[0] for k, v in OCCUPATIONS_100K.items()}

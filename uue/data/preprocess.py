@@ -36,16 +36,7 @@ import pyarrow.parquet as pq
 from uue.config import ExperimentConfig, ModelConfig
 from uue.data.featurize import Featurizer
 from uue.data.readers import path_inside, resolve_filesystem, table_files
-from uue.data.schema import (
-    TABLES,
-    DataValidationError,
-    label_to_record,
-    parse_label,
-    parse_statement,
-    parse_user,
-    statement_to_record,
-    user_to_record,
-)
+from uue.data.schema import PARSERS, TABLES, TO_RECORD, DataValidationError, parse_statement, parse_user
 from uue.data.shards import (
     MANIFEST,
     REJECTS,
@@ -59,8 +50,6 @@ from uue.data.shards import (
     user_row,
 )
 
-_PARSERS = {"users": parse_user, "statements": parse_statement, "labels": parse_label}
-_TO_RECORD = {"users": user_to_record, "statements": statement_to_record, "labels": label_to_record}
 _KEY_FIELD = {"users": "user_id", "statements": "statement_id"}
 
 
@@ -107,12 +96,12 @@ def _validate_file(row: dict[str, Any], table: str, display: dict[str, str], fil
                         "reason": record.reason})
             continue
         try:
-            parsed = _PARSERS[table](record, path, row_no)
+            parsed = PARSERS[table](record, path, row_no)
         except DataValidationError as err:
             out.append({**base, "ok": False, "key": None, "record": None, "field": err.field, "reason": err.reason})
             continue
         key = getattr(parsed, _KEY_FIELD[table]) if table in _KEY_FIELD else None
-        out.append({**base, "ok": True, "key": key, "record": json.dumps(_TO_RECORD[table](parsed)),
+        out.append({**base, "ok": True, "key": key, "record": json.dumps(TO_RECORD[table](parsed)),
                     "field": None, "reason": None})
     return out
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,16 +14,14 @@ import pyarrow.parquet as pq
 
 from uue.data.schema import (
     TABLES,
+    TO_RECORD,
     DataValidationError,
     Label,
     Statement,
     UserData,
-    label_to_record,
     parse_label,
     parse_statement,
     parse_user,
-    statement_to_record,
-    user_to_record,
 )
 
 SHARD_SUFFIXES = (".jsonl", ".parquet")
@@ -121,21 +119,23 @@ class UUEDataset:
         return sorted({lab.group for lab in self.labels if lab.group is not None})
 
 
+def _records_by_id(folder: str, table: str, parse: Callable[[dict, str, int], Any], id_field: str) -> dict[str, Any]:
+    """A table's validated records by id; an id seen twice is an error naming both rows' file and field."""
+    records: dict[str, Any] = {}
+    for path, row, record in iter_records(folder, table):
+        parsed = parse(record, path, row)
+        key = getattr(parsed, id_field)
+        if key in records:
+            raise DataValidationError(path, row, id_field, f"duplicate {id_field} {key!r}")
+        records[key] = parsed
+    return records
+
+
 def load_dataset(folder: str | Path) -> UUEDataset:
     """Read and validate all three tables; ids must be unique and labels must reference known records."""
     folder = str(folder)
-    users: dict[str, UserData] = {}
-    for path, row, record in iter_records(folder, "users"):
-        user = parse_user(record, path, row)
-        if user.user_id in users:
-            raise DataValidationError(path, row, "user_id", f"duplicate user_id {user.user_id!r}")
-        users[user.user_id] = user
-    statements: dict[str, Statement] = {}
-    for path, row, record in iter_records(folder, "statements"):
-        st = parse_statement(record, path, row)
-        if st.statement_id in statements:
-            raise DataValidationError(path, row, "statement_id", f"duplicate statement_id {st.statement_id!r}")
-        statements[st.statement_id] = st
+    users: dict[str, UserData] = _records_by_id(folder, "users", parse_user, "user_id")
+    statements: dict[str, Statement] = _records_by_id(folder, "statements", parse_statement, "statement_id")
     labels: list[Label] = []
     for path, row, record in iter_records(folder, "labels"):
         lab = parse_label(record, path, row)
@@ -153,7 +153,6 @@ def load_dataset(folder: str | Path) -> UUEDataset:
     return UUEDataset(users, statements, labels, source=folder)
 
 
-_TO_RECORD = {"users": user_to_record, "statements": statement_to_record, "labels": label_to_record}
 
 
 def write_table(folder: str | Path, name: str, records: Iterable[Any], fmt: str = "jsonl") -> Path:
@@ -162,7 +161,7 @@ def write_table(folder: str | Path, name: str, records: Iterable[Any], fmt: str 
         raise ValueError(f"unknown table {name!r}; the contract has {TABLES}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [r if isinstance(r, dict) else _TO_RECORD[name](r) for r in records]
+    rows = [r if isinstance(r, dict) else TO_RECORD[name](r) for r in records]
     if fmt == "jsonl":
         path = folder / f"{name}.jsonl"
         with path.open("w") as f:

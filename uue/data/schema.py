@@ -86,22 +86,22 @@ def _require_str(record: dict, key: str, file: str, row: int | None, allow_empty
     return value
 
 
-def _optional_str(record: dict, key: str, file: str, row: int | None) -> str | None:
+def _optional(record: dict, key: str, file: str, row: int | None, kind: type, expected: str) -> Any:
+    """The field's value when it is of `kind`, None when it is missing; anything else names what was expected."""
     value = record.get(key)
     if _is_missing(value):
         return None
-    if not isinstance(value, str):
-        raise DataValidationError(file, row, key, f"expected a string or null, got {type(value).__name__}")
+    if not isinstance(value, kind):
+        raise DataValidationError(file, row, key, f"expected {expected}, got {type(value).__name__}")
     return value
+
+
+def _optional_str(record: dict, key: str, file: str, row: int | None) -> str | None:
+    return _optional(record, key, file, row, str, "a string or null")
 
 
 def _optional_mapping(record: dict, key: str, file: str, row: int | None) -> dict[str, Any] | None:
-    value = record.get(key)
-    if _is_missing(value):
-        return None
-    if not isinstance(value, dict):
-        raise DataValidationError(file, row, key, f"expected an object, got {type(value).__name__}")
-    return value
+    return _optional(record, key, file, row, dict, "an object")
 
 
 def _check_unknown(record: dict, allowed: set[str], file: str, row: int | None) -> None:
@@ -180,3 +180,9 @@ def statement_to_record(statement: Statement) -> dict[str, Any]:
 def label_to_record(label: Label) -> dict[str, Any]:
     return {"user_id": label.user_id, "statement_id": label.statement_id, "label": label.label,
             "split": label.split, "group": label.group}
+
+
+PARSERS = {"users": parse_user, "statements": parse_statement, "labels": parse_label}
+"""Each table's record parser (raw dict, file, row -> typed record)."""
+TO_RECORD = {"users": user_to_record, "statements": statement_to_record, "labels": label_to_record}
+"""Each table's typed record -> the contract's dict."""

@@ -30,25 +30,17 @@ class RequestLimits(_Strict):
     max_top_k: int = Field(100, gt=0)
 
 
-class TowerDeploymentArgs(_Strict):
-    """Replicas, resources and dynamic batching of one tower deployment."""
+class _Replicas(_Strict):
+    """How many replicas of a deployment Serve's autoscaler runs, and how much each takes on."""
 
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, gt=0)
     target_ongoing_requests: float = Field(16, gt=0)
     max_ongoing_requests: int = Field(64, gt=0)
     """Raised above Serve's default (5): a replica never batches more requests than it holds at once."""
-    max_batch_size: int = Field(64, gt=0)
-    """Batch budget: chunks for the user tower (tokens <= chunks x max_chunk_length), statements for the item tower."""
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    device: str | None = None
-    """"cpu", "cuda", "cuda:1"... (None: cuda when the replica has a GPU, else cpu)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @model_validator(mode="after")
-    def _check(self) -> TowerDeploymentArgs:
+    def _check(self) -> _Replicas:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
@@ -60,25 +52,29 @@ class TowerDeploymentArgs(_Strict):
             "target_ongoing_requests": self.target_ongoing_requests,
         }
 
+
+class TowerDeploymentArgs(_Replicas):
+    """Replicas, resources and dynamic batching of one tower deployment."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(64, gt=0)
+    """Batch budget: chunks for the user tower (tokens <= chunks x max_chunk_length), statements for the item tower."""
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    device: str | None = None
+    """"cpu", "cuda", "cuda:1"... (None: cuda when the replica has a GPU, else cpu)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
     def ray_actor_options(self) -> dict[str, Any]:
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
 
 
-class IngressArgs(_Strict):
+class IngressArgs(_Replicas):
     """The FastAPI ingress: HTTP parsing, validation, index search (cheap work, CPU only)."""
 
     num_cpus: float = Field(0.5, ge=0)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, gt=0)
     target_ongoing_requests: float = Field(32, gt=0)
     max_ongoing_requests: int = Field(128, gt=0)
-
-    def autoscaling_config(self) -> dict[str, Any]:
-        return {
-            "min_replicas": self.min_replicas,
-            "max_replicas": self.max_replicas,
-            "target_ongoing_requests": self.target_ongoing_requests,
-        }
 
 
 class UserStoreArgs(_Strict):
