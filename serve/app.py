@@ -93,9 +93,7 @@ class UserTowerDeployment:
         """An append in one call: (chunks, stored vectors, kept new positions, metadata) -> (vectors, user)."""
         chunks, stored, kept_new, metadata = append
         encoded = await self.chunk_vectors(chunks)  # batched with other users' new chunks
-        parts = ([stored] if stored is not None else []) + [encoded[list(kept_new)]]
-        pooled = await asyncio.to_thread(self.encoder.pool, [(np.concatenate(parts), metadata)])
-        return encoded, pooled[0]
+        return encoded, await asyncio.to_thread(self.encoder.pool_appended, encoded, stored, kept_new, metadata)
 
     def info(self) -> dict:
         return {**self.encoder.info(), **self.stats}

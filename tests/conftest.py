@@ -102,12 +102,15 @@ def sample_batches(tmp_path, sample_data_dir):
     return make
 
 
-def slice_users(batch: dict, rows: slice) -> dict:
-    """The users `rows` of a collated batch with their positive slots (what one worker of several holds)."""
-    per_user = len(batch["statement_index"]) // len(batch["user_key"])
+def slice_users(batch, rows: slice):
+    """The users `rows` of a collated TrainBatch with their positive slots (what one worker of several holds)."""
+    from uue.train.stream import TrainBatch
+
+    per_user = len(batch.statement_index) // len(batch.user_key)
     slots = slice(rows.start * per_user, rows.stop * per_user)
-    out = {}
-    for key, value in batch.items():
-        out[key] = value[slots] if key.startswith("item_") or key == "statement_index" else value[rows]
-    out["item_owner"] = out["item_owner"] - rows.start
-    return out
+    return TrainBatch(
+        users=batch.users.rows(rows), positives=batch.positives.rows(slots),
+        statement_index=batch.statement_index[slots], item_owner=batch.item_owner[slots] - rows.start,
+        item_valid=batch.item_valid[slots], user_positives=batch.user_positives[rows],
+        label_statements=batch.label_statements[rows], label_values=batch.label_values[rows],
+        user_key=batch.user_key[rows])

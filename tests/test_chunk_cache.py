@@ -10,7 +10,9 @@ from uue.config import ConfigError, ExperimentConfig, ModelConfig, TrainingConfi
 from uue.data.featurize import Featurizer, collate
 from uue.data.readers import load_dataset
 from uue.data.schema import UserChunk, UserData
-from uue.model.cache import ChunkVectorCache, TokenChunkCache
+from uue.model.cache import FrozenPrefixCache, backbone_fingerprint
+from uue.model.encode import UserBatchEncoder
+from uue.model.inputs import UserBatch
 from uue.model.uue_model import UUEModel
 from uue.train import UUETrainer
 
@@ -19,53 +21,57 @@ def _frozen(tiny_model_config: ModelConfig, cache: bool) -> ModelConfig:
     return tiny_model_config.model_copy(update={"freeze_user_backbone": True, "cache_chunk_vectors": cache})
 
 
+def _cached_encoder(model: UUEModel, featurizer: Featurizer, shared: bool = True) -> UserBatchEncoder:
+    """Evaluation's user encoder: chunks through a frozen-prefix cache (`shared`: the process's table)."""
+    cache = FrozenPrefixCache(model.user_tower.encoder, model.user_tokenizer, shared=shared)
+    return UserBatchEncoder(model.user_tower, featurizer, cache=cache)
+
+
 def test_cached_chunk_vectors_equal_the_towers_own(tiny_model_config, sample_data_dir):
     config = _frozen(tiny_model_config, True)
     model = UUEModel.from_config(config, seed=0).eval()
     featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
     users = list(load_dataset(sample_data_dir).users.values())[:6]
-    cache = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)
-    cache.precompute(users)
-    tokens = collate([featurizer.user_features(u) for u in users])
-    cached = collate([cache.features(u) for u in users])
+    cached = _cached_encoder(model, featurizer)
+    vectors = cached.chunk_vectors(users)
+    tokens = UserBatch.from_features(collate([featurizer.user_features(u) for u in users]))
     with torch.no_grad():
-        direct = model.user_tower.chunk_vectors(tokens["user_input_ids"], tokens["user_attention_mask"],
-                                                tokens["chunk_mask"])
-        assert torch.equal(cached["chunk_mask"], tokens["chunk_mask"])
-        torch.testing.assert_close(cached["chunk_vectors"], direct, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model.encode_users(cached), model.encode_users(tokens), rtol=1e-5, atol=1e-5)
+        direct = model.user_tower.chunk_vectors(tokens.chunks, tokens.chunk_mask)
+    assert [len(v) for v in vectors] == tokens.chunk_mask.sum(1).tolist()
+    for user, got in enumerate(vectors):
+        torch.testing.assert_close(torch.as_tensor(got), direct[user, : len(got)], rtol=1e-5, atol=1e-5)
+    plain = UserBatchEncoder(model.user_tower, featurizer)  # the same users from their tokens
+    np.testing.assert_allclose(cached.encode(users), plain.encode(users), rtol=1e-5, atol=1e-5)
 
 
 def test_a_chunk_shared_by_users_is_encoded_once_and_each_user_gets_its_own_vectors(tiny_model_config):
-    """One rating line shared by many users (MovieLens with ratings_per_chunk=1): both caches encode each
-    distinct chunk once, and every user's vectors equal encoding that user alone."""
+    """One rating line shared by many users (MovieLens with ratings_per_chunk=1): a cache encodes each
+    distinct chunk once, caches of one backbone share a table, and every user's vectors equal encoding that
+    user alone."""
     config = _frozen(tiny_model_config, True)
     model = UUEModel.from_config(config, seed=0).eval()
     featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
     lines = ["Fargo (1996): 5", "Heat (1995): 4", "Fargo (1996): 1", "Babe (1995): 3"]
     users = [UserData(f"u{i}", [UserChunk(lines[j], "movielens", f"2000-01-0{j + 1}T00:00:00Z") for j in picks])
              for i, picks in enumerate([(0, 1), (1, 0, 3), (2,), (0, 2, 3)])]
-    alone = [ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False) for _ in users]
-    expected = [c.chunk_vectors(u) for c, u in zip(alone, users, strict=True)]
-    import uue.model.cache as chunk_cache
-
-    chunk_cache._SHARED.clear()
-    together = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)
+    expected = [_cached_encoder(model, featurizer, shared=False).chunk_vectors([u])[0] for u in users]
     encoded = []
     original = model.user_tower.encoder.forward
     model.user_tower.encoder.forward = lambda ids, mask: encoded.append(len(ids)) or original(ids, mask)
-    together.precompute(users)
+    together = _cached_encoder(model, featurizer)
+    together_vectors = together.chunk_vectors(users)
     rows = [{"user_id": u.user_id, "chunk_tokens": featurizer.user_tokens(u)} for u in users]
-    token_cache = TokenChunkCache(model.user_tower.encoder, featurizer)  # no fingerprint: its own table
-    from_tokens = token_cache(rows[:2]) + token_cache(rows[2:])
-    baseline_view = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False)
-    assert baseline_view.precompute(users) == 0  # same backbone, same process: the table is shared
+    token_cache = FrozenPrefixCache(model.user_tower.encoder, model.user_tokenizer)  # not shared: its own table
+    from_tokens = token_cache.user_chunks(rows[:2]) + token_cache.user_chunks(rows[2:])
+    baseline_view = _cached_encoder(model, featurizer)
+    baseline_view.chunk_vectors(users)
+    assert baseline_view.cache.encoded == 0  # same backbone, same process: the table is shared
     model.user_tower.encoder.forward = original
     assert sum(encoded) == 2 * len(lines)  # 9 chunks, 4 distinct, in each of the two tables
-    assert token_cache.encoded_chunks == len(lines)
-    for user, want, got in zip(users, expected, from_tokens, strict=True):
-        np.testing.assert_allclose(together.chunk_vectors(user), want, rtol=1e-5, atol=1e-6)
+    assert token_cache.encoded == len(lines)
+    for want, got, rows_got in zip(expected, together_vectors, from_tokens, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.stack(rows_got), want, rtol=1e-5, atol=1e-6)
 
 
 def test_training_on_the_cache_matches_training_on_tokens(tiny_model_config, sample_data_dir, tmp_path):
@@ -93,13 +99,11 @@ def test_training_on_the_cache_matches_training_on_tokens(tiny_model_config, sam
 def test_fingerprint_follows_the_weights(tiny_model_config):
     config = _frozen(tiny_model_config, True)
     model = UUEModel.from_config(config, seed=0)
-    featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
-    before = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False).fingerprint
-    same = ChunkVectorCache(UUEModel.from_config(config, seed=0).user_tower.encoder, featurizer,
-                            progress=False).fingerprint
+    before = backbone_fingerprint(model.user_tower.encoder, model.user_tokenizer)
+    same = backbone_fingerprint(UUEModel.from_config(config, seed=0).user_tower.encoder, model.user_tokenizer)
     with torch.no_grad():
         next(model.user_tower.encoder.parameters()).add_(1.0)
-    after = ChunkVectorCache(model.user_tower.encoder, featurizer, progress=False).fingerprint
+    after = backbone_fingerprint(model.user_tower.encoder, model.user_tokenizer)
     assert before == same != after
 
 

@@ -20,7 +20,8 @@ from uue.config import ModelConfig
 from uue.model import UUEModel
 from uue.train.loss import InfoNCELoss
 from uue.train.negatives import NegativeSampler
-from uue.train.step import refresh_negatives
+from uue.train.objective import TrainingObjective
+from uue.train.samplers import Samplers
 
 WORLD = 2
 BATCH = 8
@@ -41,9 +42,10 @@ def _loss_and_grads(data_file: str, rows: slice) -> tuple[float, dict[str, torch
     model = UUEModel.from_config(config, seed=3)
     batch = slice_users(data["batch"], rows)
     sampler = NegativeSampler("hard", config.num_negative_samples, data["pool"])
-    refresh_negatives(model, sampler, 0, torch.device("cpu"))  # hard negatives: same pool vectors everywhere
-    model.train()
-    out = model(batch, negative_sampler=sampler)
+    objective = TrainingObjective(model, config, Samplers(negative=sampler))
+    objective.refresh_negatives(0)  # hard negatives: same pool vectors everywhere
+    objective.train()
+    out = objective.encode(batch)
     loss, _ = InfoNCELoss()(out, batch)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -73,11 +75,11 @@ def test_two_gloo_processes_equal_one_process_with_the_whole_batch(sample_batche
     # The batch really has what the masks are for: a statement positive for users on both ranks, and slots
     # beyond a user's positives.
     half = BATCH // WORLD * PER_USER
-    valid, statements = batch["item_valid"], batch["statement_index"]
+    valid, statements = batch.item_valid, batch.statement_index
     assert set(statements[:half][valid[:half]].tolist()) & set(statements[half:][valid[half:]].tolist())
     assert not bool(valid.all()) and int(valid.view(BATCH, PER_USER).sum(1).max()) == 4
     data_file = tmp_path / "batch.pt"
-    torch.save({"batch": batch, "pool": trainer.inputs.statements.pool_features()}, data_file)
+    torch.save({"batch": batch, "pool": trainer.inputs.statements}, data_file)
 
     out_file = tmp_path / "distributed.pt"
     mp.spawn(_worker, args=(str(data_file), str(tmp_path / "init"), str(out_file)), nprocs=WORLD, join=True)

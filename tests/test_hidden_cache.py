@@ -18,15 +18,42 @@ from uue.config import ConfigError, ExperimentConfig, ModelConfig, TrainingConfi
 from uue.data.featurize import Featurizer, collate, trim_batch
 from uue.data.readers import load_dataset
 from uue.model.backbone import forward_from_layer, hidden_states_at, load_backbone
-from uue.model.cache import HiddenStateCache, statement_hidden_features
+from uue.model.cache import FrozenPrefixCache
+from uue.model.inputs import StatementBatch, UserBatch
 from uue.model.uue_model import UUEModel
 from uue.train import UUETrainer
 from uue.train.checkpoint import latest_checkpoint
+from uue.train.stream import BatchCollator, StatementTable
 
 
 def _top_n(config: ModelConfig, cache: bool, layers: int = 1) -> ModelConfig:
     return config.model_copy(update={"user_trainable_layers": layers, "item_trainable_layers": layers,
                                      "cache_hidden_states": cache, "hidden_cache_dtype": "float32"})
+
+
+def _caches(model: UUEModel, dtype: torch.dtype, micro_batch: int = 32) -> tuple[FrozenPrefixCache, FrozenPrefixCache]:
+    """The frozen-prefix caches of the user and item towers' bottoms (below their cuts)."""
+    user = FrozenPrefixCache(model.user_tower.encoder, model.user_tokenizer, model.user_tower.hidden_cut,
+                             hidden_dtype=dtype, micro_batch=micro_batch)
+    item = FrozenPrefixCache(model.item_tower.encoder, model.item_tokenizer, model.item_tower.hidden_cut,
+                             hidden_dtype=dtype)
+    return user, item
+
+
+def _user_rows(featurizer: Featurizer, users: list) -> list[dict]:
+    """Users as rows of the users shards (ragged chunk tokens), each with one positive."""
+    return [{"user_id": user.user_id, "positives": [0], "label_statements": [], "label_values": [],
+             "chunk_tokens": featurizer.user_tokens(user)} for user in users]
+
+
+def _hidden_inputs(model: UUEModel, featurizer: Featurizer, users: list, statements: list,
+                   dtype: torch.dtype) -> tuple[UserBatch, StatementBatch]:
+    """The users and statements as the training loop reads them from the caches: hidden states at the cuts."""
+    user_cache, item_cache = _caches(model, dtype)
+    table = StatementTable({"statement_id": [s.statement_id for s in statements],
+                            "tokens": featurizer.statement_tokens(statements)}, featurizer, item_cache)
+    batch = BatchCollator(model.config, featurizer, table, 0, user_cache)(_user_rows(featurizer, users), 0)
+    return batch.users, table.gather(range(len(statements)))
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3"])
@@ -55,21 +82,14 @@ def test_outputs_and_gradients_equal_the_frozen_bottom_backbone(tiny_model_confi
     dataset = load_dataset(sample_data_dir)
     users = list(dataset.users.values())[:5]
     statements = list(dataset.statements.values())[:5]
-    cache = HiddenStateCache(cached.user_tower.encoder, featurizer, cached.user_tower.hidden_cut,
-                             dtype=torch.float32, progress=False)
-    cache.precompute(users)
-    item_tokens = featurizer.statement_features(statements)
-    item_hidden = statement_hidden_features(cached.item_tower.encoder, item_tokens, cached.item_tower.hidden_cut,
-                                            dtype=torch.float32)
-    tokens = trim_batch({**collate([featurizer.user_features(u) for u in users]),
-                         **{k: torch.as_tensor(v) for k, v in item_tokens.items()}})
-    hidden = trim_batch({**collate([cache.features(u) for u in users]),
-                         **{k: torch.as_tensor(v) for k, v in item_hidden.items()}})
-    assert "user_input_ids" not in hidden and "item_input_ids" not in hidden
+    tokens = (UserBatch.from_features(trim_batch(collate([featurizer.user_features(u) for u in users]))),
+              StatementBatch.from_features(featurizer.statement_features(statements)).trimmed())
+    hidden = _hidden_inputs(cached, featurizer, users, statements, torch.float32)
+    assert hidden[0].chunks.kind == "hidden" and hidden[1].text.kind == "hidden"
     results = []
-    for model, batch in ((plain, tokens), (cached, hidden)):
+    for model, (user_batch, statement_batch) in ((plain, tokens), (cached, hidden)):
         model.train()
-        users_out, items_out = model.encode_users(batch), model.encode_statements(batch)
+        users_out, items_out = model.encode_users(user_batch), model.encode_statements(statement_batch)
         (users_out @ items_out.T).logsumexp(1).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((users_out.detach(), items_out.detach(), grads))
@@ -87,12 +107,13 @@ def test_float16_storage_stays_close(tiny_model_config, sample_data_dir):
     config = _top_n(tiny_model_config, cache=True)
     model = UUEModel.from_config(config, seed=0).eval()
     featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
-    users = list(load_dataset(sample_data_dir).users.values())[:4]
-    half = HiddenStateCache(model.user_tower.encoder, featurizer, model.user_tower.hidden_cut, progress=False)
-    assert half.features(users[0])["chunk_hidden"].dtype == np.float16
+    dataset = load_dataset(sample_data_dir)
+    users = list(dataset.users.values())[:4]
+    half, _ = _hidden_inputs(model, featurizer, users, list(dataset.statements.values())[:2], torch.float16)
+    assert half.chunks.hidden.dtype == torch.float16
     with torch.no_grad():
-        exact = model.encode_users(collate([featurizer.user_features(u) for u in users]))
-        approx = model.encode_users(trim_batch(collate([half.features(u) for u in users])))
+        exact = model.encode_users(UserBatch.from_features(collate([featurizer.user_features(u) for u in users])))
+        approx = model.encode_users(half)
     assert float((exact * approx).sum(1).min()) > 0.999
 
 
@@ -135,9 +156,6 @@ def _ragged(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
 def test_the_collators_hidden_batches_encode_like_its_token_batches(tiny_model_config, sample_data_dir, preset):
     """BatchCollator over user rows (ragged chunk tokens): the per-user cache of chunk hidden states (real
     tokens only, padded at the batch) and the statement table's hidden states give the towers' token outputs."""
-    from uue.model.cache import TokenHiddenCache
-    from uue.train.stream import BatchCollator, StatementTable
-
     config = _top_n(tiny_model_config.model_copy(update={  # chunks of 36-76 bytes: none truncated, padding varies
         "user_model_name": preset, "item_model_name": preset, "positives_per_user": 2, "max_chunk_length": 96}),
         cache=True)
@@ -145,29 +163,28 @@ def test_the_collators_hidden_batches_encode_like_its_token_batches(tiny_model_c
     featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
     dataset = load_dataset(sample_data_dir)
     item_tokens = featurizer.statement_features(list(dataset.statements.values())[:6])
-    table = StatementTable({"statement_id": [str(i) for i in range(6)],
-                            "tokens": _ragged(item_tokens["item_input_ids"], item_tokens["item_attention_mask"])},
-                           featurizer)
+    statement_table = {"statement_id": [str(i) for i in range(6)],
+                       "tokens": _ragged(item_tokens["item_input_ids"], item_tokens["item_attention_mask"])}
+    table = StatementTable(statement_table, featurizer)
     rows = []
     for i, user in enumerate(list(dataset.users.values())[:3]):
         feats = featurizer.user_features(user)
         rows.append({"user_id": user.user_id, "positives": [i, i + 3], "label_statements": [], "label_values": [],
                      "chunk_tokens": _ragged(feats["user_input_ids"], feats["user_attention_mask"])})
     plain_batch = BatchCollator(config, featurizer, table, seed=0)(rows, 0)
-    hidden = statement_hidden_features(model.item_tower.encoder, table.pool_features(), model.item_tower.hidden_cut,
-                                       dtype=torch.float32)
-    table.hidden, table.hidden_mask = hidden["item_hidden"], hidden["item_attention_mask"]
-    cache = TokenHiddenCache(model.user_tower.encoder, featurizer, model.user_tower.hidden_cut, dtype=torch.float32,
-                             micro_batch=4)  # several micro-batches, each padded to its own longest chunk
-    hidden_batch = BatchCollator(config, featurizer, table, 0, chunk_hidden=cache)(rows, 0)
-    assert hidden_batch["chunk_hidden"].shape[:3] == plain_batch["user_input_ids"].shape
-    assert not plain_batch["user_attention_mask"][plain_batch["chunk_mask"]].all()  # padding to place
-    torch.testing.assert_close(hidden_batch["user_attention_mask"], plain_batch["user_attention_mask"])
+    # several micro-batches of chunks, each padded to its own longest chunk
+    cache, item_cache = _caches(model, torch.float32, micro_batch=4)
+    hidden_table = StatementTable(statement_table, featurizer, item_cache)
+    hidden_batch = BatchCollator(config, featurizer, hidden_table, 0, cache)(rows, 0)
+    plain_chunks, hidden_chunks = plain_batch.users.chunks, hidden_batch.users.chunks
+    assert hidden_chunks.hidden.shape[:3] == plain_chunks.input_ids.shape
+    assert not plain_chunks.attention_mask[plain_batch.users.chunk_mask].all()  # padding to place
+    torch.testing.assert_close(hidden_chunks.attention_mask, plain_chunks.attention_mask)
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_users(hidden_batch), model.encode_users(plain_batch),
+        torch.testing.assert_close(model.encode_users(hidden_batch.users), model.encode_users(plain_batch.users),
                                    rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model.encode_statements(hidden_batch), model.encode_statements(plain_batch),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_statements(hidden_batch.positives),
+                                   model.encode_statements(plain_batch.positives), rtol=1e-5, atol=1e-5)
 
 
 def test_training_on_cached_hidden_states_equals_the_whole_backbone_run(tiny_model_config, tmp_path):
@@ -175,15 +192,15 @@ def test_training_on_cached_hidden_states_equals_the_whole_backbone_run(tiny_mod
     plain = UUETrainer(_run(_streamed(tiny_model_config, cache=False), tmp_path / "plain", max_steps=6))
     cached = UUETrainer(_run(_streamed(tiny_model_config, cache=True), tmp_path / "cached", max_steps=6))
     batch = cached.inputs.collate(next(cached.loop.stream.steps(0, 1)).rows, 0)
-    assert {"chunk_hidden", "item_hidden"} <= set(batch) and not {"user_input_ids", "item_input_ids"} & set(batch)
-    assert batch["chunk_hidden"].dtype == torch.float16 and batch["chunk_hidden"].dim() == 4
-    assert cached.samplers.negative is not None and "hidden" in cached.samplers.negative.pool
-    cached.inputs.collate.chunk_hidden.entries.clear()  # computed again on first use, as in the run
+    assert batch.users.chunks.kind == "hidden" and batch.positives.text.kind == "hidden"
+    assert batch.users.chunks.hidden.dtype == torch.float16 and batch.users.chunks.hidden.dim() == 4
+    assert cached.samplers.negative is not None and cached.samplers.negative.pool.hidden is not None
+    cached.inputs.collate.chunk_cache.users.clear()  # computed again on first use, as in the run
 
     plain_losses = [h["loss"] for h in plain.fit().history]
     cached_run = cached.fit().history
     np.testing.assert_allclose([h["loss"] for h in cached_run], plain_losses, rtol=1e-3)
-    assert len(cached.inputs.collate.chunk_hidden.entries) == 32  # every training user once, reused in epoch 2
+    assert len(cached.inputs.collate.chunk_cache.users) == 32  # every training user once, reused in epoch 2
     assert cached_run[0]["user_tokens"] == 0 and cached_run[0]["item_tokens"] == 0  # no backbone tokens
 
 
@@ -220,7 +237,7 @@ def test_a_resumed_cached_run_equals_the_uninterrupted_one(tiny_model_config, tm
 
     assert second_result.steps == 2 * n and second.inputs.collate.calls == n
     # The skipped batches' users were not run through the lower blocks.
-    assert len(second.inputs.collate.chunk_hidden.entries) <= n * config.batch_size
+    assert len(second.inputs.collate.chunk_cache.users) <= n * config.batch_size
     np.testing.assert_allclose([h["loss"] for h in second_result.history],
                                [h["loss"] for h in full_result.history[n:]], rtol=1e-5)
     for (name, a), (_, b) in zip(full.model.state_dict().items(), second.model.state_dict().items(), strict=True):

@@ -3,39 +3,39 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from uue.model import UUEModel
+from uue.model import StatementBatch, TowerInput, UUEModel
 from uue.model.towers import LowRankResidualProjection
 from uue.train.label_loss import UserLabelSampler, label_loss
-from uue.train.loss import InfoNCELoss
 from uue.train.samplers import build_samplers
 from uue.train.step import TorchOptimization, train_step
 
-POOL = {"item_text_vectors": np.arange(40, dtype=np.float32).reshape(10, 4)}
+POOL = StatementBatch(TowerInput(vectors=torch.arange(40, dtype=torch.float32).reshape(10, 4)))
 LABELS = {0: [(1, 1), (2, 0), (3, 0), (4, 1)], 1: [(5, 0)], 7: []}
 
 
-def _label_batch(users: list[int]) -> dict[str, torch.Tensor]:
+def _label_batch(users: list[int]) -> SimpleNamespace:
     """The label columns a collated batch carries: each user's (statement, 0/1) labels, padded with -1."""
     width = max(len(LABELS[u]) for u in users)
     rows = [LABELS[u] + [(-1, 0)] * (width - len(LABELS[u])) for u in users]
-    return {"label_statements": torch.tensor([[s for s, _ in r] for r in rows]),
-            "label_values": torch.tensor([[float(v) for _, v in r] for r in rows])}
+    return SimpleNamespace(label_statements=torch.tensor([[s for s, _ in r] for r in rows]),
+                           label_values=torch.tensor([[float(v) for _, v in r] for r in rows]))
 
 
 def test_sampler_draws_only_each_users_own_labels_uniformly_and_masks_users_without_labels():
-    sampler = UserLabelSampler(per_user=16, pool_features=POOL, seed=3)
+    sampler = UserLabelSampler(per_user=16, pool=POOL, seed=3)
     counts: dict[tuple[int, int], int] = {}
     for _ in range(200):
         draw = sampler.sample(_label_batch([0, 1, 7]), torch.device("cpu"))
         assert draw.indices.shape == draw.values.shape == draw.mask.shape == (3, 16)
-        pool = torch.as_tensor(POOL["item_text_vectors"])
-        torch.testing.assert_close(draw.features["text_vectors"], pool[draw.indices])
+        pool = POOL.text.vectors
+        torch.testing.assert_close(draw.statements.text.vectors.view(3, 16, 4), pool[draw.indices])
         assert draw.mask[:2].all() and not draw.mask[2].any()  # user 7 has no labels
         assert set(zip(draw.indices[1].tolist(), draw.values[1].int().tolist(), strict=True)) == {(5, 0)}
         for pair in zip(draw.indices[0].tolist(), draw.values[0].int().tolist(), strict=True):
@@ -46,7 +46,7 @@ def test_sampler_draws_only_each_users_own_labels_uniformly_and_masks_users_with
 
 
 def test_sampler_state_round_trip_repeats_the_draws():
-    sampler = UserLabelSampler(per_user=5, pool_features=POOL, seed=1)
+    sampler = UserLabelSampler(per_user=5, pool=POOL, seed=1)
     sampler.sample(_label_batch([0]), torch.device("cpu"))
     state = sampler.state_dict()
     first = sampler.sample(_label_batch([0, 1]), torch.device("cpu")).indices
@@ -57,10 +57,10 @@ def test_sampler_state_round_trip_repeats_the_draws():
 
 def test_sampler_rejects_bad_input():
     with pytest.raises(ValueError, match=">= 1"):
-        UserLabelSampler(per_user=0, pool_features=POOL)
-    batch = {"label_statements": torch.tensor([[10]]), "label_values": torch.tensor([[1.0]])}
+        UserLabelSampler(per_user=0, pool=POOL)
+    batch = SimpleNamespace(label_statements=torch.tensor([[10]]), label_values=torch.tensor([[1.0]]))
     with pytest.raises(ValueError, match="outside the pool"):
-        UserLabelSampler(per_user=2, pool_features=POOL).sample(batch, torch.device("cpu"))
+        UserLabelSampler(per_user=2, pool=POOL).sample(batch, torch.device("cpu"))
 
 
 def test_label_loss_matches_a_plain_python_reference():
@@ -87,23 +87,23 @@ def test_train_step_adds_the_weighted_label_loss_and_learns_its_bias(tiny_model_
     trainer, (batch,) = sample_batches(cfg, model=model)
     sampler = trainer.samplers.label
     assert isinstance(sampler, UserLabelSampler) and model.label_bias.requires_grad
-    assert bool((batch["label_values"][batch["label_statements"] >= 0] == 0).any())  # label-0 ones are drawn too
-    metrics = train_step(model, batch, InfoNCELoss(), TorchOptimization(model, cfg, 10), None, sampler)
+    assert bool((batch.label_values[batch.label_statements >= 0] == 0).any())  # label-0 ones are drawn too
+    metrics = train_step(trainer.objective, batch, TorchOptimization(model, cfg, 10))
     assert metrics["loss"] == pytest.approx(metrics["info_nce"] + 2.0 * metrics["label_loss"], rel=1e-5)
     assert float(model.label_bias.detach()) != 0.0
 
     plain = tiny_model_config
-    assert build_samplers(plain, trainer.inputs.statements.pool_features(), seed=0).label is None
+    assert build_samplers(plain, trainer.inputs.statements, seed=0).label is None
     assert not UUEModel.from_config(plain).label_bias.requires_grad
 
 
-def _assert_user_is_the_pretrained_mean(model: UUEModel, batch: dict) -> None:
+def _assert_user_is_the_pretrained_mean(model: UUEModel, batch) -> None:
     """An untrained identity-start head: the user vector is the normalised mean of its chunk vectors."""
+    users = batch.users
     with torch.no_grad():
-        chunks = model.user_tower.chunk_vectors(batch["user_input_ids"], batch["user_attention_mask"],
-                                                batch["chunk_mask"])
-        mask = batch["chunk_mask"].float()[..., None]
-        torch.testing.assert_close(model.encode_users(batch), F.normalize((chunks * mask).sum(1) / mask.sum(1), dim=-1))
+        chunks = model.user_tower.chunk_vectors(users.chunks, users.chunk_mask)
+        mask = users.chunk_mask.float()[..., None]
+        torch.testing.assert_close(model.encode_users(users), F.normalize((chunks * mask).sum(1) / mask.sum(1), dim=-1))
 
 
 def test_low_rank_projection_starts_at_the_identity_and_moves_only_its_rank(tiny_model_config, sample_batches):
@@ -117,7 +117,7 @@ def test_low_rank_projection_starts_at_the_identity_and_moves_only_its_rank(tiny
     _assert_user_is_the_pretrained_mean(model, batches[0])
     optimization = TorchOptimization(model, cfg, 20)
     for step_batch in batches:
-        train_step(model, step_batch, InfoNCELoss(), optimization, None, trainer.samplers.label)
+        train_step(trainer.objective, step_batch, optimization)
     for tower in (model.user_tower, model.item_tower):
         correction = tower.projection.up.weight @ tower.projection.down.weight
         assert torch.linalg.matrix_rank(correction) == 2  # trained, and confined to 2 directions
@@ -136,7 +136,7 @@ def test_gelu_user_correction_starts_at_the_identity_trains_nonlinear_and_keeps_
     _assert_user_is_the_pretrained_mean(model, batches[0])  # untrained, as with the affine correction
     optimization = TorchOptimization(model, cfg, 20)
     for step_batch in batches:
-        train_step(model, step_batch, InfoNCELoss(), optimization, None, trainer.samplers.label)
+        train_step(trainer.objective, step_batch, optimization)
     user_head, item_head = model.user_tower.projection, model.item_tower.projection
     assert not user_head.is_affine and item_head.is_affine
     a, b = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
@@ -150,7 +150,7 @@ def test_gelu_user_correction_starts_at_the_identity_trains_nonlinear_and_keeps_
     assert back.config.user_projection_activation == "gelu"
     model.eval(), back.eval()
     with torch.no_grad():
-        torch.testing.assert_close(back.encode_users(batches[0]), model.encode_users(batches[0]))
+        torch.testing.assert_close(back.encode_users(batches[0].users), model.encode_users(batches[0].users))
 
 
 def test_low_rank_head_and_label_bias_survive_save_and_load(tiny_model_config, tmp_path):

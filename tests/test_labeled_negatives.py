@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from uue.model import StatementBatch, TowerInput
 from uue.train.negatives import NegativeSampler
 
 
 def test_labeled_negatives_prefer_known_false_and_top_up_at_random():
-    pool = {"item_input_ids": np.zeros((10, 4), dtype=np.int64), "item_attention_mask": np.ones((10, 4), np.int64)}
+    pool = StatementBatch(TowerInput(torch.zeros(10, 4, dtype=torch.long), torch.ones(10, 4, dtype=torch.long)))
     positives = torch.tensor([[0, 1], [2, -1]])
     known = torch.tensor([[5, 7, -1, -1, -1], [3, 4, 6, 8, 9]])
     sampler = NegativeSampler("labeled", 3, pool, seed=0)
@@ -28,7 +28,7 @@ def test_trainer_feeds_the_users_label_zero_statements(tiny_model_config, sample
     rows = next(trainer.loop.stream.steps(0, 1)).rows  # the rows that batch was collated from
     ids = trainer.inputs.statements.ids
     known = {(lab.user_id, lab.statement_id) for lab in trainer.dataset.labels_in("train") if lab.label == 0}
-    out = trainer.model(batch, negative_sampler=trainer.samplers.negative)
+    out = trainer.objective.encode(batch)
     # Each sample user has 4 label-0 training statements: both negatives of every user are its own.
     got = [(row["user_id"], ids[s]) for row, negatives in zip(rows, out.negative_ids.tolist(), strict=True)
            for s in negatives]

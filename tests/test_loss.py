@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from uue.model import UUEModel, UUEOutput
-from uue.train.loss import InfoNCELoss
+from uue.model import StatementBatch, TowerInput, UUEModel
+from uue.train.loss import EncodedBatch, InfoNCELoss
 from uue.train.negatives import NegativeSampler
 from uue.train.step import TorchOptimization, train_step
 
@@ -18,11 +19,12 @@ def _unit(*shape: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-def _batch(owner, statements, valid, positives) -> dict[str, torch.Tensor]:
+def _batch(owner, statements, valid, positives) -> SimpleNamespace:
+    """The columns of a collated batch that the loss reads."""
     width = max(len(p) for p in positives)
-    return {"item_owner": torch.tensor(owner), "statement_index": torch.tensor(statements),
-            "item_valid": torch.tensor(valid),
-            "user_positives": torch.tensor([list(p) + [-1] * (width - len(p)) for p in positives])}
+    return SimpleNamespace(item_owner=torch.tensor(owner), statement_index=torch.tensor(statements),
+                           item_valid=torch.tensor(valid),
+                           user_positives=torch.tensor([list(p) + [-1] * (width - len(p)) for p in positives]))
 
 
 def _reference_loss(users, items, scale, owner, statements, valid, positives, negatives=None):
@@ -54,7 +56,7 @@ def test_loss_matches_reference_and_never_treats_a_users_positive_as_negative():
     positives = [{7, 8}, {7, 9}, {10}]
     owner, statements, valid = [0, 0, 1, 1, 2, 2], [7, 8, 9, 7, 10, 10], [True, True, True, True, True, False]
     batch = _batch(owner, statements, valid, [sorted(p) for p in positives])
-    loss, metrics = InfoNCELoss()(UUEOutput(users, items, scale), batch)
+    loss, metrics = InfoNCELoss()(EncodedBatch(users, items, scale), batch)
     expected = _reference_loss(users, items, 10.0, owner, statements, valid, positives)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     assert float(metrics["positives_in_batch"]) == 5
@@ -67,11 +69,11 @@ def test_sampled_negatives_are_extra_user_to_statement_columns():
     users, items, negatives = _unit(4, 8, seed=2), _unit(4, 8, seed=3), _unit(4, 3, 8, seed=4)
     scale = torch.tensor([5.0])
     batch = _batch([0, 1, 2, 3], [0, 1, 2, 3], [True] * 4, [[0], [1], [2], [3]])
-    loss, _ = InfoNCELoss()(UUEOutput(users, items, scale, negatives), batch)
+    loss, _ = InfoNCELoss()(EncodedBatch(users, items, scale, negatives), batch)
     positives = [{0}, {1}, {2}, {3}]
     assert float(loss) == pytest.approx(_reference_loss(users, items, 5.0, [0, 1, 2, 3], [0, 1, 2, 3], [True] * 4,
                                                         positives, negatives), rel=1e-5)
-    without, _ = InfoNCELoss()(UUEOutput(users, items, scale), batch)
+    without, _ = InfoNCELoss()(EncodedBatch(users, items, scale), batch)
     assert float(loss) > float(without)
 
 
@@ -86,15 +88,15 @@ def test_temperature_is_1d_clamped_and_learned(tiny_model_config, sample_batches
     assert float(model.logit_scale) == pytest.approx(math.log(100), rel=1e-6)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(20.0))
-    _, (batch,) = sample_batches(model.config, model=model)
+    trainer, (batch,) = sample_batches(model.config, model=model)
     before = float(model.logit_scale)
-    train_step(model, batch, InfoNCELoss(), TorchOptimization(model, model.config, total_steps=10))
+    train_step(trainer.objective, batch, TorchOptimization(model, model.config, total_steps=10))
     assert float(model.logit_scale) != before
 
 
 def _sampler(strategy: str, k: int, pool_vectors: torch.Tensor, margin=0.2) -> NegativeSampler:
-    pool = {"item_input_ids": torch.zeros(len(pool_vectors), 4, dtype=torch.long),
-            "item_attention_mask": torch.ones(len(pool_vectors), 4, dtype=torch.long)}
+    pool = StatementBatch(TowerInput(torch.zeros(len(pool_vectors), 4, dtype=torch.long),
+                                     torch.ones(len(pool_vectors), 4, dtype=torch.long)))
     sampler = NegativeSampler(strategy, k, pool, margin=margin, seed=0)
     sampler.pool_vectors = pool_vectors
     return sampler
@@ -156,10 +158,9 @@ def test_negatives_flow_through_the_model_forward(tiny_model_config, sample_batc
     cfg = tiny_model_config.model_copy(update={"num_negative_samples": 3, "negative_sampling": "random"})
     model = UUEModel.from_config(cfg)
     trainer, (batch,) = sample_batches(cfg, model=model)
-    sampler = trainer.samplers.negative
-    out = model(batch, negative_sampler=sampler)
+    out = trainer.objective.encode(batch)
     assert out.negatives.shape == (8, 3, cfg.embedding_dim)
-    for positives, row in zip(batch["user_positives"].tolist(), out.negative_ids.tolist(), strict=True):
+    for positives, row in zip(batch.user_positives.tolist(), out.negative_ids.tolist(), strict=True):
         assert not set(row) & set(positives)  # never one of the user's positives, drawn or not
     loss, _ = InfoNCELoss()(out, batch)
     loss.backward()

@@ -9,7 +9,7 @@ from uue.config import ModelConfig
 from uue.data.featurize import Featurizer, collate, trim_batch
 from uue.data.schema import UserChunk, UserData
 from uue.data.tokenizers import ModelNotAvailableError
-from uue.model import UUEModel, load_tower
+from uue.model import StatementBatch, TowerInput, UserBatch, UUEModel, load_tower
 from uue.model.backbone import load_backbone
 
 TEXTS = ["Summited the ridge at dawn.", "Made fresh pasta tonight, the dough needed more rest than I thought.",
@@ -20,9 +20,13 @@ def _model(config: ModelConfig) -> UUEModel:
     return UUEModel.from_config(config).eval()
 
 
-def _users_batch(model: UUEModel, users: list[UserData]) -> dict[str, torch.Tensor]:
+def _users_batch(model: UUEModel, users: list[UserData]) -> UserBatch:
     feat = Featurizer(model.config, model.user_tokenizer, model.item_tokenizer)
-    return trim_batch(collate([feat.user_features(u) for u in users]))
+    return UserBatch.from_features(trim_batch(collate([feat.user_features(u) for u in users])))
+
+
+def _vectors(vectors: torch.Tensor) -> TowerInput:
+    return TowerInput(vectors=vectors)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3"])
@@ -31,12 +35,13 @@ def test_padding_chunks_change_nothing(tiny_model_config, preset):
     batch = _users_batch(model, [UserData("u", [UserChunk(t) for t in TEXTS[:2]])])
     plain = model.encode_users(batch)
     # Append 3 padding chunks full of (unmasked) garbage tokens: chunk_mask False must give them no weight.
-    length = batch["user_input_ids"].shape[2]
-    padded = {
-        "chunk_mask": torch.cat([batch["chunk_mask"], torch.zeros(1, 3, dtype=torch.bool)], 1),
-        "user_input_ids": torch.cat([batch["user_input_ids"], torch.randint(5, 200, (1, 3, length))], 1),
-        "user_attention_mask": torch.cat([batch["user_attention_mask"], torch.ones(1, 3, length, dtype=torch.long)], 1),
-    }
+    chunks = batch.chunks
+    length = chunks.input_ids.shape[2]
+    padded = UserBatch(
+        TowerInput(torch.cat([chunks.input_ids, torch.randint(5, 200, (1, 3, length))], 1),
+                   torch.cat([chunks.attention_mask, torch.ones(1, 3, length, dtype=torch.long)], 1)),
+        torch.cat([batch.chunk_mask, torch.zeros(1, 3, dtype=torch.bool)], 1),
+    )
     torch.testing.assert_close(model.encode_users(padded), plain)
 
 
@@ -60,8 +65,8 @@ def test_qwen3_path_uses_left_padding_and_last_token(tiny_model_config):
     ids = torch.as_tensor(features["item_input_ids"])
     mask = torch.as_tensor(features["item_attention_mask"])
     assert bool((mask[:, -1] == 1).all())  # left padding: the last position is real in every row
-    both = model.item_tower(ids, mask)
-    alone = model.item_tower(ids[:1], mask[:1])
+    both = model.item_tower(TowerInput(ids, mask))
+    alone = model.item_tower(TowerInput(ids[:1], mask[:1]))
     torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-4)
     # last-token pooling reads the final hidden state of the backbone
     hidden = model.item_tower.encoder.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -94,7 +99,7 @@ def test_item_metadata_changes_the_vector(tiny_model_config):
     feat = Featurizer(model.config, model.user_tokenizer, model.item_tokenizer)
     rows = feat.statement_features([Statement("s", "likes jazz", metadata={"family": "music"}),
                                     Statement("s", "likes jazz", metadata={"family": "genre"})])
-    vectors = model.encode_statements({k: torch.as_tensor(v) for k, v in rows.items()})
+    vectors = model.encode_statements(StatementBatch.from_features(rows))
     assert (vectors[0] - vectors[1]).abs().max() > 1e-3
 
 
@@ -106,8 +111,8 @@ def test_attention_and_mean_pooling_differ(tiny_model_config):
     assert type(mean.user_tower.pooling).__name__ == "MeanChunkPooling"
     # mean pooling = mean of chunk vectors, before projection
     batch = _users_batch(mean, users)
-    vectors = mean.user_tower.chunk_vectors(batch["user_input_ids"], batch["user_attention_mask"], batch["chunk_mask"])
-    pooled = mean.user_tower.pooling(vectors, batch["chunk_mask"])
+    vectors = mean.user_tower.chunk_vectors(batch.chunks, batch.chunk_mask)
+    pooled = mean.user_tower.pooling(vectors, batch.chunk_mask)
     torch.testing.assert_close(pooled, vectors.mean(1))
 
 
@@ -125,22 +130,22 @@ def test_chunk_adapter_starts_as_the_identity_and_reads_what_a_mean_of_chunks_ca
     plain = _model(cfg.model_copy(update={"chunk_adapter_rank": 0}))
     plain.user_tower.load_state_dict({k: v for k, v in tower.state_dict().items() if "chunk_adapter" not in k})
     with torch.no_grad():
-        torch.testing.assert_close(tower(mask, chunk_vectors=vectors), plain.user_tower(mask, chunk_vectors=vectors))
-        first, second = plain.user_tower(mask, chunk_vectors=vectors)
+        torch.testing.assert_close(tower(_vectors(vectors), mask), plain.user_tower(_vectors(vectors), mask))
+        first, second = plain.user_tower(_vectors(vectors), mask)
         torch.testing.assert_close(first, second)  # a mean of the chunks cannot tell them apart
     direction = torch.nn.functional.normalize(torch.randn(cfg.embedding_dim, generator=generator), dim=0)
     optimizer = torch.optim.Adam(tower.chunk_adapter.parameters(), lr=0.01)
     for _ in range(100):
         optimizer.zero_grad()
-        users = tower(mask, chunk_vectors=vectors)
+        users = tower(_vectors(vectors), mask)
         loss = (users[1] - users[0]) @ direction  # the adapter alone learns to separate them
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        users = tower(mask, chunk_vectors=vectors)
+        users = tower(_vectors(vectors), mask)
     assert float((users[0] - users[1]) @ direction) > 0.5
     model.save_pretrained(tmp_path / "m")  # the adapter survives save and load
-    torch.testing.assert_close(UUEModel.from_pretrained(tmp_path / "m").user_tower(mask, chunk_vectors=vectors), users)
+    torch.testing.assert_close(UUEModel.from_pretrained(tmp_path / "m").user_tower(_vectors(vectors), mask), users)
 
 
 def _loss_and_grads(model: UUEModel, batch):
@@ -217,9 +222,8 @@ def test_save_load_round_trip_and_single_tower_load(tiny_model_config, tmp_path)
     tower, tokenizer = load_tower(tmp_path / "m" / "item_tower")
     assert tokenizer.padding_side == "left"
     feat = Featurizer(cfg, model.user_tokenizer, tokenizer)
-    rows = {k: torch.as_tensor(v) for k, v in feat.statement_features(["likes jazz"]).items()}
-    torch.testing.assert_close(tower(rows["item_input_ids"], rows["item_attention_mask"]),
-                               model.encode_statements(rows))
+    rows = StatementBatch.from_features(feat.statement_features(["likes jazz"]))
+    torch.testing.assert_close(tower(rows.text), model.encode_statements(rows))
 
 
 def test_backbone_folder_loads_with_plain_transformers(tiny_model_config, tmp_path):

@@ -20,6 +20,7 @@ import torch
 from uue.config import ModelConfig
 from uue.model import flops
 from uue.model.backbone import TextEncoder, load_backbone
+from uue.model.inputs import TowerInput
 from uue.model.packing import PackingOptions, PackLayout, plan_packs, resolve_backend
 from uue.model.towers import ItemTower, UserTower
 
@@ -173,8 +174,8 @@ def test_towers_select_packed_by_config_and_match_padded():
     packed = UserTower(TextEncoder(copy.deepcopy(model)), _tower_config(attention="packed"))
     packed.load_state_dict(padded.state_dict())
     users, ids, mask, chunk_mask = _user_batch(tokenizer.padding_side)
-    expected = padded(chunk_mask, ids, mask)
-    got = packed(chunk_mask, ids, mask)
+    expected = padded(TowerInput(ids, mask), chunk_mask)
+    got = packed(TowerInput(ids, mask), chunk_mask)
     assert (expected - got).abs().max().item() <= VECTOR_ATOL
     assert (packed.forward_ragged(users) - got).abs().max().item() <= VECTOR_ATOL
     weights = torch.randn_like(expected)
@@ -198,8 +199,8 @@ def test_towers_select_packed_by_config_and_match_padded():
     statements = _sequences(30, [3, 12, 1, 8])
     s_ids, s_mask = _pad(statements, tokenizer.padding_side, 12)
     with torch.no_grad():
-        reference = item_padded(s_ids, s_mask)
-        assert (item_packed(s_ids, s_mask) - reference).abs().max().item() <= VECTOR_ATOL
+        reference = item_padded(TowerInput(s_ids, s_mask))
+        assert (item_packed(TowerInput(s_ids, s_mask)) - reference).abs().max().item() <= VECTOR_ATOL
         assert (item_packed.forward_ragged(statements) - reference).abs().max().item() <= VECTOR_ATOL
 
 

@@ -274,7 +274,7 @@ def test_preprocess_cli_reports_a_bad_config_without_starting_ray(tmp_path, caps
     code = main(["--input", "uue/data/sample_data", "--output", str(tmp_path / "o"), "--config", "configs/tiny.yaml",
                  "model.max_chunk_length=1"])
     assert code == 2
-    assert "model.max_chunk_length" in capsys.readouterr().err
+    assert "model.towers.max_chunk_length" in capsys.readouterr().err
 
 
 def test_dataset_and_index_input_read_an_object_store_uri_with_its_query_options(s3_bucket, sample_data_dir):

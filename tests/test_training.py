@@ -95,9 +95,9 @@ def test_training_reduces_the_loss_over_the_whole_epoch(tiny_model_config, tmp_p
                for s in trainer.loop.stream.steps(0, trainer.steps_per_epoch)]
 
     def epoch_loss() -> float:
-        trainer.model.eval()
+        trainer.objective.eval()
         with torch.no_grad():
-            return float(np.mean([float(trainer.loop.loss_fn(trainer.model(b), b)[0]) for b in batches]))
+            return float(np.mean([float(trainer.objective(b)[0]) for b in batches]))
 
     before = epoch_loss()
     trainer.fit()
@@ -242,29 +242,28 @@ def test_one_item_tower_call_per_step_and_honest_token_metrics(tiny_model_config
         "negative_sampling": "semi_hard", "num_negative_samples": 2, "label_loss_weight": 0.5,
         "labels_per_user": 3, "positives_per_user": 2, "gradient_checkpointing_chunks": True})
     trainer = UUETrainer(_experiment(cfg, tmp_path, max_steps=2, peak_tflops=1.0))
-    model, samplers = trainer.model, trainer.samplers
-    samplers.negative.refresh(lambda b: model(b, task="items"), 0)
+    model, samplers, objective = trainer.model, trainer.samplers, trainer.objective
+    objective.refresh_negatives(0)
     batch = trainer.inputs.collate(next(iter(trainer.loop.stream.steps(0, 1))).rows, 0)
     calls = []
     handle = model.item_tower.register_forward_hook(lambda module, args, output: calls.append(output.shape[0]))
-    model.eval()
+    objective.eval()
     state = samplers.negative.generator.get_state(), samplers.label.generator.get_state()
     with torch.no_grad():
-        out = model(batch, negative_sampler=samplers.negative, label_sampler=samplers.label)
+        out = objective.encode(batch)
         handle.remove()
-        assert len(calls) == 1 and calls[0] == len(batch["statement_index"]) + out.negatives[:, :, 0].numel() + \
+        assert len(calls) == 1 and calls[0] == len(batch.statement_index) + out.negatives[:, :, 0].numel() + \
             out.label_items[:, :, 0].numel()
         # The same draws again, each set through the item tower on its own.
         samplers.negative.generator.set_state(state[0])
         samplers.label.generator.set_state(state[1])
-        users = model.encode_users(batch)
-        ids, negative_features = samplers.negative.sample(users, batch)
+        users = model.encode_users(batch.users)
+        ids, negatives = samplers.negative.sample(users, batch)
         draw = samplers.label.sample(batch, users.device)
         torch.testing.assert_close(ids, out.negative_ids)
-        torch.testing.assert_close(out.item, model.encode_statements(batch), atol=1e-5, rtol=1e-4)
-        for features, vectors in ((negative_features, out.negatives), (draw.features, out.label_items)):
-            flat = {k: v.flatten(0, 1) for k, v in features.items()}
-            alone = model.item_tower(flat.get("input_ids"), flat.get("attention_mask"), flat.get("metadata"))
+        torch.testing.assert_close(out.item, model.encode_statements(batch.positives), atol=1e-5, rtol=1e-4)
+        for statements, vectors in ((negatives, out.negatives), (draw.statements, out.label_items)):
+            alone = model.encode_statements(statements)
             torch.testing.assert_close(vectors.flatten(0, 1), alone, atol=1e-5, rtol=1e-4)
 
     trainer.fit()

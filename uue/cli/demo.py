@@ -25,8 +25,8 @@ from uue.data.movielens import MovieLensOptions, write_movielens
 from uue.data.schema import Statement
 from uue.evaluation import evaluate_model
 from uue.evaluation.calibration import calibrate_model
-from uue.evaluation.evaluate import ModelEmbedder
 from uue.evaluation.report import comparison_rows
+from uue.model.encode import ModelEmbedder
 from uue.train import UUETrainer
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "movielens-minilm.yaml"
@@ -105,18 +105,19 @@ def run_demo(config_path: str | None = None, overrides: list[str] | None = None,
     history = result.history
     print(f"      {result.steps} steps in {train_seconds:.0f} s, loss {history[0]['loss']:.3f} -> "
           f"{history[-1]['loss']:.3f}; model: {result.model_dir}")
-    calibrator = calibrate_model(result.model_dir, trainer.dataset, config.data.validation_split)
+    cache_dir = config.model.caching.cache_dir
+    calibrator = calibrate_model(result.model_dir, trainer.dataset, config.data.validation_split, cache_dir=cache_dir)
 
     _step(2, f"evaluate on {split} users, beside the untrained backbones with mean pooling", started)
     eval_dir = output_dir / ("eval" if split == "test" else f"eval-{split}")
-    metrics = evaluate_model(result.model_dir, trainer.dataset, eval_dir, split=split)
+    metrics = evaluate_model(result.model_dir, trainer.dataset, eval_dir, split=split, cache_dir=cache_dir)
     timing = {"setup_and_train_seconds": trained_from - started + train_seconds, "train_loop_seconds": train_seconds,
               "steps": result.steps}
     (eval_dir / "timing.json").write_text(json.dumps(timing))  # beside metrics.json: what the training cost
     dataset = trainer.dataset
 
     _step(3, "inference: top statements for a few test users", started)
-    embedder = ModelEmbedder(trainer.model, trainer.device, progress=False)
+    embedder = ModelEmbedder(trainer.model, trainer.device, progress=False, cache_dir=cache_dir)
     statement_ids = sorted(dataset.statements)
     statement_vectors = embedder.statements([dataset.statements[s] for s in statement_ids])
     test_users = sorted({lab.user_id for lab in dataset.labels_in(split)}, key=lambda u: (len(u), u))[:3]

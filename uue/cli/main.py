@@ -23,7 +23,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.model_dir is not None and trainer.dataset is not None:  # shards alone have no validation labels
         from uue.evaluation.calibration import calibrate_model
 
-        calibrator = calibrate_model(result.model_dir, trainer.dataset, config.data.validation_split)
+        calibrator = calibrate_model(result.model_dir, trainer.dataset, config.data.validation_split,
+                                     cache_dir=config.model.caching.cache_dir)
         if calibrator is not None:
             print(f"calibrated on {calibrator.fitted_on} '{config.data.validation_split}' labels: "
                   f"{result.model_dir}/calibration.json")

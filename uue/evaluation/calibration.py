@@ -87,13 +87,14 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
 
 
 def calibrate_model(model_dir: str | Path, dataset_or_data_dir, split: str = "validation",
-                    progress: bool = False) -> PlattCalibrator | None:
+                    progress: bool = False, cache_dir: str | None = None) -> PlattCalibrator | None:
     """Fit Platt scaling on the `split` labels of a dataset and save calibration.json into `model_dir`.
 
     Returns None (and writes nothing) when the data has no labels of that split, or only one class.
+    `cache_dir`: where frozen backbones' chunk vectors are kept between runs (uue.model.cache).
     """
     from uue.data.readers import UUEDataset, load_dataset
-    from uue.evaluation.evaluate import ModelEmbedder
+    from uue.model.encode import ModelEmbedder
     from uue.model.uue_model import UUEModel
 
     dataset = dataset_or_data_dir if isinstance(dataset_or_data_dir, UUEDataset) else load_dataset(dataset_or_data_dir)
@@ -101,7 +102,8 @@ def calibrate_model(model_dir: str | Path, dataset_or_data_dir, split: str = "va
     if not labels or len({lab.label for lab in labels}) < 2:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    embedder = ModelEmbedder(UUEModel.from_pretrained(model_dir, map_location=device), device, progress=progress)
+    model = UUEModel.from_pretrained(model_dir, map_location=device)
+    embedder = ModelEmbedder(model, device, progress=progress, cache_dir=cache_dir)
     user_ids = sorted({lab.user_id for lab in labels})
     statement_ids = sorted({lab.statement_id for lab in labels})
     users = embedder.users([dataset.users[u] for u in user_ids])

@@ -21,49 +21,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from uue.data.featurize import Featurizer, collate, trim_batch
+from uue.config import ModelConfig
+from uue.data.featurize import Featurizer
 from uue.data.readers import UUEDataset, load_dataset
 from uue.data.schema import Label, Statement, UserData
 from uue.evaluation.analysis import embedding_statistics, user_similarity
 from uue.evaluation.calibration import PlattCalibrator, expected_calibration_error
 from uue.evaluation.metrics import best_threshold, f1_at, mean_user_auc, retrieval_metrics, roc_auc
 from uue.model.backbone import TextEncoder, load_backbone
-from uue.model.cache import ChunkVectorCache
-from uue.model.inference import encode_statements_in_batches
+from uue.model.cache import FrozenPrefixCache, resolve_cache_dir
+from uue.model.encode import ModelEmbedder, StatementBatchEncoder, UserBatchEncoder
+from uue.model.towers import ItemTower, UserTower
 from uue.model.uue_model import UUEModel
 
 ZERO_SHOT_PREFIX = "zero-shot"
 
 
 # ------------------------------------------------------------------------------------------- embedders
-class ModelEmbedder:
-    """A trained model; a frozen user backbone reads its chunk vectors from the shared cache."""
-
-    name = "model"
-
-    def __init__(self, model: UUEModel, device: torch.device, batch_size: int = 32, progress: bool = True):
-        self.model = model.to(device).eval()
-        self.device = device
-        self.batch_size = batch_size
-        self.featurizer = Featurizer(model.config, model.user_tokenizer, model.item_tokenizer)
-        self.cache = (ChunkVectorCache(model.user_tower.encoder, self.featurizer, device, progress=progress)
-                      if model.config.freeze_user_backbone else None)
-
-    @torch.inference_mode()
-    def users(self, users: Sequence[UserData]) -> np.ndarray:
-        if self.cache is not None:
-            self.cache.precompute(users, desc="user chunk vectors")
-        vectors = []
-        for start in range(0, len(users), self.batch_size):
-            part = users[start : start + self.batch_size]
-            rows = [self.cache.features(u) if self.cache else self.featurizer.user_features(u) for u in part]
-            batch = {k: v.to(self.device) for k, v in trim_batch(collate(rows)).items()}
-            vectors.append(self.model.encode_users(batch).float().cpu().numpy())
-        return np.concatenate(vectors) if vectors else np.zeros((0, self.model.config.embedding_dim), np.float32)
-
-    def statements(self, statements: Sequence[Statement]) -> np.ndarray:
-        return encode_statements_in_batches(self.featurizer, statements, self.batch_size, self.device,
-                                            self.model.encode_statements, self.model.config.embedding_dim)
+def _baseline_towers(model: UUEModel, device: torch.device) -> tuple[UserTower, ItemTower, Featurizer]:
+    """The untrained backbones of the model's presets as towers with mean pooling and identity heads (no
+    metadata), on the model's lengths."""
+    config = model.config
+    user_backbone, user_tokenizer = load_backbone(config.towers.user_model_name, seed=0)
+    item_backbone, item_tokenizer = load_backbone(config.towers.item_model_name, seed=1)
+    user_encoder, item_encoder = TextEncoder(user_backbone), TextEncoder(item_backbone)
+    untrained = ModelConfig(towers=config.towers.model_copy(update={"embedding_dim": item_encoder.hidden_size}),
+                            pooling={"use_attention_pooling": False}, heads={"projection_init": "identity"})
+    user_config = untrained.model_copy(update={"embedding_dim": user_encoder.hidden_size})
+    featurizer = Featurizer(config, user_tokenizer, item_tokenizer)
+    user_tower = UserTower(user_encoder, user_config).to(device).eval()
+    return user_tower, ItemTower(item_encoder, untrained).to(device).eval(), featurizer
 
 
 class BaselineEmbedder:
@@ -71,29 +58,22 @@ class BaselineEmbedder:
 
     name = "baseline"
 
-    def __init__(self, model: UUEModel, device: torch.device, batch_size: int = 32, progress: bool = True):
-        cfg = model.config
-        user_backbone, user_tok = load_backbone(cfg.user_model_name, seed=0)
-        item_backbone, item_tok = load_backbone(cfg.item_model_name, seed=1)
-        self.user_encoder = TextEncoder(user_backbone).to(device).eval()
-        self.item_encoder = TextEncoder(item_backbone).to(device).eval()
-        self.featurizer = Featurizer(cfg, user_tok, item_tok)
-        self.device = device
-        self.batch_size = batch_size
-        self.cache = ChunkVectorCache(self.user_encoder, self.featurizer, device, progress=progress)
+    def __init__(self, model: UUEModel, device: torch.device, batch_size: int = 32, progress: bool = True,
+                 cache_dir: str | None = None):
+        user_tower, item_tower, featurizer = _baseline_towers(model, device)
+        cache = FrozenPrefixCache(user_tower.encoder, featurizer.user_tokenizer, device=device,
+                                  micro_batch=model.config.towers.encode_micro_batch,
+                                  cache_dir=resolve_cache_dir(cache_dir), shared=True)
+        cache.progress = "baseline chunk vectors" if progress else None
+        self.user_encoder = UserBatchEncoder(user_tower, featurizer, device, batch_size, cache)
+        self.statement_encoder = StatementBatchEncoder(item_tower, device, batch_size, featurizer)
 
     def users(self, users: Sequence[UserData]) -> np.ndarray:
-        self.cache.precompute(users, desc="baseline chunk vectors")
-        means = np.stack([self.cache.chunk_vectors(u).mean(0) for u in users])
+        means = np.stack([vectors.mean(0) for vectors in self.user_encoder.chunk_vectors(users)])
         return means / np.clip(np.linalg.norm(means, axis=1, keepdims=True), 1e-12, None)
 
     def statements(self, statements: Sequence[Statement]) -> np.ndarray:
-        def encode(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            pooled = self.item_encoder(batch["item_input_ids"], batch["item_attention_mask"]).float()
-            return torch.nn.functional.normalize(pooled, dim=-1)
-
-        return encode_statements_in_batches(self.featurizer, statements, self.batch_size, self.device, encode,
-                                            self.item_encoder.hidden_size)
+        return self.statement_encoder.encode(statements)
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -278,8 +258,10 @@ def _threshold_labels(dataset: UUEDataset, split: str | None, validation_split: 
 def evaluate_model(model_dir: str | Path, data_dir: str | Path | UUEDataset, out_dir: str | Path, *,
                    split: str | None = "test", validation_split: str = "validation", k: int = 10,
                    baseline: bool = True, seed: int = 0, device: str | None = None, batch_size: int = 32,
-                   report: bool = True, progress: bool = True) -> dict[str, Any]:
+                   report: bool = True, progress: bool = True, cache_dir: str | None = None) -> dict[str, Any]:
     """Score `split` labels of `data_dir` with the model in `model_dir`; write OUT/metrics.json (+ report).
+
+    `cache_dir` keeps frozen backbones' chunk vectors between runs (uue.model.cache; UUE_CHUNK_CACHE_DIR wins).
 
     Returns the metrics dict: the model's metrics at the top level (`overall`, `groups`, `seen`,
     `zero_shot`, `ece`, `user_similarity`, `embedding_statistics`) and the same under `baseline`.
@@ -291,7 +273,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path | UUEDataset, out
     model = UUEModel.from_pretrained(model_dir, map_location=torch_device)
     scored_labels, tuning_labels, threshold_info = _threshold_labels(dataset, split, validation_split, seed)
     saved_calibration = PlattCalibrator.load(model_dir)
-    embedder = ModelEmbedder(model, torch_device, batch_size, progress)
+    embedder = ModelEmbedder(model, torch_device, batch_size, progress, cache_dir=cache_dir)
     metrics, arrays = evaluate_embedder(embedder, dataset, scored_labels, tuning_labels, k, saved_calibration)
     result: dict[str, Any] = {
         "model_dir": str(model_dir), "data": dataset.source, "split": split if dataset.has_splits else None,
@@ -299,7 +281,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path | UUEDataset, out
     }
     plot_arrays = {"model": arrays}
     if baseline:
-        base = BaselineEmbedder(model, torch_device, batch_size, progress)
+        base = BaselineEmbedder(model, torch_device, batch_size, progress, cache_dir)
         base_metrics, base_arrays = evaluate_embedder(base, dataset, scored_labels, tuning_labels, k)
         result["baseline"] = {"description": "untrained backbones, mean pooling over chunk vectors, no heads",
                               **base_metrics}

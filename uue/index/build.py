@@ -215,6 +215,7 @@ class ItemTowerEncoder:
         import torch
 
         from uue.data.featurize import Featurizer
+        from uue.model.encode import StatementBatchEncoder
         from uue.model.towers import packing_options
         from uue.model.uue_model import load_tower
 
@@ -228,31 +229,26 @@ class ItemTowerEncoder:
         self.attention = config.attention
         encoder = self.tower.encoder
         if self.attention == "packed":
+            towers = config.towers
             encoder.use_packing(packing_options(
-                config, checkpointing=False, max_length=config.max_statement_length + config.max_context_length))
+                config, checkpointing=False, max_length=towers.max_statement_length + towers.max_context_length))
         else:
             encoder.use_padded()
-        self.featurizer = Featurizer(config, tokenizer, tokenizer)
+        featurizer = Featurizer(config, tokenizer, tokenizer)
+        self.encoder = StatementBatchEncoder(self.tower, self.device, 2**31 - 1, featurizer)  # a Ray batch per call
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         torch = self.torch
-        with torch.inference_mode():
-            if self.attention == "packed":
-                metadata = None
-                if "item_metadata" in batch:
-                    metadata = torch.as_tensor(np.stack(list(batch["item_metadata"]))).to(self.device)
-                vectors = self.tower.forward_ragged([np.asarray(t, dtype=np.int64) for t in batch["token_ids"]],
-                                                    metadata)
-            else:
-                from uue.data.featurize import trim_batch
-
-                features = self.featurizer.statement_features(_batch_statements(batch))
-                tensors = trim_batch({k: torch.as_tensor(v).to(self.device) for k, v in features.items()})
-                vectors = self.tower(
-                    tensors["item_input_ids"], tensors["item_attention_mask"], tensors.get("item_metadata")
-                )
-            # Re-normalise in float32: a bf16 unit vector is only unit to ~1e-2.
-            vectors = torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()
+        if self.attention == "packed":
+            metadata = None
+            if "item_metadata" in batch:
+                metadata = torch.as_tensor(np.stack(list(batch["item_metadata"])))
+            vectors = self.encoder.encode_ragged([np.asarray(t, dtype=np.int64) for t in batch["token_ids"]],
+                                                 metadata)
+        else:
+            vectors = self.encoder.encode_batches([self.encoder.featurize(_batch_statements(batch))])
+        # Re-normalise in float32: a bf16 unit vector is only unit to ~1e-2.
+        vectors = torch.nn.functional.normalize(vectors, dim=-1).numpy()
         return {"statement_id": batch["statement_id"], "text": batch["text"], "source": batch["source"],
                 "vector": vectors.astype(np.float32)}
 

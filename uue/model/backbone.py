@@ -24,6 +24,7 @@ from uue.data.tokenizers import (
     is_decoder,
     resolve_model_name,
 )
+from uue.model.inputs import TowerInput
 from uue.model.packing import PackedRunner, PackingOptions, encode_packed, padded_to_flat, ragged_to_flat
 from uue.model.packing import resolve_backend as resolve_pack_backend
 
@@ -132,6 +133,14 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
 
 
+def cut_layer(model: nn.Module, trainable_layers: int) -> int:
+    """The block index where training starts when only the top `trainable_layers` blocks train."""
+    total = len(transformer_layers(model))
+    if not 0 < trainable_layers <= total:
+        raise ValueError(f"trainable_layers must be 1..{total} for a {total}-layer backbone, got {trainable_layers}")
+    return total - trainable_layers
+
+
 def freeze_backbone(model: nn.Module, frozen: bool, trainable_layers: int | None) -> None:
     """Freeze the whole backbone, or all but its top `trainable_layers` blocks (and the final norm)."""
     if not frozen and trainable_layers is None:
@@ -213,8 +222,18 @@ class TextEncoder(nn.Module):
         backend = resolve_pack_backend(runner.options.backend, weight.device, weight.dtype,
                                   torch.is_grad_enabled() and weight.requires_grad)
         return encode_packed(runner, self.pooling, lengths, gather, flat_ids, backend)
+
+    def encode(self, inputs: TowerInput) -> torch.Tensor:
+        """(N, ...) tower input -> (N, H) pooled vectors: the whole backbone on tokens, its top blocks on hidden
+        states cached at a block, nothing on cached vectors."""
+        if inputs.vectors is not None:
+            return inputs.vectors
+        if inputs.hidden is not None:
+            return self.forward_from_layer(inputs.hidden, inputs.attention_mask, inputs.layer)
+        return self(inputs.input_ids, inputs.attention_mask)
+
     def forward_from_layer(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
-        """Pooled vectors from hidden states cached at block `layer` (uue.model.cache.HiddenStateCache)."""
+        """Pooled vectors from hidden states cached at block `layer` (uue.model.cache)."""
         dtype = next(self.backbone.parameters()).dtype
         top = forward_from_layer(self.backbone, hidden.to(dtype), attention_mask, layer)
         return pool_hidden_states(top, attention_mask, self.pooling)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from uue.data.featurize import Featurizer, collate, trim_batch
 from uue.data.schema import Statement, UserChunk, UserData
+from uue.model.encode import ModelEmbedder
 from uue.model.uue_model import UUEModel
 
 ChunkLike = UserChunk | str | dict
@@ -41,7 +41,9 @@ class UUEInference:
     def __init__(self, model: UUEModel | str | Path, device: str | torch.device | None = None, batch_size: int = 32):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = (model if isinstance(model, UUEModel) else UUEModel.from_pretrained(model)).to(self.device).eval()
-        self.featurizer = Featurizer(self.model.config, self.model.user_tokenizer, self.model.item_tokenizer)
+        # Users from their tokens: a frozen backbone's vectors are the same, and no cache outlives a call.
+        self.embedder = ModelEmbedder(self.model, self.device, batch_size, progress=False, cache_chunks=False)
+        self.featurizer = self.embedder.featurizer
         self.batch_size = batch_size
 
     @classmethod
@@ -52,25 +54,12 @@ class UUEInference:
     def logit_scale(self) -> float:
         return float(self.model.clamped_logit_scale().detach())
 
-    @torch.inference_mode()
     def encode_users(self, users: Sequence[UserData | Sequence[ChunkLike]]) -> np.ndarray:
         """(N, D) vectors for many users (UserData or chunk lists), `batch_size` users at a time."""
-        vectors = []
-        for start in range(0, len(users), self.batch_size):
-            rows = []
-            for user in users[start : start + self.batch_size]:
-                if isinstance(user, UserData):
-                    rows.append(self.featurizer.user_features(user))
-                else:
-                    rows.append(self.featurizer.user_features(as_chunks(user)))
-            batch = {k: v.to(self.device) for k, v in trim_batch(collate(rows)).items()}
-            vectors.append(self.model.encode_users(batch).float().cpu().numpy())
-        return np.concatenate(vectors) if vectors else np.zeros((0, self.model.config.embedding_dim), np.float32)
+        return self.embedder.users([u if isinstance(u, UserData) else UserData("", as_chunks(u)) for u in users])
 
-    @torch.inference_mode()
     def encode_statements(self, statements: Sequence[Statement | str]) -> np.ndarray:
-        return encode_statements_in_batches(self.featurizer, statements, self.batch_size, self.device,
-                                            self.model.encode_statements, self.model.config.embedding_dim)
+        return self.embedder.statements(statements)
 
     def get_user_embedding(self, chunks: Sequence[ChunkLike], metadata: dict | None = None) -> np.ndarray:
         user = UserData(user_id="", chunks=as_chunks(chunks), metadata=metadata)
@@ -82,20 +71,6 @@ class UUEInference:
     def compute_similarity(self, chunks: Sequence[ChunkLike], text: str) -> float:
         """Cosine similarity (dot product of unit vectors) of a user and a statement, in [-1, 1]."""
         return float(self.get_user_embedding(chunks) @ self.get_statement_embedding(text))
-
-
-def encode_statements_in_batches(
-    featurizer: Featurizer, statements: Sequence[Statement | str], batch_size: int, device: torch.device,
-    encode: Callable[[dict[str, torch.Tensor]], torch.Tensor], dimension: int,
-) -> np.ndarray:
-    """Featurize and encode statements `batch_size` at a time with `encode` (item_* features -> vectors)."""
-    vectors = []
-    with torch.inference_mode():
-        for start in range(0, len(statements), batch_size):
-            feats = featurizer.statement_features(statements[start : start + batch_size])
-            batch = trim_batch({k: torch.as_tensor(v).to(device) for k, v in feats.items()})
-            vectors.append(encode(batch).float().cpu().numpy())
-    return np.concatenate(vectors) if vectors else np.zeros((0, dimension), np.float32)
 
 
 # The seed design called the class that loads a saved model and scores users an evaluator.

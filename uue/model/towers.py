@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from uue.config import ModelConfig
-from uue.model.backbone import TextEncoder
+from uue.model.backbone import TextEncoder, cut_layer
+from uue.model.inputs import TowerInput
 from uue.model.packing import PackingOptions
 from uue.model.pooling import AttentionPooling, MeanChunkPooling
 
@@ -52,15 +53,15 @@ class LowRankResidualProjection(nn.Module):
 def build_projection(hidden: int, config: ModelConfig, activation: Literal["none", "gelu"] = "none") -> nn.Module:
     """hidden -> embedding_dim: a Linear (random, or the identity with projection_init="identity"), or with
     projection_rank > 0 the identity plus a trainable rank-r correction (`activation` inside it)."""
-    if config.projection_rank or config.projection_init == "identity":
-        if hidden != config.embedding_dim:
-            what = f"projection_rank={config.projection_rank}" if config.projection_rank else "identity projection_init"
-            raise ValueError(f"{what} needs embedding_dim == the backbone hidden size ({hidden}), "
-                             f"got {config.embedding_dim}")
-    if config.projection_rank:
-        return LowRankResidualProjection(hidden, config.projection_rank, activation)
-    projection = nn.Linear(hidden, config.embedding_dim)
-    if config.projection_init == "identity":
+    heads, embedding_dim = config.heads, config.towers.embedding_dim
+    if heads.projection_rank or heads.projection_init == "identity":
+        if hidden != embedding_dim:
+            what = f"projection_rank={heads.projection_rank}" if heads.projection_rank else "identity projection_init"
+            raise ValueError(f"{what} needs embedding_dim == the backbone hidden size ({hidden}), got {embedding_dim}")
+    if heads.projection_rank:
+        return LowRankResidualProjection(hidden, heads.projection_rank, activation)
+    projection = nn.Linear(hidden, embedding_dim)
+    if heads.projection_init == "identity":
         with torch.no_grad():
             nn.init.eye_(projection.weight)
             nn.init.zeros_(projection.bias)
@@ -69,20 +70,17 @@ def build_projection(hidden: int, config: ModelConfig, activation: Literal["none
 
 def packing_options(config: ModelConfig, checkpointing: bool, max_length: int) -> PackingOptions:
     """The packed path's options from the model config (checkpointing: the user tower's chunk recompute)."""
+    packing = config.packing
     return PackingOptions(
-        pack_tokens=config.pack_tokens, max_sequences=config.pack_max_sequences, backend=config.pack_backend,
-        compile_layers=config.compile_layers, checkpointing=config.checkpoint_granularity if checkpointing else "none",
-        max_length=max_length,
+        pack_tokens=packing.pack_tokens, max_sequences=packing.pack_max_sequences, backend=packing.pack_backend,
+        compile_layers=packing.compile_layers, max_length=max_length,
+        checkpointing=packing.checkpoint_granularity if checkpointing else "none",
     )
 
 
 def _hidden_cut(encoder: TextEncoder, trainable_layers: int | None) -> int | None:
     """Block index where a tower trained on cached hidden states starts (None: it reads tokens or vectors)."""
-    if not trainable_layers:
-        return None
-    from uue.model.cache import cut_layer
-
-    return cut_layer(encoder, trainable_layers)
+    return cut_layer(encoder.backbone, trainable_layers) if trainable_layers else None
 
 
 class UserTower(nn.Module):
@@ -91,105 +89,65 @@ class UserTower(nn.Module):
     def __init__(self, encoder: TextEncoder, config: ModelConfig):
         super().__init__()
         hidden = encoder.hidden_size
+        towers, heads = config.towers, config.heads
         self.encoder = encoder
-        self.micro_batch = config.encode_micro_batch
-        self.checkpoint_chunks = config.gradient_checkpointing_chunks
+        self.embedding_dim = towers.embedding_dim
+        self.micro_batch = towers.encode_micro_batch
+        self.checkpoint_chunks = towers.gradient_checkpointing_chunks
         self.pooling: nn.Module = MeanChunkPooling()
-        if config.use_attention_pooling:
-            self.pooling = AttentionPooling(hidden, config.attention_heads, config.dropout)
-        self.chunk_adapter = (
-            LowRankResidualProjection(hidden, config.chunk_adapter_rank, "gelu") if config.chunk_adapter_rank else None
-        )
-        self.metadata = (
-            MetadataFusion(config.metadata_dim, hidden, config.dropout) if config.use_user_metadata else None
-        )
-        self.projection = build_projection(hidden, config, config.user_projection_activation)
-        if config.attention == "packed":
-            encoder.use_packing(packing_options(config, config.gradient_checkpointing_chunks, config.max_chunk_length))
+        if config.pooling.use_attention_pooling:
+            self.pooling = AttentionPooling(hidden, config.pooling.attention_heads, heads.dropout)
+        rank = config.pooling.chunk_adapter_rank
+        self.chunk_adapter = LowRankResidualProjection(hidden, rank, "gelu") if rank else None
+        self.metadata = MetadataFusion(heads.metadata_dim, hidden, heads.dropout) if heads.use_user_metadata else None
+        self.projection = build_projection(hidden, config, heads.user_projection_activation)
+        if config.packing.attention == "packed":
+            encoder.use_packing(packing_options(config, towers.gradient_checkpointing_chunks, towers.max_chunk_length))
         self.hidden_cut = _hidden_cut(encoder, config.hidden_cache_layers("user"))
 
-    def encode_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(N, L) chunk tokens -> (N, H) chunk vectors, `micro_batch` chunks at a time.
+    def encode_chunks(self, chunks: TowerInput) -> torch.Tensor:
+        """(N, ...) chunks -> (N, H) chunk vectors, `micro_batch` chunks at a time.
 
-        Under gradient the micro-batches are checkpointed, so only the chunk vectors stay alive between
+        Under gradient, token micro-batches are checkpointed, so only the chunk vectors stay alive between
         forward and backward: memory grows with the number of chunks by H floats each, not by activations.
         """
-        if self.encoder.attention == "packed":  # packs are the micro-batches; checkpointing per packing options
-            return self.encoder(input_ids, attention_mask)
-        outputs = []
-        recompute = self.checkpoint_chunks and torch.is_grad_enabled() and any(
+        if chunks.vectors is not None:
+            return chunks.vectors
+        if chunks.input_ids is not None and self.encoder.attention == "packed":
+            return self.encoder.encode(chunks)  # packs are the micro-batches; checkpointing per packing options
+        recompute = chunks.input_ids is not None and self.checkpoint_chunks and torch.is_grad_enabled() and any(
             p.requires_grad for p in self.encoder.parameters()
         )
-        for start in range(0, input_ids.size(0), self.micro_batch):
-            ids = input_ids[start : start + self.micro_batch]
-            mask = attention_mask[start : start + self.micro_batch]
+        outputs = []
+        for start in range(0, chunks.rows, self.micro_batch):
+            part = chunks.map(lambda t, start=start: t[start : start + self.micro_batch])
             if recompute:
-                outputs.append(checkpoint(self.encoder, ids, mask, use_reentrant=False))
+                outputs.append(checkpoint(self.encoder, part.input_ids, part.attention_mask, use_reentrant=False))
             else:
-                outputs.append(self.encoder(ids, mask))
-        return torch.cat(outputs) if outputs else input_ids.new_zeros((0, self.encoder.hidden_size), dtype=torch.float)
+                outputs.append(self.encoder.encode(part))
+        if not outputs:
+            return torch.zeros((0, self.encoder.hidden_size), device=chunks.attention_mask.device)
+        return torch.cat(outputs)
 
-    def chunk_vectors(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """(B, C, L) tokens -> (B, C, H) vectors; only real chunks are encoded, padding stays zero."""
-        batch, chunks, length = input_ids.shape
-        if self.encoder.attention == "packed":  # real rows picked on the host: no device-side boolean indexing
-            real_rows = chunk_mask.reshape(-1).bool().cpu().nonzero().squeeze(1).to(input_ids.device)
-            flat_ids = input_ids.reshape(batch * chunks, length).index_select(0, real_rows)
-            flat_mask = attention_mask.reshape(batch * chunks, length).index_select(0, real_rows)
-            encoded = self.encode_chunks(flat_ids, flat_mask)
-            vectors = encoded.new_zeros(batch * chunks, encoded.size(-1)).index_copy(0, real_rows, encoded)
-            return vectors.view(batch, chunks, -1)
-        real = chunk_mask.bool().reshape(-1)
-        flat_ids = input_ids.reshape(batch * chunks, length)[real]
-        flat_mask = attention_mask.reshape(batch * chunks, length)[real]
-        encoded = self.encode_chunks(flat_ids, flat_mask)
-        vectors = encoded.new_zeros(batch * chunks, encoded.size(-1))
-        vectors = vectors.index_copy(0, real.nonzero().squeeze(1), encoded)
-        return vectors.view(batch, chunks, -1)
+    def chunk_vectors(self, chunks: TowerInput, chunk_mask: torch.Tensor) -> torch.Tensor:
+        """(B, C, ...) chunks -> (B, C, H) vectors; only real chunks are encoded, padding stays zero."""
+        if chunks.vectors is not None:
+            return chunks.vectors
+        batch, slots = chunk_mask.shape
+        # Real rows picked on the host: no device-side boolean indexing.
+        real_rows = chunk_mask.reshape(-1).bool().cpu().nonzero().squeeze(1).to(chunk_mask.device)
+        flat = chunks.map(lambda t: t.reshape(batch * slots, *t.shape[2:]).index_select(0, real_rows))
+        encoded = self.encode_chunks(flat)
+        vectors = encoded.new_zeros(batch * slots, encoded.size(-1)).index_copy(0, real_rows, encoded)
+        return vectors.view(batch, slots, -1)
 
-    def chunk_vectors_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                                  chunk_mask: torch.Tensor) -> torch.Tensor:
-        """(B, C, L, H) cached hidden states -> (B, C, H) chunk vectors through the top blocks only."""
-        batch, chunks, length, width = hidden.shape
-        real = chunk_mask.bool().reshape(-1)
-        flat = hidden.reshape(batch * chunks, length, width)[real]
-        flat_mask = attention_mask.reshape(batch * chunks, length)[real]
-        parts = [self.encoder.forward_from_layer(flat[i : i + self.micro_batch], flat_mask[i : i + self.micro_batch],
-                                                 self.hidden_cut) for i in range(0, flat.size(0), self.micro_batch)]
-        encoded = torch.cat(parts)
-        vectors = encoded.new_zeros(batch * chunks, encoded.size(-1))
-        vectors = vectors.index_copy(0, real.nonzero().squeeze(1), encoded)
-        return vectors.view(batch, chunks, -1)
-
-    def forward(
-        self,
-        chunk_mask: torch.Tensor,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        metadata: torch.Tensor | None = None,
-        chunk_vectors: torch.Tensor | None = None,
-        chunk_hidden: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Users -> (B, embedding_dim) unit vectors.
-
-        Pass chunk tokens, precomputed `chunk_vectors` (B, C, H) (a frozen backbone's cache), or
-        `chunk_hidden` (B, C, L, H) with `attention_mask`: hidden states at the cut (top-N training).
-        """
+    def forward(self, chunks: TowerInput, chunk_mask: torch.Tensor, metadata: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Users -> (B, embedding_dim) unit vectors from (B, C, ...) chunks and the (B, C) mask of real ones."""
         # Checked where the mask is on the host (the collator, serving); on a GPU the check would stall the step.
         if chunk_mask.device.type == "cpu" and not bool(chunk_mask.bool().any(1).all()):
             raise ValueError("every user needs at least one chunk (a row of chunk_mask is all False)")
-        if chunk_hidden is not None:
-            if self.hidden_cut is None or attention_mask is None:
-                raise ValueError("chunk_hidden needs cache_hidden_states with user_trainable_layers, and the "
-                                 "chunks' attention_mask")
-            chunk_vectors = self.chunk_vectors_from_hidden(chunk_hidden, attention_mask, chunk_mask)
-        if chunk_vectors is None:
-            if input_ids is None or attention_mask is None:
-                raise ValueError("UserTower needs input_ids and attention_mask, or chunk_vectors")
-            chunk_vectors = self.chunk_vectors(input_ids, attention_mask, chunk_mask)
-        return self._head(chunk_vectors, chunk_mask, metadata)
+        return self.pool(self.chunk_vectors(chunks, chunk_mask), chunk_mask, metadata)
 
     def forward_ragged(
         self, chunks: Sequence[Sequence[Sequence[int] | torch.Tensor]], metadata: torch.Tensor | None = None
@@ -204,11 +162,13 @@ class UserTower(nn.Module):
         vectors = encoded.new_zeros(len(chunks) * width, encoded.size(-1)).index_copy(0, slots, encoded)
         chunk_mask = torch.zeros(len(chunks) * width, dtype=torch.bool)
         chunk_mask[slots.cpu()] = True
-        return self._head(vectors.view(len(chunks), width, -1), chunk_mask.view(len(chunks), width).to(encoded.device),
-                          metadata)
+        return self.pool(vectors.view(len(chunks), width, -1),
+                         chunk_mask.view(len(chunks), width).to(encoded.device), metadata)
 
-    def _head(self, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor, metadata: torch.Tensor | None
-              ) -> torch.Tensor:
+    def pool(self, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor, metadata: torch.Tensor | None
+             ) -> torch.Tensor:
+        """The head: (B, C, H) chunk vectors -> (B, embedding_dim) unit user vectors (adapter, pooling, metadata,
+        projection)."""
         if self.chunk_adapter is not None:  # per chunk (padding rows too: the pooling masks them out)
             chunk_vectors = self.chunk_adapter(chunk_vectors)
         pooled = self.pooling(chunk_vectors, chunk_mask)
@@ -225,34 +185,22 @@ class ItemTower(nn.Module):
     def __init__(self, encoder: TextEncoder, config: ModelConfig):
         super().__init__()
         hidden = encoder.hidden_size
+        heads = config.heads
         self.encoder = encoder
+        self.embedding_dim = config.towers.embedding_dim
         self.metadata = (
-            MetadataFusion(config.item_metadata_dim, hidden, config.dropout) if config.use_item_metadata else None
+            MetadataFusion(heads.item_metadata_dim, hidden, heads.dropout) if heads.use_item_metadata else None
         )
         self.projection = build_projection(hidden, config)
-        if config.attention == "packed":
+        if config.packing.attention == "packed":
+            towers = config.towers
             encoder.use_packing(packing_options(
-                config, checkpointing=False, max_length=config.max_statement_length + config.max_context_length))
+                config, checkpointing=False, max_length=towers.max_statement_length + towers.max_context_length))
         self.hidden_cut = _hidden_cut(encoder, config.hidden_cache_layers("item"))
 
-    def forward(
-        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-        metadata: torch.Tensor | None = None, text_vectors: torch.Tensor | None = None,
-        hidden: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Statements -> (N, embedding_dim) unit vectors, from tokens, precomputed `text_vectors` (N, H)
-        (a frozen backbone's cache) or `hidden` (N, L, H) with `attention_mask`: hidden states at the cut."""
-        if text_vectors is not None:
-            pooled = text_vectors
-        elif hidden is not None:
-            if self.hidden_cut is None or attention_mask is None:
-                raise ValueError("hidden needs cache_hidden_states with item_trainable_layers, and attention_mask")
-            pooled = self.encoder.forward_from_layer(hidden, attention_mask, self.hidden_cut)
-        elif input_ids is None or attention_mask is None:
-            raise ValueError("ItemTower needs input_ids and attention_mask, or text_vectors")
-        else:
-            pooled = self.encoder(input_ids, attention_mask)
-        return self._head(pooled, metadata)
+    def forward(self, text: TowerInput, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, ...) statements -> (N, embedding_dim) unit vectors."""
+        return self._head(self.encoder.encode(text), metadata)
 
     def forward_ragged(self, statements: Sequence[Sequence[int] | torch.Tensor], metadata: torch.Tensor | None = None
                        ) -> torch.Tensor:

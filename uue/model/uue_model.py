@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,31 +27,16 @@ from transformers.utils import logging as hf_logging
 from uue.config import ModelConfig
 from uue.model.backbone import TextEncoder, freeze_backbone, load_backbone
 from uue.model.folder import FORMAT_VERSION, read_meta
+from uue.model.inputs import StatementBatch, UserBatch
 from uue.model.towers import ItemTower, UserTower
-
-if TYPE_CHECKING:
-    from uue.train.label_loss import UserLabelSampler
-    from uue.train.negatives import NegativeSampler
-
-
-
-@dataclass
-class UUEOutput:
-    """What one forward pass returns; the loss reads it."""
-
-    user: torch.Tensor  # (B, D) unit vectors
-    item: torch.Tensor  # (M, D) unit vectors of the batch's positive slots (M = B x positives per user)
-    logit_scale: torch.Tensor  # (1,) exp of the clamped log-scale
-    negatives: torch.Tensor | None = None  # (B, K, D) sampled negative statements per user
-    negative_ids: torch.Tensor | None = None  # (B, K) their statement indices
-    label_items: torch.Tensor | None = None  # (B, K, D) statements drawn from each user's labels (label loss)
-    label_values: torch.Tensor | None = None  # (B, K) their 0/1 labels
-    label_mask: torch.Tensor | None = None  # (B, K) which draws are real
-    label_bias: torch.Tensor | None = None  # (1,) the label loss's learned bias
 
 
 class UUEModel(nn.Module):
-    """User tower + item tower (separate weights) + temperature owned by the model (as in open_clip)."""
+    """User tower + item tower (separate weights) + temperature owned by the model (as in open_clip).
+
+    It only encodes: what a training step computes from the vectors (sampled negatives, InfoNCE, the label
+    loss) is uue.train.objective's, which wraps this model.
+    """
 
     def __init__(
         self,
@@ -70,27 +53,35 @@ class UUEModel(nn.Module):
         self.user_tokenizer = user_tokenizer
         self.item_tokenizer = item_tokenizer
         # 1-D, not 0-dim: DeepSpeed cannot flatten 0-dim parameters.
-        self.logit_scale = nn.Parameter(
-            torch.full((1,), math.log(1.0 / config.temperature)), requires_grad=config.learn_temperature
-        )
-        # The label loss's logit offset (uue.train.label_loss); only trained when that loss is on.
-        self.label_bias = nn.Parameter(torch.zeros(1), requires_grad=config.label_loss_weight > 0)
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / config.loss.temperature)))
+        # The label loss's logit offset (uue.train.label_loss): trained only when the objective uses that loss.
+        self.label_bias = nn.Parameter(torch.zeros(1), requires_grad=False)
 
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0) -> UUEModel:
         """Build from backbone names/presets (pretrained weights where the name has them)."""
-        user_backbone, user_tok = load_backbone(config.user_model_name, seed=seed)
-        item_backbone, item_tok = load_backbone(config.item_model_name, seed=seed + 1)
-        freeze_backbone(user_backbone, config.freeze_user_backbone, config.user_trainable_layers)
-        freeze_backbone(item_backbone, config.freeze_item_backbone, config.item_trainable_layers)
+        towers = config.towers
+        user_backbone, user_tok = load_backbone(towers.user_model_name, seed=seed)
+        item_backbone, item_tok = load_backbone(towers.item_model_name, seed=seed + 1)
+        freeze_backbone(user_backbone, towers.freeze_user_backbone, towers.user_trainable_layers)
+        freeze_backbone(item_backbone, towers.freeze_item_backbone, towers.item_trainable_layers)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 2)  # heads identical on every worker
             user_tower = UserTower(TextEncoder(user_backbone), config)
             item_tower = ItemTower(TextEncoder(item_backbone), config)
         return cls(config, user_tower, item_tower, user_tok, item_tok)
 
+    def encode_users(self, users: UserBatch) -> torch.Tensor:
+        """(B, embedding_dim) unit user vectors."""
+        return self.user_tower(users.chunks, users.chunk_mask, users.metadata)
+
+    def encode_statements(self, statements: StatementBatch) -> torch.Tensor:
+        """(N, embedding_dim) unit statement vectors."""
+        return self.item_tower(statements.text, statements.metadata)
+
     def clamped_logit_scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+        """The scale scores are read with: exp of the log-scale, bounded by loss.max_logit_scale."""
+        return self.logit_scale.clamp(max=math.log(self.config.loss.max_logit_scale)).exp()
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
@@ -98,85 +89,9 @@ class UUEModel(nn.Module):
 
         Under DeepSpeed the optimizer steps its own fp32 master copy (and ZeRO-3 leaves this rank an empty
         placeholder), so the stored value may sit above the bound there; `clamped_logit_scale`, which every
-        forward uses, bounds the value the loss sees either way.
+        training forward uses, bounds the value the loss sees either way.
         """
-        self.logit_scale.clamp_(max=math.log(self.config.max_logit_scale))
-
-    def encode_users(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.user_tower(
-            chunk_mask=batch["chunk_mask"],
-            input_ids=batch.get("user_input_ids"),
-            attention_mask=batch.get("user_attention_mask"),
-            metadata=batch.get("user_metadata"),
-            chunk_vectors=batch.get("chunk_vectors"),
-            chunk_hidden=batch.get("chunk_hidden"),
-        )
-
-    def encode_statements(self, batch: dict[str, torch.Tensor], prefix: str = "item") -> torch.Tensor:
-        return self.item_tower(
-            batch.get(f"{prefix}_input_ids"), batch.get(f"{prefix}_attention_mask"), batch.get(f"{prefix}_metadata"),
-            text_vectors=batch.get(f"{prefix}_text_vectors"), hidden=batch.get(f"{prefix}_hidden"),
-        )
-
-    def _encode_item_parts(self, parts: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """Flat item features of several statement sets -> their vectors, in one item-tower call when the sets
-        carry the same kinds of features (token columns padded to the widest on the tokenizer's side)."""
-        keys = {name for name, value in parts[0].items() if value is not None}
-        if len(parts) > 1 and ("hidden" in keys or any(
-                {n for n, v in part.items() if v is not None} != keys for part in parts[1:])):
-            return [self._encode_item_parts([part])[0] for part in parts]
-        if "input_ids" in keys and len(parts) > 1:
-            width = max(part["input_ids"].size(-1) for part in parts)
-            left = getattr(self.item_tokenizer, "padding_side", "right") == "left"
-            pad_id = getattr(self.item_tokenizer, "pad_token_id", None) or 0
-            parts = [{**part, "input_ids": _pad_columns(part["input_ids"], width, pad_id, left),
-                      "attention_mask": _pad_columns(part["attention_mask"], width, 0, left)} for part in parts]
-        flat = {name: torch.cat([part[name] for part in parts]) for name in keys}
-        vectors = self.item_tower(flat.get("input_ids"), flat.get("attention_mask"), flat.get("metadata"),
-                                  text_vectors=flat.get("text_vectors"), hidden=flat.get("hidden"))
-        return list(vectors.split([next(iter(part.values())).size(0) for part in parts]))
-
-    def forward(
-        self, batch: dict[str, torch.Tensor], negative_sampler: NegativeSampler | None = None, task: str = "train",
-        label_sampler: UserLabelSampler | None = None,
-    ) -> UUEOutput | torch.Tensor:
-        """Everything the loss needs, computed inside one forward (ZeRO-3 gathers parameters only here).
-
-        `task="users"` / `task="items"` only encode users / statements: a DeepSpeed engine must run every
-        use of the weights through its forward, encoding included.
-        """
-        if task == "users":
-            return self.encode_users(batch)
-        if task == "items":
-            return self.encode_statements(batch)
-        # Tokens the item tower runs on beyond the batch's own statements (negatives, label draws): the training
-        # loop's tokens/s and MFU count them; a device tensor, read with the step's other metrics.
-        self.extra_item_tokens: torch.Tensor | int = 0
-        users = self.encode_users(batch)
-        # Negatives are chosen from the user vectors and the refreshed pool, label statements drawn from the
-        # batch: then the item tower runs once, on positives, negatives and label statements together.
-        sets: list[tuple[str, dict[str, torch.Tensor]]] = []
-        negative_ids = draw = None
-        if negative_sampler is not None and negative_sampler.num_negatives > 0:
-            negative_ids, negative_features = negative_sampler.sample(users.detach(), batch)
-            sets.append(("negatives", negative_features))
-        if label_sampler is not None:
-            draw = label_sampler.sample(batch, users.device)
-            sets.append(("labels", draw.features))
-        positives = {name.removeprefix("item_"): value for name, value in batch.items() if name in (
-            "item_input_ids", "item_attention_mask", "item_metadata", "item_text_vectors", "item_hidden")}
-        shapes = [next(iter(features.values())).shape[:2] for _, features in sets]
-        for _, features in sets:  # the batch's own statements are counted from the host batch (train_step)
-            if "attention_mask" in features and "hidden" not in features:  # hidden states count none (backbone_tokens)
-                self.extra_item_tokens = self.extra_item_tokens + features["attention_mask"].sum()
-        vectors = self._encode_item_parts([positives] + [
-            {name: value.flatten(0, 1) for name, value in features.items()} for _, features in sets])
-        encoded = {name: v.view(b, k, -1) for (name, _), (b, k), v in zip(sets, shapes, vectors[1:], strict=True)}
-        out = UUEOutput(users, vectors[0], self.clamped_logit_scale(), encoded.get("negatives"), negative_ids)
-        if draw is not None:
-            out.label_items = encoded["labels"]
-            out.label_values, out.label_mask, out.label_bias = draw.values, draw.mask, self.label_bias
-        return out
+        self.logit_scale.clamp_(max=math.log(self.config.loss.max_logit_scale))
 
     # ------------------------------------------------------------------ on-disk format
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -213,8 +128,9 @@ class UUEModel(nn.Module):
             model.logit_scale.copy_(scalars["logit_scale"])
             if "label_bias" in scalars:  # folders written before the label loss existed have none
                 model.label_bias.copy_(scalars["label_bias"])
-        freeze_backbone(model.user_tower.encoder.backbone, config.freeze_user_backbone, config.user_trainable_layers)
-        freeze_backbone(model.item_tower.encoder.backbone, config.freeze_item_backbone, config.item_trainable_layers)
+        towers = config.towers
+        freeze_backbone(model.user_tower.encoder.backbone, towers.freeze_user_backbone, towers.user_trainable_layers)
+        freeze_backbone(model.item_tower.encoder.backbone, towers.freeze_item_backbone, towers.item_trainable_layers)
         return model.to(map_location)
 
 
@@ -273,12 +189,3 @@ def load_tower(
     if missing or unexpected:
         raise ValueError(f"{folder}: head weights do not match the tower (missing {missing}, unexpected {unexpected})")
     return tower.to(map_location).eval(), tokenizer
-
-
-def _pad_columns(values: torch.Tensor, width: int, fill: int, left: bool) -> torch.Tensor:
-    """(N, L) -> (N, width), the new columns on the padding side."""
-    extra = width - values.size(-1)
-    if extra <= 0:
-        return values
-    pad = values.new_full((values.size(0), extra), fill)
-    return torch.cat([pad, values] if left else [values, pad], dim=-1)

@@ -25,7 +25,7 @@ import torch
 
 from uue.model.uue_model import UUEModel
 from uue.train.samplers import Samplers
-from uue.train.step import unwrap
+from uue.train.step import model_of, unwrap
 
 STATE_FILE = "training_state.json"
 MODEL_FOLDER = "model"
@@ -53,9 +53,9 @@ def full_state_dict(model: Any) -> dict[str, torch.Tensor]:
     Trained parameters come from the optimizer's fp32 master copy (`safe_get_full_fp32_param`), so a bf16
     run exports fp32 like the single-process path; frozen ZeRO-3 parameters are gathered from their shards.
     """
-    module = unwrap(model)
+    module = model_of(model)
     state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    if module is model:
+    if unwrap(model) is model:  # not a DeepSpeed engine
         return state
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
@@ -80,7 +80,7 @@ def write_checkpoint(folder: Path, *, model: Any, optimization: Any, samplers: S
     (folder / "ranks").mkdir(exist_ok=True)
     torch.save({"rng": rng_state(), **samplers.state_dict()}, folder / "ranks" / f"rank_{rank}.pt")
     if rank == 0:
-        unwrap(model).save_pretrained(folder / MODEL_FOLDER, state_dict=weights)
+        model_of(model).save_pretrained(folder / MODEL_FOLDER, state_dict=weights)
         if resumable and kind == "torch":
             (folder / OPTIMIZER_FOLDER).mkdir(exist_ok=True)
             torch.save(optimization.state_dict(), folder / OPTIMIZER_FOLDER / "torch.pt")
@@ -116,9 +116,10 @@ def restore_checkpoint(folder: Path, *, model: Any, optimization: Any, samplers:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint step_{step} under {folder / OPTIMIZER_FOLDER}")
     else:
-        device = next(model.parameters()).device
+        module = model_of(model)
+        device = next(module.parameters()).device
         loaded = UUEModel.from_pretrained(folder / MODEL_FOLDER, map_location=device)
-        model.load_state_dict(loaded.state_dict())
+        module.load_state_dict(loaded.state_dict())
         optimization.load_state_dict(torch.load(folder / OPTIMIZER_FOLDER / "torch.pt", map_location="cpu",
                                                 weights_only=False))
     rank_file = folder / "ranks" / f"rank_{rank}.pt"

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from uue.config import ExperimentConfig
 from uue.data.featurize import Featurizer
 from uue.data.readers import UUEDataset, load_dataset
 from uue.data.shards import Shards, check_manifest, is_preprocessed, preprocess_local
+from uue.model.cache import FrozenPrefixCache, resolve_cache_dir
+from uue.model.towers import ItemTower, UserTower
 from uue.model.uue_model import UUEModel
 from uue.train.samplers import Samplers, build_samplers, wants_samplers
 from uue.train.stream import BatchCollator, StatementTable
@@ -50,35 +52,28 @@ class Inputs:
 
 def build_inputs(config: ExperimentConfig, shards: Shards, model: UUEModel, featurizer: Featurizer,
                  device: torch.device, sampler_seed: int) -> Inputs:
-    """Statement table (a frozen item backbone's vectors with cache_statement_vectors, or the hidden states at
-    the item tower's cut with cache_hidden_states), the collator (a frozen user backbone's chunk-vector cache
-    with cache_chunk_vectors, or a cache of chunk hidden states at the user tower's cut) and the samplers of
-    one process. The caches run the frozen part once per process, outside any engine's forward."""
+    """The statement table, the collator and the samplers of one process. A frozen item backbone
+    (cache_statement_vectors) or a frozen bottom below the item tower's cut (cache_hidden_states) puts what the
+    frozen-prefix cache computes for each statement in the table; the collator reads users' chunks from the
+    user backbone's cache likewise. The caches run the frozen part once per process, outside any engine's
+    forward."""
     cfg = config.model
-    hidden_dtype = getattr(torch, cfg.hidden_cache_dtype)
-    table = StatementTable(shards.statements(), featurizer)
-    if cfg.cache_statement_vectors:
-        from uue.model.cache import statement_vector_features
+    caching = cfg.caching
+    hidden_dtype = getattr(torch, caching.hidden_cache_dtype)
+    cache_dir = resolve_cache_dir(caching.cache_dir)
 
-        vectors = statement_vector_features(model.item_tower.encoder, table.pool_features(), device=device)
-        table.text_vectors = vectors["item_text_vectors"]
-    elif model.item_tower.hidden_cut is not None:
-        from uue.model.cache import statement_hidden_features
+    def frozen_prefix(tower: UserTower | ItemTower, tokenizer: PreTrainedTokenizerBase, whole: bool
+                      ) -> FrozenPrefixCache | None:
+        """The tower's cache: its whole backbone (`whole`, frozen), the bottom below its cut, or none."""
+        if not whole and tower.hidden_cut is None:
+            return None
+        return FrozenPrefixCache(tower.encoder, tokenizer, None if whole else tower.hidden_cut, device=device,
+                                 micro_batch=cfg.towers.encode_micro_batch, hidden_dtype=hidden_dtype,
+                                 cache_dir=cache_dir)
 
-        hidden = statement_hidden_features(model.item_tower.encoder, table.pool_features(),
-                                           model.item_tower.hidden_cut, device=device, dtype=hidden_dtype)
-        table.hidden, table.hidden_mask = hidden["item_hidden"], hidden["item_attention_mask"]
-    chunk_vectors: Any = None
-    chunk_hidden: Any = None
-    if cfg.cache_chunk_vectors:
-        from uue.model.cache import TokenChunkCache
-
-        chunk_vectors = TokenChunkCache(model.user_tower.encoder, featurizer, device)
-    elif model.user_tower.hidden_cut is not None:
-        from uue.model.cache import TokenHiddenCache
-
-        chunk_hidden = TokenHiddenCache(model.user_tower.encoder, featurizer, model.user_tower.hidden_cut, device,
-                                        hidden_dtype)
-    collate = BatchCollator(cfg, featurizer, table, config.data.shuffle_seed, chunk_vectors, chunk_hidden)
-    samplers = build_samplers(cfg, table.pool_features(), sampler_seed) if wants_samplers(cfg) else Samplers()
+    table = StatementTable(shards.statements(), featurizer,
+                           frozen_prefix(model.item_tower, model.item_tokenizer, caching.cache_statement_vectors))
+    chunk_cache = frozen_prefix(model.user_tower, model.user_tokenizer, caching.cache_chunk_vectors)
+    collate = BatchCollator(cfg, featurizer, table, config.data.shuffle_seed, chunk_cache)
+    samplers = build_samplers(cfg, table, sampler_seed) if wants_samplers(cfg) else Samplers()
     return Inputs(table, collate, samplers)

@@ -11,45 +11,48 @@ true. The bias is the model's `label_bias` parameter; the weight is `model.label
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from uue.train.negatives import gather_pool_features
+from uue.model.inputs import StatementBatch, StatementPool
+
+if TYPE_CHECKING:
+    from uue.train.stream import TrainBatch
 
 
 @dataclass
 class LabelDraw:
-    """The labelled statements drawn for one batch: (B, K) pool indices, 0/1 values, and which are real."""
+    """The labelled statements drawn for one batch: (B, K) pool indices, 0/1 values, which are real, and the
+    B x K statements."""
 
     indices: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor
-    features: dict[str, torch.Tensor]
+    statements: StatementBatch
 
 
 class UserLabelSampler:
-    """Draws `per_user` of each batch user's labelled statements (pool index, 0/1) and their item features.
+    """Draws `per_user` of each batch user's labelled statements (pool index, 0/1) and gathers them.
 
     The labels travel with the batch (`label_statements`, `label_values`: the user's training-split labels
     as statement indices, padded with -1), so no process holds every user's labels.
     """
 
-    def __init__(self, per_user: int, pool_features: Mapping[str, np.ndarray | torch.Tensor], seed: int = 0):
+    def __init__(self, per_user: int, pool: StatementPool, seed: int = 0):
         if per_user < 1:
             raise ValueError(f"labels_per_user must be >= 1, got {per_user}")
         self.per_user = per_user
-        self.pool = {k.removeprefix("item_"): torch.as_tensor(v) for k, v in pool_features.items()}
-        self.pool_size = int(next(iter(self.pool.values())).shape[0])
+        self.pool = pool
+        self.pool_size = len(pool)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> LabelDraw:
+    def sample(self, batch: TrainBatch, device: torch.device) -> LabelDraw:
         """Users without labels get masked-out rows (they add nothing to the loss)."""
-        statements = batch["label_statements"].cpu().long()
-        values = batch["label_values"].cpu()
+        statements = batch.label_statements.cpu().long()
+        values = batch.label_values.cpu()
         rows = len(statements)
         indices = torch.zeros(rows, self.per_user, dtype=torch.long)
         drawn = torch.zeros(rows, self.per_user)
@@ -62,8 +65,7 @@ class UserLabelSampler:
                 raise ValueError(f"a labelled statement index is outside the pool of {self.pool_size}")
             picks = real[torch.randint(len(real), (self.per_user,), generator=self.generator)]
             indices[row], drawn[row], mask[row] = statements[row, picks], values[row, picks].float(), True
-        features = gather_pool_features(self.pool, indices, device)
-        return LabelDraw(indices.to(device), drawn.to(device), mask.to(device), features)
+        return LabelDraw(indices.to(device), drawn.to(device), mask.to(device), self.pool.gather(indices).to(device))
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -20,6 +20,7 @@ from uue.model.uue_model import UUEModel
 from uue.train.checkpoint import latest_checkpoint, prune_checkpoints, restore_checkpoint, write_checkpoint
 from uue.train.data import build_inputs, local_shards
 from uue.train.loop import Loop, TrainProbe, peak_flops_for
+from uue.train.objective import TrainingObjective
 from uue.train.step import TorchOptimization
 from uue.train.stream import UserStream, plan_steps
 
@@ -33,7 +34,7 @@ class TrainResult:
 
 
 class UUETrainer:
-    """`fit()` trains for `training.max_steps` (or `model.num_epochs` epochs over the training users), writes
+    """`fit()` trains for `training.max_steps` (or `model.optim.num_epochs` epochs over the training users), writes
     checkpoints every `training.checkpoint_every_steps`, and exports the final model to `output_dir/model`.
     `fit(resume_from=...)` continues a run exactly where it stopped.
 
@@ -54,15 +55,16 @@ class UUETrainer:
         self.shards, self.dataset = local_shards(cfg, self.featurizer, dataset)
         self.inputs = build_inputs(cfg, self.shards, self.model, self.featurizer, self.device, seed)
         self.samplers = self.inputs.samplers
+        self.objective = TrainingObjective(self.model, cfg.model, self.samplers)
+        optim = cfg.model.optim
         self.steps_per_epoch, self.total_steps = plan_steps(
-            self.shards.train_users, 1, cfg.model.batch_size, cfg.model.num_epochs, cfg.training.max_steps,
-            self.shards.uri)
+            self.shards.train_users, 1, optim.batch_size, optim.num_epochs, cfg.training.max_steps, self.shards.uri)
         self.optimization = TorchOptimization(self.model, cfg.model, self.total_steps)
         self.output_dir = Path(cfg.training.output_dir)
-        stream = UserStream(lambda epoch: self.shards.iter_train_users(), cfg.model.batch_size,
+        stream = UserStream(lambda epoch: self.shards.iter_train_users(), optim.batch_size,
                             self.steps_per_epoch, cfg.data.shuffle_buffer_users, cfg.data.shuffle_seed)
         self.loop = Loop(
-            model=self.model, optimization=self.optimization, samplers=self.samplers, collate=self.inputs.collate,
+            objective=self.objective, optimization=self.optimization, collate=self.inputs.collate,
             stream=stream, device=self.device, total_steps=self.total_steps,
             log_path=self.output_dir / "metrics.jsonl", log_every=cfg.training.log_every_steps,
             checkpoint_every=cfg.training.checkpoint_every_steps, save_checkpoint=self._checkpoint,

@@ -1,6 +1,7 @@
 """The training loop: one function for one process (uue.train.local) and Ray Train workers (uue.train.ray).
 
-What differs between the two is handed in: the model (a module or a DeepSpeed engine), its `Optimization`,
+What differs between the two is handed in: the training objective (uue.train.objective, a module or inside a
+DeepSpeed engine), its `Optimization`,
 the rows each process streams, and how a checkpoint is written (a folder under output_dir, or a folder
 reported to Ray Train). Everything else -- refresh negatives, collate, step, log, checkpoint every N steps
 -- is here once (nanoGPT: distribution is a branch, not a second loop).
@@ -19,9 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from uue.train.loss import InfoNCELoss
-from uue.train.samplers import Samplers
-from uue.train.step import refresh_negatives, train_step, unwrap
+from uue.train.step import model_of, train_step, unwrap
 from uue.train.stream import BatchCollator, UserStream
 
 
@@ -90,8 +89,8 @@ class ThroughputMeter:
     def for_model(cls, model: Any, peak_flops: float | None) -> ThroughputMeter:
         from uue.model.flops import training_flops_per_token
 
-        module = unwrap(model)
-        recompute = module.config.gradient_checkpointing_chunks
+        module = model_of(model)
+        recompute = module.config.towers.gradient_checkpointing_chunks
         return cls(training_flops_per_token(module.user_tower.encoder.backbone, recompute),
                    training_flops_per_token(module.item_tower.encoder.backbone, recompute), peak_flops)
 
@@ -105,25 +104,13 @@ class ThroughputMeter:
         return out
 
 
-def batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(real tokens, tokens the encoders process, padding included) in one local batch."""
-    real = processed = 0
-    if "user_attention_mask" in batch:
-        real += int(batch["user_attention_mask"].sum())
-        processed += int(batch["chunk_mask"].sum()) * batch["user_attention_mask"].shape[-1]
-    if "item_attention_mask" in batch:
-        real += int(batch["item_attention_mask"].sum())
-        processed += batch["item_attention_mask"].numel()
-    return real, processed
-
-
 def dump_gradients(model: Any, path: Path, rank: int) -> None:
     """Full averaged gradients (a collective under ZeRO-1/2: every rank calls, rank 0 writes)."""
     grads = {}
     engine = model is not unwrap(model)
     if engine:
         from deepspeed.utils import safe_get_full_grad
-    for name, param in unwrap(model).named_parameters():
+    for name, param in model_of(model).named_parameters():
         if param.requires_grad:
             grad = safe_get_full_grad(param) if engine else param.grad
             grads[name] = None if grad is None else grad.detach().float().cpu().clone()
@@ -136,9 +123,9 @@ def dump_gradients(model: Any, path: Path, rank: int) -> None:
 class Loop:
     """One process's part of a run."""
 
-    model: Any
+    objective: Any
+    """The TrainingObjective, or the DeepSpeed engine around it."""
     optimization: Any
-    samplers: Samplers
     collate: BatchCollator
     stream: UserStream
     device: torch.device
@@ -153,7 +140,6 @@ class Loop:
     probe: TrainProbe = field(default_factory=TrainProbe)
     after_step: Callable[[int, dict[str, Any]], None] | None = None
     progress: bool = False
-    loss_fn: InfoNCELoss = field(default_factory=InfoNCELoss)
     checkpoint_last_step: bool = True
     """False where the caller writes the final checkpoint itself (Ray reports it as the run's result)."""
     epoch: int = 0
@@ -171,24 +157,23 @@ class Loop:
             Path(self.probe.batch_log_dir).mkdir(parents=True, exist_ok=True)
             batch_log = (Path(self.probe.batch_log_dir) / f"rank_{self.rank}.jsonl").open("a")
         bar = tqdm(total=stop_at, initial=start_step, desc="train", unit="step", disable=not self.progress)
-        meter = ThroughputMeter.for_model(self.model, self.peak_flops)
+        meter = ThroughputMeter.for_model(self.objective, self.peak_flops)
         started = waited = time.perf_counter()
         for item in self.stream.steps(start_step, stop_at):
             data_seconds = time.perf_counter() - waited
-            refresh_negatives(self.model, self.samplers.negative, item.step - 1, self.device)
+            unwrap(self.objective).refresh_negatives(item.step - 1)
             batch = self.collate(item.rows, item.epoch)
             if self.probe.gradient_dump_step == item.step and self.probe.gradient_dump_dir:
                 dump_to = Path(self.probe.gradient_dump_dir) / f"step_{item.step}.pt"
                 self.optimization.before_step = lambda m, dump_to=dump_to: dump_gradients(m, dump_to, self.rank)
             else:
                 self.optimization.before_step = None
-            real_tokens, processed_tokens = batch_tokens(batch)
+            real_tokens, processed_tokens = batch.token_counts()
             step_started = time.perf_counter()
             if self.probe.data_only:
                 metrics = {"loss": 0.0, "accuracy": 0.0, "user_tokens": 0.0, "item_tokens": 0.0}
             else:
-                metrics = train_step(self.model, batch, self.loss_fn, self.optimization, self.samplers.negative,
-                                     self.samplers.label)
+                metrics = train_step(self.objective, batch, self.optimization)
             step_seconds = time.perf_counter() - step_started  # train_step ends reading its metrics: synced
             local_loss = metrics["loss"]
             world = self.world_size
@@ -205,12 +190,12 @@ class Loop:
             history.append(metrics)
             self.epoch = item.epoch
             if batch_log is not None:
-                valid = batch["item_valid"]
+                valid = batch.item_valid
                 batch_log.write(json.dumps({
                     "pid": os.getpid(), "resumed_from": start_step, "rank": self.rank, "step": item.step,
                     "epoch": item.epoch, "user_ids": [r["user_id"] for r in item.rows],
-                    "statement_index": batch["statement_index"][valid].tolist(),
-                    "item_owner": batch["item_owner"][valid].tolist(), "local_loss": local_loss,
+                    "statement_index": batch.statement_index[valid].tolist(),
+                    "item_owner": batch.item_owner[valid].tolist(), "local_loss": local_loss,
                     "collated": self.collate.calls,
                     "node": os.environ.get("UUE_NODE_ID"),
                 }) + "\n")

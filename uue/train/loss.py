@@ -18,12 +18,34 @@ because DeepSpeed/DDP average gradients over workers), so N workers equal one wo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uue.model.uue_model import UUEOutput
+if TYPE_CHECKING:
+    from uue.train.stream import TrainBatch
 from uue.train.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
+
+
+@dataclass
+class EncodedBatch:
+    """The vectors of one training batch; the losses read them."""
+
+    user: torch.Tensor  # (B, D) unit vectors
+    item: torch.Tensor  # (M, D) unit vectors of the batch's positive slots (M = B x positives per user)
+    logit_scale: torch.Tensor  # (1,) exp of the clamped log-scale
+    negatives: torch.Tensor | None = None  # (B, K, D) sampled negative statements per user
+    negative_ids: torch.Tensor | None = None  # (B, K) their statement indices
+    label_items: torch.Tensor | None = None  # (B, K, D) statements drawn from each user's labels (label loss)
+    label_values: torch.Tensor | None = None  # (B, K) their 0/1 labels
+    label_mask: torch.Tensor | None = None  # (B, K) which draws are real
+    label_bias: torch.Tensor | None = None  # (1,) the label loss's learned bias
+    extra_item_tokens: torch.Tensor | int = 0
+    """Tokens the item tower ran on beyond the batch's own statements (negatives, label draws): the loop's
+    tokens/s and MFU count them (a device tensor, read with the step's other metrics)."""
 
 
 def positive_columns(user_positives: torch.Tensor, column_statements: torch.Tensor) -> torch.Tensor:
@@ -35,21 +57,21 @@ def positive_columns(user_positives: torch.Tensor, column_statements: torch.Tens
 class InfoNCELoss(nn.Module):
     """(user->statement CE + statement->user CE) / 2 over valid slots, plus sampled negatives as extra columns."""
 
-    def forward(self, out: UUEOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, out: EncodedBatch, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rank, world = rank_and_world()
         users, items = out.user, out.item
         b, m = users.size(0), items.size(0)
         device = users.device
-        owner = batch["item_owner"].long()
-        valid = batch["item_valid"].bool()
-        statements = batch["statement_index"].long()
+        owner = batch.item_owner.long()
+        valid = batch.item_valid.bool()
+        statements = batch.statement_index.long()
 
         all_items = all_gather_with_grad(items)
         all_users = all_gather_with_grad(users)
         all_statements = all_gather_no_grad(statements)
         all_valid = all_gather_no_grad(valid.to(torch.uint8)).bool()
         # Local users x global slots, gathered so that the statement->user rows can read any user's column.
-        is_positive = positive_columns(batch["user_positives"].long(), all_statements)
+        is_positive = positive_columns(batch.user_positives.long(), all_statements)
         all_is_positive = all_gather_no_grad(is_positive.to(torch.uint8)).bool()
 
         rows = torch.arange(m, device=device)

@@ -13,29 +13,18 @@ steps, so they follow the model as it trains.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
-from uue.data.featurize import trim_batch, trim_hidden_columns, trim_token_columns
+from uue.model.inputs import StatementBatch, StatementPool
+
+if TYPE_CHECKING:
+    from uue.train.stream import TrainBatch
 
 Strategy = str
 STRATEGIES = ("none", "random", "hard", "semi_hard", "labeled")
-
-
-def gather_pool_features(pool: Mapping[str, torch.Tensor], indices: torch.Tensor,
-                         device: torch.device) -> dict[str, torch.Tensor]:
-    """Item features of the statements at `indices` (any shape), on `device`, trimmed of shared padding."""
-    features = {k: v[indices].to(device) for k, v in pool.items()}
-    if "input_ids" in features:
-        features["input_ids"], features["attention_mask"] = trim_token_columns(
-            features["input_ids"], features["attention_mask"]
-        )
-    elif "hidden" in features:  # hidden states at the item cut (cache_hidden_states)
-        features["hidden"], features["attention_mask"] = trim_hidden_columns(
-            features["hidden"], features["attention_mask"])
-    return features
 
 
 class NegativeSampler:
@@ -45,7 +34,7 @@ class NegativeSampler:
         self,
         strategy: Strategy,
         num_negatives: int,
-        pool_features: Mapping[str, np.ndarray | torch.Tensor],
+        pool: StatementPool,
         margin: float = 0.2,
         refresh_steps: int = 50,
         seed: int = 0,
@@ -54,9 +43,8 @@ class NegativeSampler:
             raise ValueError(f"unknown negative_sampling {strategy!r}; choose from {STRATEGIES}")
         self.strategy = strategy
         self.num_negatives = 0 if strategy == "none" else num_negatives
-        self.pool = {k.removeprefix("item_"): torch.as_tensor(v) for k, v in pool_features.items()}
-        # Token features, or `text_vectors` of a frozen item backbone's cache.
-        self.pool_size = int(next(iter(self.pool.values())).shape[0])
+        self.pool = pool
+        self.pool_size = len(pool)
         if self.num_negatives and self.pool_size <= self.num_negatives:
             raise ValueError(
                 f"the statement pool ({self.pool_size}) must be larger than num_negative_samples ({self.num_negatives})"
@@ -74,15 +62,9 @@ class NegativeSampler:
     def needs_refresh(self, step: int) -> bool:
         return self.needs_vectors and (self.refreshed_at is None or step - self.refreshed_at >= self.refresh_steps)
 
-    @torch.no_grad()
-    def refresh(self, encode_items: Callable[[dict[str, torch.Tensor]], torch.Tensor], step: int,
-                batch_size: int = 256) -> None:
-        """Re-encode the pool with the current item tower (`encode_items` takes item_* features)."""
-        vectors = []
-        for start in range(0, self.pool_size, batch_size):
-            part = {f"item_{k}": v[start : start + batch_size] for k, v in self.pool.items()}
-            vectors.append(encode_items(trim_batch(part)).float().cpu())
-        self.pool_vectors = torch.cat(vectors)
+    def refresh(self, encode_pool: Callable[[StatementPool], torch.Tensor], step: int) -> None:
+        """Re-encode the pool with the current item tower (`encode_pool`: the pool -> (S, D) vectors)."""
+        self.pool_vectors = encode_pool(self.pool)
         self.refreshed_at = step
 
     def _marked(self, statements: torch.Tensor) -> torch.Tensor:
@@ -132,24 +114,23 @@ class NegativeSampler:
         priority = torch.where(in_window, 3.0 + noise, torch.where(below, 1.0 + torch.sigmoid(scores), noise))
         return priority.masked_fill(excluded, float("-inf")).topk(self.num_negatives, dim=1).indices
 
-    def sample(self, user_vectors: torch.Tensor, batch: Mapping[str, torch.Tensor]
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def sample(self, user_vectors: torch.Tensor, batch: TrainBatch) -> tuple[torch.Tensor, StatementBatch]:
         """Select negatives for the batch's users (its `user_positives`, and for `labeled` its label-0
-        `label_statements`) and gather their features, on the users' device, trimmed of shared padding.
+        `label_statements`) and gather the (B x K) statements, on the users' device.
 
         Semi-hard windows sit below each user's score for its first positive slot (always a real positive),
         scored on the refreshed pool vectors like the candidates, so the item tower runs once per step, after
         this selection, on positives and negatives together."""
         positive_scores = None
         if self.strategy == "semi_hard" and self.pool_vectors is not None:
-            first = batch["statement_index"].reshape(user_vectors.size(0), -1)[:, 0].cpu()
+            first = batch.statement_index.reshape(user_vectors.size(0), -1)[:, 0].cpu()
             positive_scores = (user_vectors.detach().float().cpu() * self.pool_vectors[first]).sum(-1)
         known = None
-        if self.strategy == "labeled" and "label_statements" in batch:
-            known = batch["label_statements"].masked_fill(batch["label_values"] != 0, -1)
-        indices = self.select(user_vectors, batch["user_positives"], positive_scores, known)
+        if self.strategy == "labeled":
+            known = batch.label_statements.masked_fill(batch.label_values != 0, -1)
+        indices = self.select(user_vectors, batch.user_positives, positive_scores, known)
         device = user_vectors.device
-        return indices.to(device), gather_pool_features(self.pool, indices, device)
+        return indices.to(device), self.pool.gather(indices).to(device)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "pool_vectors": self.pool_vectors,

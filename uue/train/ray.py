@@ -3,8 +3,9 @@
 The driver (`run_training`) only opens the preprocessed folder (preprocessing a raw one first, with Ray
 Data), checks its fingerprint, and hands Ray Data a lazy `read_parquet` of the users shards; it never holds
 the data or a per-step plan, so its memory does not grow with epochs, positives or users' histories.
-`TorchTrainer` starts one worker per GPU (or CPU process); each worker (`train_fn`) wraps the model in a
-DeepSpeed engine (ZeRO 0-3) and runs `uue.train.loop.Loop` over `get_dataset_shard("train")`.
+`TorchTrainer` starts one worker per GPU (or CPU process); each worker (`train_fn`) wraps the training objective
+(the model, its samplers and losses: uue.train.objective) in a DeepSpeed engine (ZeRO 0-3) and runs
+`uue.train.loop.Loop` over `get_dataset_shard("train")`.
 
 Determinism makes resuming exact: with `preserve_order` the equal split gives worker r the same users in
 the same order on every epoch and attempt (verified in tests/test_ray_train.py), the stream's shuffle is
@@ -35,7 +36,8 @@ from uue.model.uue_model import UUEModel
 from uue.train.checkpoint import MODEL_FOLDER, STATE_FILE, restore_checkpoint, write_checkpoint, zero_stage
 from uue.train.data import build_inputs, open_shards, preprocessed_target
 from uue.train.loop import Loop, TrainProbe, peak_flops_for
-from uue.train.step import DeepSpeedOptimization, param_groups, unwrap, warmup_cosine
+from uue.train.objective import TrainingObjective
+from uue.train.step import DeepSpeedOptimization, model_of, param_groups, warmup_cosine
 from uue.train.stream import UserStream, plan_steps
 
 DEEPSPEED_CONFIG_DIR = REPO_ROOT / "configs" / "deepspeed"
@@ -55,16 +57,16 @@ def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} not found (distributed.deepspeed_config / zero_stage)")
     ds = json.loads(path.read_text())
-    model = config.model
-    ds["train_micro_batch_size_per_gpu"] = model.batch_size
+    optim = config.model.optim
+    ds["train_micro_batch_size_per_gpu"] = optim.batch_size
     ds["gradient_accumulation_steps"] = 1  # accumulation would not add in-batch negatives (DESIGN.md 5)
-    ds["train_batch_size"] = model.batch_size * world_size
-    ds["gradient_clipping"] = model.max_grad_norm or 0.0
+    ds["train_batch_size"] = optim.batch_size * world_size
+    ds["gradient_clipping"] = optim.max_grad_norm or 0.0
     ds.setdefault("zero_optimization", {})["stage"] = dist.zero_stage
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = optimizer.setdefault("params", {})
-    params["lr"] = model.learning_rate  # default only: every param group sets its own lr
-    params["weight_decay"] = model.weight_decay
+    params["lr"] = optim.learning_rate  # default only: every param group sets its own lr
+    params["weight_decay"] = optim.weight_decay
     params.setdefault("torch_adam", True)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bool(dist.use_gpu)}
     ds.pop("fp16", None)
@@ -74,7 +76,7 @@ def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any
 def _dump_gathered_weights(engine: Any, path: Path, rank: int) -> None:
     import deepspeed
 
-    module = unwrap(engine)
+    module = model_of(engine)
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage(engine) == 3):
         weights = {name: p.data.detach().float().cpu().clone() for name, p in module.named_parameters()}
@@ -123,10 +125,11 @@ def train_fn(loop_config: dict[str, Any]) -> None:
     featurizer = Featurizer(config.model, model.user_tokenizer, model.item_tokenizer)
     shards = Shards(loop_config["shards_uri"], loop_config["manifest"])
     inputs = build_inputs(config, shards, model, featurizer, device, seed + rank)
-    schedule = warmup_cosine(total_steps, config.model.warmup_ratio)
+    objective = TrainingObjective(model, config.model, inputs.samplers)
+    schedule = warmup_cosine(total_steps, config.model.optim.warmup_ratio)
     skip_cpu_shared_memory_build(device)
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, config.model), config=loop_config["deepspeed"],
+    engine, *_ = deepspeed.initialize(  # the objective: every use of the weights inside one engine forward
+        model=objective, model_parameters=param_groups(model, config.model), config=loop_config["deepspeed"],
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
     optimization = DeepSpeedOptimization(engine)
@@ -161,9 +164,9 @@ def train_fn(loop_config: dict[str, Any]) -> None:
         for table in shard.iter_batches(batch_size=READ_BATCH_ROWS, batch_format="pyarrow"):
             yield table.to_pylist()
 
-    stream = UserStream(epoch_rows, config.model.batch_size, steps_per_epoch, config.data.shuffle_buffer_users,
+    stream = UserStream(epoch_rows, config.model.optim.batch_size, steps_per_epoch, config.data.shuffle_buffer_users,
                         config.data.shuffle_seed, rank)
-    loop = Loop(model=engine, optimization=optimization, samplers=inputs.samplers, collate=inputs.collate,
+    loop = Loop(objective=engine, optimization=optimization, collate=inputs.collate,
                 stream=stream, device=device, total_steps=total_steps,
                 log_path=Path(config.training.output_dir) / "metrics.jsonl",
                 log_every=config.training.log_every_steps, checkpoint_every=config.training.checkpoint_every_steps,
@@ -259,19 +262,21 @@ def run_training(config: ExperimentConfig, probe: TrainProbe | None = None, resu
     from uue.data.tokenizers import load_tokenizer
 
     dist = config.distributed
-    if dist.zero_stage == 3 and (config.model.cache_chunk_vectors or config.model.hidden_cache_layers("user")):
-        option = "cache_chunk_vectors" if config.model.cache_chunk_vectors else "cache_hidden_states"
+    caching = config.model.caching
+    if dist.zero_stage == 3 and (caching.cache_chunk_vectors or config.model.hidden_cache_layers("user")):
+        option = "caching.cache_chunk_vectors" if caching.cache_chunk_vectors else "caching.cache_hidden_states"
         raise ValueError(f"model.{option} runs the frozen user backbone (its lower blocks) on each user's chunks "
                          "outside the engine's forward, which ZeRO-3's partitioned parameters do not allow: use "
                          "zero_stage <= 2")
     output_dir = Path(config.training.output_dir).resolve()
     config = config.model_copy(update={"training": config.training.model_copy(
         update={"output_dir": str(output_dir)})})
-    featurizer = Featurizer(config.model, load_tokenizer(config.model.user_model_name),
-                            load_tokenizer(config.model.item_model_name))
+    towers, optim = config.model.towers, config.model.optim
+    featurizer = Featurizer(config.model, load_tokenizer(towers.user_model_name),
+                            load_tokenizer(towers.item_model_name))
     shards = prepare_shards(config, featurizer, dataset)
-    steps_per_epoch, total_steps = plan_steps(shards.train_users, dist.num_workers, config.model.batch_size,
-                                              config.model.num_epochs, config.training.max_steps, shards.uri)
+    steps_per_epoch, total_steps = plan_steps(shards.train_users, dist.num_workers, optim.batch_size,
+                                              optim.num_epochs, config.training.max_steps, shards.uri)
     resources = {"CPU": dist.cpus_per_worker}
     if dist.use_gpu:
         resources["GPU"] = dist.gpus_per_worker

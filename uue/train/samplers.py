@@ -8,20 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from uue.config import ModelConfig
+from uue.model.inputs import StatementPool
 from uue.train.label_loss import UserLabelSampler
 from uue.train.negatives import NegativeSampler
 
 
 def wants_negative_sampler(config: ModelConfig) -> bool:
-    return config.negative_sampling != "none" and config.num_negative_samples > 0
+    return config.negatives.negative_sampling != "none" and config.negatives.num_negative_samples > 0
 
 
 def wants_samplers(config: ModelConfig) -> bool:
-    """Whether the config uses any statement sampler (and so needs the statement pool's features)."""
-    return wants_negative_sampler(config) or config.label_loss_weight > 0
+    """Whether the config uses any statement sampler."""
+    return wants_negative_sampler(config) or config.loss.label_loss_weight > 0
 
 
 @dataclass
@@ -40,13 +39,14 @@ class Samplers:
             self.label.load_state_dict(state["label_sampler"])
 
 
-def build_samplers(config: ModelConfig, pool_features: dict[str, np.ndarray], seed: int) -> Samplers:
-    """The samplers the config turns on, over the statement pool (positions index `pool_features`)."""
+def build_samplers(config: ModelConfig, pool: StatementPool, seed: int) -> Samplers:
+    """The samplers the config turns on, over the statement pool (the statement table)."""
     samplers = Samplers()
+    negatives = config.negatives
     if wants_negative_sampler(config):
         samplers.negative = NegativeSampler(
-            config.negative_sampling, config.num_negative_samples, pool_features,
-            margin=config.semi_hard_margin, refresh_steps=config.negative_refresh_steps, seed=seed)
-    if config.label_loss_weight > 0:
-        samplers.label = UserLabelSampler(config.labels_per_user, pool_features, seed=seed + 7919)
+            negatives.negative_sampling, negatives.num_negative_samples, pool,
+            margin=negatives.semi_hard_margin, refresh_steps=negatives.negative_refresh_steps, seed=seed)
+    if config.loss.label_loss_weight > 0:
+        samplers.label = UserLabelSampler(config.loss.labels_per_user, pool, seed=seed + 7919)
     return samplers

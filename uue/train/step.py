@@ -1,13 +1,13 @@
 """One optimisation step, the parameter groups and the schedule: the same for one process and Ray workers.
 
-`train_step` is the whole of a step. It takes the model (a plain module or a DeepSpeed engine), a collated
-user-row batch, the loss, and an `Optimization` that knows how to backward and step: `TorchOptimization`
-(AdamW + schedule + clipping) in one process, `DeepSpeedOptimization` (the engine's) on Ray.
+`train_step` is the whole of a step. It takes the training objective (uue.train.objective, a plain module or
+inside a DeepSpeed engine), a collated user-row batch, and an `Optimization` that knows how to backward and
+step: `TorchOptimization` (AdamW + schedule + clipping) in one process, `DeepSpeedOptimization` (the
+engine's) on Ray.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -17,9 +17,8 @@ from torch import nn
 
 from uue.config import ModelConfig
 from uue.model.uue_model import UUEModel
-from uue.train.label_loss import UserLabelSampler, label_loss
-from uue.train.loss import InfoNCELoss
-from uue.train.negatives import NegativeSampler
+from uue.train.objective import TrainingObjective, autocast_for
+from uue.train.stream import TrainBatch
 
 
 def param_groups(model: UUEModel, config: ModelConfig) -> list[dict]:
@@ -28,10 +27,11 @@ def param_groups(model: UUEModel, config: ModelConfig) -> list[dict]:
     Backbones learn slowly (pretrained), heads (pooling, metadata fusion, projections, temperature)
     faster; biases, norms, the pooling queries and the temperature get no weight decay.
     """
+    optim = config.optim
     rates = {
-        "user_backbone": config.user_learning_rate or config.learning_rate,
-        "item_backbone": config.item_learning_rate or config.learning_rate,
-        "head": config.optim.effective_head_learning_rate,
+        "user_backbone": optim.user_learning_rate or optim.learning_rate,
+        "item_backbone": optim.item_learning_rate or optim.learning_rate,
+        "head": optim.effective_head_learning_rate,
     }
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -46,7 +46,7 @@ def param_groups(model: UUEModel, config: ModelConfig) -> list[dict]:
         no_decay = param.ndim < 2 or name.endswith(".query") or name == "logit_scale"
         groups.setdefault((kind, no_decay), []).append(param)
     return [
-        {"params": params, "lr": rates[kind], "weight_decay": 0.0 if no_decay else config.weight_decay,
+        {"params": params, "lr": rates[kind], "weight_decay": 0.0 if no_decay else optim.weight_decay,
          "name": f"{kind}{'_no_decay' if no_decay else ''}"}
         for (kind, no_decay), params in sorted(groups.items())
     ]
@@ -82,9 +82,9 @@ class TorchOptimization:
 
     def __init__(self, model: UUEModel, config: ModelConfig, total_steps: int):
         self.model = model
-        self.max_grad_norm = config.max_grad_norm
+        self.max_grad_norm = config.optim.max_grad_norm
         self.optimizer = torch.optim.AdamW(param_groups(model, config), betas=(0.9, 0.98), eps=1e-6)
-        schedule = warmup_cosine(total_steps, config.warmup_ratio)
+        schedule = warmup_cosine(total_steps, config.optim.warmup_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.before_step: Callable[[Any], None] | None = None
 
@@ -140,72 +140,33 @@ class DeepSpeedOptimization:
         return {g.get("name", f"group{i}"): float(g["lr"]) for i, g in enumerate(self.engine.optimizer.param_groups)}
 
 
-def unwrap(model: nn.Module) -> UUEModel:
-    """The UUEModel inside a DeepSpeed engine (or the model itself)."""
-    return getattr(model, "module", model)  # type: ignore[return-value]
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DeepSpeed engine (or the module itself)."""
+    return getattr(module, "module", module)
 
 
-def autocast_for(device: torch.device, model: nn.Module | None = None):
-    """bf16 autocast on CUDA; none on CPU (bf16 matmuls are slow and inexact there), and none over weights
-    already in bf16 (a DeepSpeed bf16 engine): autocast would only add casts around every op."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    if model is not None and next(unwrap(model).parameters()).dtype == torch.bfloat16:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+def model_of(module: nn.Module) -> UUEModel:
+    """The UUEModel inside a training objective, a DeepSpeed engine around one, or the model itself."""
+    inner = unwrap(module)
+    return inner.model if isinstance(inner, TrainingObjective) else inner  # type: ignore[return-value]
 
 
-def backbone_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(user, item) tokens the two backbones run on for the batch's own chunks and statements, from the host
-    batch; cached vectors (frozen backbones) mean no backbone work."""
-    user = int(batch["user_attention_mask"].sum()) if "user_attention_mask" in batch and \
-        "chunk_vectors" not in batch and "chunk_hidden" not in batch else 0
-    item = int(batch["item_attention_mask"].sum()) if "item_attention_mask" in batch and \
-        "item_text_vectors" not in batch and "item_hidden" not in batch else 0
-    return user, item
-
-
-def refresh_negatives(model: nn.Module, sampler: NegativeSampler | None, step: int, device: torch.device) -> None:
-    """Re-encode the statement pool for hard/semi-hard negatives when due (through the model's forward)."""
-    if sampler is None or not sampler.needs_refresh(step):
-        return
-    was_training = model.training
-    model.eval()
-    with autocast_for(device, model):
-        sampler.refresh(lambda b: model({k: v.to(device) for k, v in b.items()}, task="items"), step)
-    model.train(was_training)
-
-
-def train_step(
-    model: nn.Module,
-    batch: dict[str, torch.Tensor],
-    loss_fn: InfoNCELoss,
-    optimization: Optimization,
-    negative_sampler: NegativeSampler | None = None,
-    label_sampler: UserLabelSampler | None = None,
-) -> dict[str, float]:
-    """One optimisation step on one user-row batch: forward (each history encoded once), symmetric InfoNCE
-    over the users' positive slots (+ the weighted label loss when a label sampler is given), backward,
-    clip, step."""
-    device = next(unwrap(model).parameters()).device
-    user_tokens, item_tokens = backbone_tokens(batch)
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    model.train()
-    with autocast_for(device, model):
-        out = model(batch, negative_sampler=negative_sampler, label_sampler=label_sampler)
-        loss, metrics = loss_fn(out, batch)
-        if out.label_items is not None:
-            pointwise = label_loss(out.user, out.label_items, out.label_values, out.label_mask, out.logit_scale,
-                                   out.label_bias)
-            metrics["info_nce"] = loss.detach()
-            metrics["label_loss"] = pointwise.detach()
-            loss = loss + unwrap(model).config.label_loss_weight * pointwise
+def train_step(objective: nn.Module, batch: TrainBatch, optimization: Optimization) -> dict[str, float]:
+    """One optimisation step on one user-row batch: the objective's forward (each history encoded once; InfoNCE
+    over the users' positive slots + the weighted label loss), backward, clip, step."""
+    model = model_of(objective)
+    device = next(model.parameters()).device
+    user_tokens, item_tokens = batch.backbone_tokens()
+    batch = batch.to(device, non_blocking=True)
+    objective.train()
+    with autocast_for(device, unwrap(objective)):
+        loss, metrics = objective(batch)
     optimization.backward(loss)
     grad_norm = optimization.step()
-    unwrap(model).clamp_logit_scale_()
+    model.clamp_logit_scale_()
     # Every metric leaves the device in one copy (the step's one host sync besides packing's lengths).
-    names = ["loss", "grad_norm", *metrics, "extra_item_tokens"]
-    values = [loss.detach(), grad_norm, *metrics.values(), getattr(unwrap(model), "extra_item_tokens", 0)]
+    names = ["loss", "grad_norm", *metrics]
+    values = [loss.detach(), grad_norm, *metrics.values()]
     host = torch.stack([torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, dtype=torch.float32,
                                         device=device).reshape(()) for v in values]).tolist()
     result = dict(zip(names, host, strict=True))

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 
 from uue.config import ModelConfig
-from uue.data.featurize import Featurizer, pad_sequences, trim_hidden_columns
+from uue.data.featurize import Featurizer, pad_sequences
+from uue.model.cache import FrozenPrefixCache
+from uue.model.inputs import StatementBatch, TowerInput, UserBatch
 
 
 def user_key(user_id: str) -> int:
@@ -61,86 +63,159 @@ def _pad_ints(rows: Sequence[Sequence[int]], fill: int, dtype=torch.int64) -> to
     return out
 
 
-class StatementTable:
-    """The statement table of the shards: token lists (or a frozen backbone's vectors, or hidden states at the
-    item tower's cut) and metadata by index."""
+def _pad_states(states: Sequence[np.ndarray], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of N sequences, (tokens, H) each -> (N, L, H) in their dtype and the (N, L) attention mask,
+    L the longest, padding on the tokenizer's side (as pad_sequences pads tokens)."""
+    width = max(len(s) for s in states)
+    hidden = np.zeros((len(states), width, states[0].shape[-1]), dtype=states[0].dtype)
+    mask = np.zeros((len(states), width), dtype=np.int64)
+    for row, sequence in enumerate(states):
+        columns = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        hidden[row, columns], mask[row, columns] = sequence, 1
+    return torch.as_tensor(hidden), torch.as_tensor(mask)
 
-    def __init__(self, table: dict[str, Any], featurizer: Featurizer, text_vectors: np.ndarray | None = None):
+
+class StatementTable:
+    """The shards' statement table: token lists and metadata by index, and, when the item backbone's bottom is
+    frozen, what the frozen-prefix cache made of each statement once (its vector, or its hidden states at the
+    item tower's cut). `gather` is what the collator and the samplers read."""
+
+    def __init__(self, table: dict[str, Any], featurizer: Featurizer, cache: FrozenPrefixCache | None = None):
         self.ids: list[str] = table["statement_id"]
         self.tokens: list[list[int]] = table["tokens"]
         self.metadata: np.ndarray | None = table.get("item_metadata")
-        self.text_vectors = text_vectors
-        # cache_hidden_states: (S, L, H) hidden states entering the item tower's top blocks, (S, L) their mask
-        self.hidden: np.ndarray | None = None
-        self.hidden_mask: np.ndarray | None = None
-        self.featurizer = featurizer
+        self.use_metadata = featurizer.config.heads.use_item_metadata
         tokenizer = featurizer.item_tokenizer
         self.pad_id = tokenizer.pad_token_id or 0
         self.left = tokenizer.padding_side == "left"
+        self.vectors: np.ndarray | None = None
+        self.hidden: list[np.ndarray] | None = None
+        self.layer: int | None = None
+        if cache is not None:  # the table's order, 64 at a time: how the statement pool has always been encoded
+            entries = cache.lookup(self.tokens, by_length=False, micro_batch=64)
+            cache.save()
+            if cache.keeps_vectors:
+                self.vectors = np.stack(entries)
+            else:
+                self.hidden, self.layer = entries, cache.layer
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def features(self, indices: Sequence[int], length: int | None = None) -> dict[str, np.ndarray]:
-        """item_* features of these statements, padded to their own longest (or `length`) tokens."""
-        if self.text_vectors is not None:
-            out = {"item_text_vectors": self.text_vectors[list(indices)]}
-        elif self.hidden is not None and self.hidden_mask is not None:
-            rows = list(indices)
-            hidden, mask = trim_hidden_columns(torch.as_tensor(self.hidden[rows]),
-                                               torch.as_tensor(self.hidden_mask[rows]))
-            out = {"item_hidden": hidden.numpy(), "item_attention_mask": mask.numpy()}
+    def gather(self, indices: Sequence[int] | torch.Tensor) -> StatementBatch:
+        """These statements, token columns padded to their own longest."""
+        rows = [int(i) for i in (indices.reshape(-1).tolist() if isinstance(indices, torch.Tensor) else indices)]
+        if self.vectors is not None:
+            text = TowerInput(vectors=torch.as_tensor(self.vectors[rows]))
+        elif self.hidden is not None:
+            hidden, mask = _pad_states([self.hidden[i] for i in rows], self.left)
+            text = TowerInput(hidden=hidden, attention_mask=mask, layer=self.layer)
         else:
-            ids, mask = pad_sequences([self.tokens[i] for i in indices], self.pad_id, self.left, length)
-            out = {"item_input_ids": ids, "item_attention_mask": mask}
-        if self.metadata is not None and self.featurizer.config.use_item_metadata:
-            out["item_metadata"] = self.metadata[list(indices)]
-        return out
-
-    def pool_features(self) -> dict[str, np.ndarray]:
-        """Every statement at one width: the pool sampled negatives and label draws index."""
-        if self.hidden is not None and self.hidden_mask is not None:  # the table's own arrays: a copy is large
-            out = {"item_hidden": self.hidden, "item_attention_mask": self.hidden_mask}
-            if self.metadata is not None and self.featurizer.config.use_item_metadata:
-                out["item_metadata"] = self.metadata
-            return out
-        return self.features(range(len(self)), None)
+            ids, mask = pad_sequences([self.tokens[i] for i in rows], self.pad_id, self.left)
+            text = TowerInput(torch.as_tensor(ids), torch.as_tensor(mask))
+        metadata = torch.as_tensor(self.metadata[rows]) if self.metadata is not None and self.use_metadata else None
+        return StatementBatch(text, metadata)
 
 
-ChunkVectors = Callable[[Sequence[dict[str, Any]]], list[np.ndarray]]
-"""User rows -> each user's (chunks, H) chunk vectors (uue.model.cache.TokenChunkCache)."""
-ChunkHidden = Callable[[Sequence[dict[str, Any]]], list[list[np.ndarray]]]
-"""User rows -> each user's chunks as (tokens, H) hidden states at the cut (uue.model.cache.TokenHiddenCache)."""
+@dataclass
+class TrainBatch:
+    """One step's users (rows of the users shards) and the statements they train against.
+
+    A batch is user-centric: B users, each history encoded once, and M = B x positives_per_user statement slots;
+    slot j of user b is `b * P + j`.
+    """
+
+    users: UserBatch
+    positives: StatementBatch  # the M slots' statements
+    statement_index: torch.Tensor  # (M,) each slot's statement (its index in the statement table)
+    item_owner: torch.Tensor  # (M,) each slot's user
+    item_valid: torch.Tensor  # (M,) False: a repeated slot of a user with fewer than P positives
+    user_positives: torch.Tensor  # (B, K) every training positive of each user, -1 padded
+    label_statements: torch.Tensor  # (B, K) each user's labelled training statements, -1 padded
+    label_values: torch.Tensor  # (B, K) their 0/1 labels
+    user_key: torch.Tensor  # (B,) stable integers of the user ids
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TrainBatch:
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
+        return TrainBatch(**moved)
+
+    def backbone_tokens(self) -> tuple[int, int]:
+        """(user, item) tokens the two backbones run on for the batch's own chunks and statements (cached
+        vectors and hidden states: none); read on the host, before the batch moves to the device."""
+        return self.users.chunks.backbone_tokens(), self.positives.text.backbone_tokens()
+
+    def token_counts(self) -> tuple[int, int]:
+        """(real tokens, tokens the encoders process, padding included) of the batch's chunks and statements."""
+        real = processed = 0
+        chunk_mask = self.users.chunks.attention_mask
+        if chunk_mask is not None:
+            real += int(chunk_mask.sum())
+            processed += int(self.users.chunk_mask.sum()) * chunk_mask.shape[-1]
+        item_mask = self.positives.text.attention_mask
+        if item_mask is not None:
+            real += int(item_mask.sum())
+            processed += item_mask.numel()
+        return real, processed
 
 
 class BatchCollator:
-    """A step's user rows -> the model's batch; counts its calls (a resume must not collate skipped batches)."""
+    """A step's user rows -> the model's batch; counts its calls (a resume must not collate skipped batches).
+
+    `chunk_cache`: the frozen-prefix cache of the user backbone, when its chunks are read as cached vectors
+    (cache_chunk_vectors) or hidden states at the user tower's cut (cache_hidden_states)."""
 
     def __init__(self, config: ModelConfig, featurizer: Featurizer, statements: StatementTable, seed: int,
-                 chunk_vectors: ChunkVectors | None = None, chunk_hidden: ChunkHidden | None = None):
+                 chunk_cache: FrozenPrefixCache | None = None):
         self.config = config
         self.statements = statements
         self.seed = seed
-        self.chunk_vectors = chunk_vectors
-        self.chunk_hidden = chunk_hidden
+        self.chunk_cache = chunk_cache
         tokenizer = featurizer.user_tokenizer
         self.pad_id = tokenizer.pad_token_id or 0
         self.left = tokenizer.padding_side == "left"
         self.calls = 0
 
-    def __call__(self, rows: Sequence[dict[str, Any]], epoch: int) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[dict[str, Any]], epoch: int) -> TrainBatch:
         self.calls += 1
         return collate(rows, epoch, self)
 
 
-def collate(rows: Sequence[dict[str, Any]], epoch: int, c: BatchCollator) -> dict[str, torch.Tensor]:
+def _chunks(rows: Sequence[dict[str, Any]], slots: int, c: BatchCollator) -> TowerInput:
+    """The batch users' chunks as (B, slots, ...): tokens padded to the batch's longest chunk, or the cache's
+    vectors or hidden states (padded to the longest chunk on the tokenizer's side)."""
+    counts = [len(r["chunk_tokens"]) for r in rows]
+    place = [b * slots + j for b, n in enumerate(counts) for j in range(n)]
+
+    def in_slots(flat: torch.Tensor) -> torch.Tensor:
+        out = flat.new_zeros((len(rows) * slots, *flat.shape[1:]))
+        out[place] = flat
+        return out.view(len(rows), slots, *flat.shape[1:])
+
+    cache = c.chunk_cache
+    if cache is None:
+        ids, mask = pad_sequences([t for r in rows for t in r["chunk_tokens"]], c.pad_id, c.left)
+        return TowerInput(in_slots(torch.as_tensor(ids)).masked_fill(_padding_slots(counts, slots), c.pad_id),
+                          in_slots(torch.as_tensor(mask)))
+    entries = [entry for user in cache.user_chunks(rows) for entry in user]
+    if cache.keeps_vectors:
+        return TowerInput(vectors=in_slots(torch.as_tensor(np.stack(entries))))
+    hidden, mask = _pad_states(entries, c.left)
+    return TowerInput(hidden=in_slots(hidden), attention_mask=in_slots(mask), layer=cache.layer)
+
+
+def _padding_slots(counts: Sequence[int], slots: int) -> torch.Tensor:
+    """(B, slots, 1) True where a user has no chunk (their token ids are padding ids, as the tokenizer pads)."""
+    real = torch.arange(slots)[None, :] < torch.as_tensor(counts)[:, None]
+    return ~real[:, :, None]
+
+
+def collate(rows: Sequence[dict[str, Any]], epoch: int, c: BatchCollator) -> TrainBatch:
     """User rows -> tensors: B users (chunks padded to the batch's longest) and B x positives_per_user slots.
 
     Slot j of user b is `b * P + j`; a user with fewer than P positives repeats its first one in slots that
     `item_valid` marks False (they keep every worker's shapes equal and count nowhere in the loss).
     """
-    cfg = c.config
-    per_user = cfg.positives_per_user
+    per_user = c.config.loss.positives_per_user
     statement_index, owner, valid = [], [], []
     for b, row in enumerate(rows):
         drawn = draw_positives(row["positives"], per_user, c.seed, epoch, row["user_id"])
@@ -150,59 +225,25 @@ def collate(rows: Sequence[dict[str, Any]], epoch: int, c: BatchCollator) -> dic
             statement_index.append(drawn[j] if j < len(drawn) else drawn[0])
             owner.append(b)
             valid.append(j < len(drawn))
-    batch: dict[str, torch.Tensor] = {
-        k: torch.as_tensor(v) for k, v in c.statements.features(statement_index).items()}
-    batch["statement_index"] = torch.as_tensor(statement_index, dtype=torch.int64)
-    batch["item_owner"] = torch.as_tensor(owner, dtype=torch.int64)
-    batch["item_valid"] = torch.as_tensor(valid, dtype=torch.bool)
-
     counts = [len(r["chunk_tokens"]) for r in rows]
     if min(counts) == 0:  # checked here, on the host: the tower skips the check on a GPU
         raise ValueError(f"user {rows[counts.index(0)]['user_id']!r} has no chunk; preprocessing drops such users")
-    chunks = max(counts)
-    chunk_mask = torch.zeros(len(rows), chunks, dtype=torch.bool)
-    for b, n in enumerate(counts):
-        chunk_mask[b, :n] = True
-    batch["chunk_mask"] = chunk_mask
-    if c.chunk_vectors is not None:
-        vectors = c.chunk_vectors(rows)
-        out = np.zeros((len(rows), chunks, vectors[0].shape[1]), dtype=np.float32)
-        for b, v in enumerate(vectors):
-            out[b, : len(v)] = v
-        batch["chunk_vectors"] = torch.as_tensor(out)
-    elif c.chunk_hidden is not None:
-        batch["chunk_hidden"], batch["user_attention_mask"] = _pad_hidden(c.chunk_hidden(rows), chunks, c.left)
-    else:
-        flat = [t for r in rows for t in r["chunk_tokens"]]
-        ids, mask = pad_sequences(flat, c.pad_id, c.left)
-        user_ids = np.full((len(rows), chunks, ids.shape[1]), c.pad_id, dtype=np.int64)
-        user_mask = np.zeros_like(user_ids)
-        start = 0
-        for b, n in enumerate(counts):
-            user_ids[b, :n], user_mask[b, :n] = ids[start:start + n], mask[start:start + n]
-            start += n
-        batch["user_input_ids"], batch["user_attention_mask"] = torch.as_tensor(user_ids), torch.as_tensor(user_mask)
-    if cfg.use_user_metadata:
-        batch["user_metadata"] = torch.as_tensor(np.asarray([r["user_metadata"] for r in rows], dtype=np.float32))
-    batch["user_positives"] = _pad_ints([r["positives"] for r in rows], -1)
-    batch["label_statements"] = _pad_ints([r["label_statements"] for r in rows], -1)
-    batch["label_values"] = _pad_ints([r["label_values"] for r in rows], 0, torch.float32)
-    batch["user_key"] = torch.as_tensor([user_key(r["user_id"]) for r in rows], dtype=torch.int64)
-    return batch
-
-
-def _pad_hidden(users: Sequence[Sequence[np.ndarray]], chunks: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each user's chunks as (tokens, H) hidden states -> (B, chunks, L, H) in their dtype and the (B, chunks, L)
-    attention mask, L the batch's longest chunk, padding on the tokenizer's side (as pad_sequences does)."""
-    first = users[0][0]
-    width = max(len(chunk) for user in users for chunk in user)
-    hidden = np.zeros((len(users), chunks, width, first.shape[-1]), dtype=first.dtype)
-    mask = np.zeros((len(users), chunks, width), dtype=np.int64)
-    for b, user in enumerate(users):
-        for j, chunk in enumerate(user):
-            columns = slice(width - len(chunk), width) if left else slice(0, len(chunk))
-            hidden[b, j, columns], mask[b, j, columns] = chunk, 1
-    return torch.as_tensor(hidden), torch.as_tensor(mask)
+    slots = max(counts)
+    chunk_mask = ~_padding_slots(counts, slots)[:, :, 0]
+    metadata = None
+    if c.config.heads.use_user_metadata:
+        metadata = torch.as_tensor(np.asarray([r["user_metadata"] for r in rows], dtype=np.float32))
+    return TrainBatch(
+        users=UserBatch(_chunks(rows, slots, c), chunk_mask, metadata),
+        positives=c.statements.gather(statement_index),
+        statement_index=torch.as_tensor(statement_index, dtype=torch.int64),
+        item_owner=torch.as_tensor(owner, dtype=torch.int64),
+        item_valid=torch.as_tensor(valid, dtype=torch.bool),
+        user_positives=_pad_ints([r["positives"] for r in rows], -1),
+        label_statements=_pad_ints([r["label_statements"] for r in rows], -1),
+        label_values=_pad_ints([r["label_values"] for r in rows], 0, torch.float32),
+        user_key=torch.as_tensor([user_key(r["user_id"]) for r in rows], dtype=torch.int64),
+    )
 
 
 # ---------------------------------------------------------------------------------- steps
@@ -224,17 +265,17 @@ class StepRows:
     rows: list[dict[str, Any]]
 
 
+@dataclass
 class UserStream:
     """Epoch after epoch of one process's user rows, shuffled and batched, from any step on."""
 
-    def __init__(self, epoch_rows: Callable[[int], Iterable[Sequence[dict[str, Any]]]], batch_size: int,
-                 steps_per_epoch: int, shuffle_buffer: int, seed: int, rank: int = 0):
-        self.epoch_rows = epoch_rows
-        self.batch_size = batch_size
-        self.steps_per_epoch = steps_per_epoch
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.rank = rank
+    epoch_rows: Callable[[int], Iterable[Sequence[dict[str, Any]]]]
+    """epoch -> that epoch's rows of this process, in blocks (a new call is a new pass)."""
+    batch_size: int
+    steps_per_epoch: int
+    shuffle_buffer: int
+    seed: int
+    rank: int = 0
 
     def _rows(self, epoch: int) -> Iterator[dict[str, Any]]:
         for block in self.epoch_rows(epoch):

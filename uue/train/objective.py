@@ -1,0 +1,116 @@
+"""The training objective: the model, its statement samplers and its losses, as the one module a step runs.
+
+`TrainingObjective.forward(batch)` computes everything a step needs: it encodes the batch's users (each history
+once), picks sampled negatives from the user vectors and draws each user's labelled statements, runs the item
+tower once over the positives, negatives and label statements together, and returns symmetric InfoNCE (+ the
+weighted label loss) with the step's metrics. DeepSpeed wraps this module, so every use of the weights
+happens inside one engine forward (what ZeRO-3 needs), and the model itself only encodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from uue.config import ModelConfig
+from uue.model.encode import StatementBatchEncoder
+from uue.model.inputs import StatementBatch
+from uue.model.uue_model import UUEModel
+from uue.train.label_loss import label_loss
+from uue.train.loss import EncodedBatch, InfoNCELoss
+from uue.train.samplers import Samplers
+from uue.train.stream import TrainBatch
+
+POOL_REFRESH_BATCH = 256
+"""Statements per item-tower call when the negative pool is re-encoded."""
+
+
+def autocast_for(device: torch.device, module: nn.Module | None = None):
+    """bf16 autocast on CUDA; none on CPU (bf16 matmuls are slow and inexact there), and none over weights
+    already in bf16 (a DeepSpeed bf16 engine): autocast would only add casts around every op."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    if module is not None and next(module.parameters()).dtype == torch.bfloat16:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+class TrainingObjective(nn.Module):
+    """UUEModel + sampled negatives + InfoNCE + the label loss: what one training step computes."""
+
+    def __init__(self, model: UUEModel, config: ModelConfig, samplers: Samplers | None = None):
+        super().__init__()
+        self.model = model
+        self.samplers = samplers or Samplers()
+        self.info_nce = InfoNCELoss()
+        self.label_loss_weight = config.loss.label_loss_weight
+        model.logit_scale.requires_grad_(config.loss.learn_temperature)
+        model.label_bias.requires_grad_(self.label_loss_weight > 0)
+
+    def encode(self, batch: TrainBatch) -> EncodedBatch:
+        """Users, their positive slots, sampled negatives and label draws -> vectors; the item tower runs once
+        on all statements when they are of one kind (tokens padded to the widest)."""
+        model = self.model
+        users = model.encode_users(batch.users)
+        # Negatives are chosen from the user vectors and the refreshed pool, label statements drawn from the
+        # batch: then the item tower runs once, on positives, negatives and label statements together.
+        sets: dict[str, StatementBatch] = {}
+        negative_ids = draw = None
+        negative_sampler, label_sampler = self.samplers.negative, self.samplers.label
+        if negative_sampler is not None and negative_sampler.num_negatives > 0:
+            negative_ids, sets["negatives"] = negative_sampler.sample(users.detach(), batch)
+        if label_sampler is not None:
+            draw = label_sampler.sample(batch, users.device)
+            sets["labels"] = draw.statements
+        extra_tokens: torch.Tensor | int = 0
+        for statements in sets.values():  # hidden states count none (what backbone_tokens counts)
+            if statements.text.kind == "tokens":
+                extra_tokens = extra_tokens + statements.text.attention_mask.sum()
+        vectors = self._encode_statements([batch.positives, *sets.values()])
+        shapes = {"negatives": negative_ids, "labels": draw.indices if draw is not None else None}
+        encoded = {name: v.view(*shapes[name].shape, -1) for name, v in zip(sets, vectors[1:], strict=True)}
+        out = EncodedBatch(users, vectors[0], model.clamped_logit_scale(), encoded.get("negatives"), negative_ids,
+                           extra_item_tokens=extra_tokens)
+        if draw is not None:
+            out.label_items = encoded["labels"]
+            out.label_values, out.label_mask, out.label_bias = draw.values, draw.mask, model.label_bias
+        return out
+
+    def _encode_statements(self, parts: list[StatementBatch]) -> list[torch.Tensor]:
+        """Several statement sets -> their vectors, in one item-tower call when they can share one."""
+        tokenizer = self.model.item_tokenizer
+        left = getattr(tokenizer, "padding_side", "right") == "left"
+        together = StatementBatch.concatenate(parts, getattr(tokenizer, "pad_token_id", None) or 0, left)
+        if together is None:
+            return [self.model.encode_statements(part) for part in parts]
+        return list(self.model.encode_statements(together).split([len(part) for part in parts]))
+
+    def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) of one batch: symmetric InfoNCE over the users' positive slots (+ negatives), plus the
+        weighted label loss when it is on; `metrics["extra_item_tokens"]` counts the sampled statements' tokens."""
+        out = self.encode(batch)
+        loss, metrics = self.info_nce(out, batch)
+        if out.label_items is not None:
+            pointwise = label_loss(out.user, out.label_items, out.label_values, out.label_mask, out.logit_scale,
+                                   out.label_bias)
+            metrics["info_nce"] = loss.detach()
+            metrics["label_loss"] = pointwise.detach()
+            loss = loss + self.label_loss_weight * pointwise
+        metrics["extra_item_tokens"] = out.extra_item_tokens
+        return loss, metrics
+
+    @torch.no_grad()
+    def refresh_negatives(self, step: int) -> None:
+        """Re-encode the statement pool with the current item tower when hard/semi-hard negatives are due."""
+        sampler = self.samplers.negative
+        if sampler is None or not sampler.needs_refresh(step):
+            return
+        device = next(self.parameters()).device
+        encoder = StatementBatchEncoder(self.model.item_tower, device, batch_size=POOL_REFRESH_BATCH)
+        was_training = self.training
+        self.eval()
+        with autocast_for(device, self):
+            sampler.refresh(encoder.encode_pool, step)
+        self.train(was_training)
