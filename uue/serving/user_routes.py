@@ -12,18 +12,26 @@ a stored `user_id` through `stored_user` (a read).
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures below at runtime, and their
 # `Reader`/`Writer` dependencies are local to `add_user_routes` (string annotations would not resolve).
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel
 
 from uue.serving.api import USER_ID_PATTERN, ErrorBody, HistoryIn, RequestError, check_user
+from uue.serving.auth import ApiKeys
+from uue.serving.settings import RequestLimits
 from uue.serving.user_store import UserState
 from uue.serving.users import PooledUser, UserService
 
-if TYPE_CHECKING:
-    from uue.serving.http import ServingService
+
+class UserRoutesService(Protocol):
+    """What these routes read of the app's service (uue.serving.http.ServingService, which imports them)."""
+
+    users: UserService | None
+    api_keys: ApiKeys
+    limits: RequestLimits
+    dimension: int
 
 UserId = Annotated[str, PathParam(pattern=USER_ID_PATTERN, description=(
     "1-256 characters: letters, digits and . _ : @ - (not first)."))]
@@ -72,19 +80,19 @@ USER_RESPONSES: dict[int | str, dict[str, Any]] = {
 store configured); bodies are the app's error shape."""
 
 
-def user_service(service: "ServingService") -> UserService:
+def user_service(service: UserRoutesService) -> UserService:
     if service.users is None:
         raise RequestError(503, "no user store configured on this server (ServeArgs.user_store)", "user_id")
     return service.users
 
 
-def authorize(service: "ServingService", request: Request, write: bool) -> UserService:
+def authorize(service: UserRoutesService, request: Request, write: bool) -> UserService:
     users = user_service(service)
     service.api_keys.check(request.headers.get("authorization"), write=write)
     return users
 
 
-async def stored_user(service: "ServingService", request: Request, user_id: str) -> PooledUser:
+async def stored_user(service: UserRoutesService, request: Request, user_id: str) -> PooledUser:
     """A stored user for /score, /retrieve, /v1/embeddings (needs a key; reading suffices)."""
     return await authorize(service, request, write=False).stored(user_id)
 
@@ -99,7 +107,7 @@ def _response(state: UserState, dimension: int) -> StoredUserResponse:
     )
 
 
-def add_user_routes(app: FastAPI, service: "ServingService") -> None:
+def add_user_routes(app: FastAPI, service: UserRoutesService) -> None:
     def reader(request: Request) -> UserService:
         return authorize(service, request, write=False)
 
