@@ -84,8 +84,8 @@ def main() -> None:
         finally:
             ray.shutdown()
     assert report.counts["users"].written == args.users
-    print(f"{args.users} users x {args.chunks} posts, {config.model.user_model_name} tokenizer, "
-          f"{config.model.num_chunks_per_user} x {config.model.max_chunk_length} tokens per user")
+    print(f"{args.users} users x {args.chunks} posts, {config.model.towers.user_model_name} tokenizer, "
+          f"{config.model.towers.num_chunks_per_user} x {config.model.towers.max_chunk_length} tokens per user")
     print(f"single process (peer): {peer:7.1f} s  {args.users / peer:8.1f} users/s")
     print(f"Ray Data, {args.cpus} CPUs:     {ours:7.1f} s  {args.users / ours:8.1f} users/s")
     print(f"ratio Ray Data / single process: {peer / ours:.2f}x")

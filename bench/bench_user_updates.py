@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             ingress={"num_cpus": 0.5, "min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 256},
         )
         print(f"{args.preset} {args.backbone or ''} num_chunks_per_user={max(args.sizes)} "
-              f"max_chunk_length={config.max_chunk_length}, store {args.store}, device {args.device} {args.dtype}, "
+              f"max_chunk_length={config.towers.max_chunk_length}, store {args.store}, "
+              f"device {args.device} {args.dtype}, "
               f"user tower {args.cores} CPUs", flush=True)
         try:
             serve.run(build_app(serve_args), name="uue", route_prefix="/")

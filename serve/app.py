@@ -42,9 +42,9 @@ class UserTowerDeployment:
         from ray.serve.metrics import Counter
 
         self.encoder = UserEncoder(model_dir, device=device, dtype=dtype)
-        if max_batch_size < self.encoder.config.num_chunks_per_user:
+        if max_batch_size < self.encoder.config.towers.num_chunks_per_user:
             raise ValueError(f"user_tower.max_batch_size ({max_batch_size} chunks) must hold one user's "
-                             f"num_chunks_per_user ({self.encoder.config.num_chunks_per_user})")
+                             f"num_chunks_per_user ({self.encoder.config.towers.num_chunks_per_user})")
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._encode_chunks.set_max_batch_size(max_batch_size)

@@ -162,7 +162,7 @@ def test_killed_worker_resumes_from_last_checkpoint_without_repeating_or_losing_
     assert kept == ["step_000004", "step_000006"]
     steps_logged = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [1, 2, 3, 3, 4, 5, 6]  # the resumed attempt logs from the step after the checkpoint
-    assert UUEModel.from_pretrained(result.model_dir).config.batch_size == 4
+    assert UUEModel.from_pretrained(result.model_dir).config.saved() == config.model.saved()  # this run's model
 
 
 @pytest.mark.slow

@@ -36,9 +36,9 @@ NOVEL_STATEMENTS = ("would enjoy a space opera", "likes cowboy films", "prefers 
 def _backbone_training(config, tower: str) -> str:
     """How a tower's backbone trains, in words (frozen + cached, top N blocks, all blocks)."""
     m = config.model
-    frozen = m.freeze_user_backbone if tower == "user" else m.freeze_item_backbone
-    cached = m.cache_chunk_vectors if tower == "user" else m.cache_statement_vectors
-    layers = m.user_trainable_layers if tower == "user" else m.item_trainable_layers
+    frozen = m.towers.freeze_user_backbone if tower == "user" else m.towers.freeze_item_backbone
+    cached = m.caching.cache_chunk_vectors if tower == "user" else m.caching.cache_statement_vectors
+    layers = m.towers.user_trainable_layers if tower == "user" else m.towers.item_trainable_layers
     if frozen:
         return "frozen" + (", its vectors cached" if cached else "")
     if layers:
@@ -94,10 +94,11 @@ def run_demo(config_path: str | None = None, overrides: list[str] | None = None,
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
     data_dir = Path(config.data.path)
     output_dir = Path(config.training.output_dir)
-    _step(1, f"train {config.model.user_model_name}/{config.model.item_model_name} towers on {data_dir}", started)
+    towers = config.model.towers
+    _step(1, f"train {towers.user_model_name}/{towers.item_model_name} towers on {data_dir}", started)
     print(f"      user backbone: {_backbone_training(config, 'user')}; "
           f"item backbone: {_backbone_training(config, 'item')}")
-    ensure_movielens(data_dir, config.model.max_chunk_length, config.model.user_model_name, variant)
+    ensure_movielens(data_dir, towers.max_chunk_length, towers.user_model_name, variant)
     trainer = UUETrainer(config)
     trained_from = time.perf_counter()
     result = trainer.fit()

@@ -42,7 +42,8 @@ def cmd_data_movielens(args: argparse.Namespace) -> int:
         options.ratings_per_chunk = args.ratings_per_chunk
     if args.config:
         config = load_config(args.config, [])
-        options.max_chunk_length, options.tokenizer = config.model.max_chunk_length, config.model.user_model_name
+        towers = config.model.towers
+        options.max_chunk_length, options.tokenizer = towers.max_chunk_length, towers.user_model_name
     if args.max_chunk_length:
         options.max_chunk_length = args.max_chunk_length
     if args.tokenizer:

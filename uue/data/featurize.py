@@ -105,7 +105,7 @@ class Featurizer:
 
     @property
     def item_length(self) -> int:
-        return self.config.max_statement_length + self.config.max_context_length
+        return self.config.towers.max_statement_length + self.config.towers.max_context_length
 
     def user_features(
         self, user: UserData | Sequence[UserChunk], metadata: dict | None = None
@@ -117,19 +117,19 @@ class Featurizer:
         if not chunks:
             raise ValueError("a user needs at least one chunk of text")
         cfg = self.config
-        kept = select_chunks(chunks, cfg.num_chunks_per_user)
+        kept = select_chunks(chunks, cfg.towers.num_chunks_per_user)
         chunk_ids, chunk_mask_tokens = self.chunk_tokens(kept)
-        ids = np.zeros((cfg.num_chunks_per_user, cfg.max_chunk_length), dtype=np.int64)
+        ids = np.zeros((cfg.towers.num_chunks_per_user, cfg.towers.max_chunk_length), dtype=np.int64)
         mask = np.zeros_like(ids)
         pad_id = self.user_tokenizer.pad_token_id or 0
         ids[:] = pad_id
         ids[: len(kept)] = chunk_ids
         mask[: len(kept)] = chunk_mask_tokens
-        chunk_mask = np.zeros(cfg.num_chunks_per_user, dtype=bool)
+        chunk_mask = np.zeros(cfg.towers.num_chunks_per_user, dtype=bool)
         chunk_mask[: len(kept)] = True
         features = {"user_input_ids": ids, "user_attention_mask": mask, "chunk_mask": chunk_mask}
-        if cfg.use_user_metadata:
-            features["user_metadata"] = hash_metadata(metadata, cfg.metadata_dim)
+        if cfg.heads.use_user_metadata:
+            features["user_metadata"] = hash_metadata(metadata, cfg.heads.metadata_dim)
         return features
 
     def chunk_tokens(self, chunks: Sequence[UserChunk]) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +137,7 @@ class Featurizer:
         whether it is encoded inside a whole user or on its own (the user store's appends)."""
         enc = self.user_tokenizer(
             [chunk_text(c) for c in chunks], padding="max_length", truncation=True,
-            max_length=self.config.max_chunk_length, return_tensors="np",
+            max_length=self.config.towers.max_chunk_length, return_tensors="np",
         )
         return enc["input_ids"], enc["attention_mask"]
 
@@ -147,9 +147,9 @@ class Featurizer:
         chunks = user.chunks if isinstance(user, UserData) else list(user)
         if not chunks:
             raise ValueError("a user needs at least one chunk of text")
-        kept = select_chunks(chunks, self.config.num_chunks_per_user)
+        kept = select_chunks(chunks, self.config.towers.num_chunks_per_user)
         enc = self.user_tokenizer([chunk_text(c) for c in kept], truncation=True,
-                                  max_length=self.config.max_chunk_length)
+                                  max_length=self.config.towers.max_chunk_length)
         return [list(map(int, ids)) for ids in enc["input_ids"]]
 
     def statement_tokens(self, statements: Sequence[Statement | str]) -> list[list[int]]:
@@ -158,11 +158,11 @@ class Featurizer:
         cfg = self.config
         texts = [s.text for s in items]
         contexts = [s.context for s in items]
-        if cfg.max_context_length > 0 and any(contexts):
+        if cfg.towers.max_context_length > 0 and any(contexts):
             enc = self.item_tokenizer(texts, [c or "" for c in contexts], truncation="longest_first",
                                       max_length=self.item_length)
         else:
-            enc = self.item_tokenizer(texts, truncation=True, max_length=cfg.max_statement_length)
+            enc = self.item_tokenizer(texts, truncation=True, max_length=cfg.towers.max_statement_length)
         return [list(map(int, ids)) for ids in enc["input_ids"]]
 
     def statement_features(self, statements: Sequence[Statement | str], prefix: str = "item") -> dict[str, np.ndarray]:
@@ -172,12 +172,13 @@ class Featurizer:
         texts = [s.text for s in items]
         contexts = [s.context for s in items]
         kwargs: dict[str, Any] = dict(padding="max_length", max_length=self.item_length, return_tensors="np")
-        if cfg.max_context_length > 0 and any(contexts):
+        if cfg.towers.max_context_length > 0 and any(contexts):
             # One budget of max_statement_length + max_context_length tokens; the longer part is cut first.
             enc = self.item_tokenizer(texts, [c or "" for c in contexts], truncation="longest_first", **kwargs)
         else:
-            enc = self.item_tokenizer(texts, truncation=True, **{**kwargs, "max_length": cfg.max_statement_length})
-            pad = self.item_length - cfg.max_statement_length
+            enc = self.item_tokenizer(texts, truncation=True,
+                                      **{**kwargs, "max_length": cfg.towers.max_statement_length})
+            pad = self.item_length - cfg.towers.max_statement_length
             if pad:
                 left = self.item_tokenizer.padding_side == "left"
                 widths = ((0, 0), (pad, 0)) if left else ((0, 0), (0, pad))
@@ -191,8 +192,9 @@ class Featurizer:
             f"{prefix}_input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
             f"{prefix}_attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64),
         }
-        if cfg.use_item_metadata:
-            features[f"{prefix}_metadata"] = np.stack([hash_metadata(s.metadata, cfg.item_metadata_dim) for s in items])
+        if cfg.heads.use_item_metadata:
+            dim = cfg.heads.item_metadata_dim
+            features[f"{prefix}_metadata"] = np.stack([hash_metadata(s.metadata, dim) for s in items])
         return features
 
 

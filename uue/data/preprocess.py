@@ -130,7 +130,8 @@ def _featurizer(model_config_json: str) -> Featurizer:
     from uue.data.tokenizers import load_tokenizer
 
     config = ModelConfig.model_validate_json(model_config_json)
-    return Featurizer(config, load_tokenizer(config.user_model_name), load_tokenizer(config.item_model_name))
+    towers = config.towers
+    return Featurizer(config, load_tokenizer(towers.user_model_name), load_tokenizer(towers.item_model_name))
 
 
 class UserFeaturizerUDF:

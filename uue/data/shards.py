@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-from uue.config import ExperimentConfig, ModelConfig
+from uue.config import SECTION_OF, ExperimentConfig, ModelConfig
 from uue.data.chunking import split_long_chunks
 from uue.data.featurize import Featurizer, hash_metadata
 from uue.data.readers import UUEDataset, resolve_filesystem
@@ -79,9 +79,10 @@ def fingerprint(featurizer: Featurizer) -> dict[str, Any]:
     """Everything that decides the stored token ids and metadata features."""
     cfg = featurizer.config
     return {
-        "user_tokenizer": tokenizer_fingerprint(featurizer.user_tokenizer, cfg.user_model_name),
-        "item_tokenizer": tokenizer_fingerprint(featurizer.item_tokenizer, cfg.item_model_name),
-        **{key: getattr(cfg, key) for key in (
+        "user_tokenizer": tokenizer_fingerprint(featurizer.user_tokenizer, cfg.towers.user_model_name),
+        "item_tokenizer": tokenizer_fingerprint(featurizer.item_tokenizer, cfg.towers.item_model_name),
+        # By the keys' own names, as manifests written before ModelConfig had sections recorded them.
+        **{key: getattr(getattr(cfg, SECTION_OF[key]), key) for key in (
             "max_chunk_length", "num_chunks_per_user", "max_statement_length", "max_context_length",
             "use_user_metadata", "metadata_dim", "use_item_metadata", "item_metadata_dim")},
     }
@@ -134,13 +135,14 @@ def labels_by_user(labels: Sequence[Label] | Sequence[dict], statement_index: Ma
 def user_row(user: UserData, featurizer: Featurizer, labels: UserLabels | None) -> dict[str, Any]:
     """One users-shard row: long texts split into token-bounded pieces, the most recent kept, unpadded."""
     cfg = featurizer.config
-    pieces = split_long_chunks(user.chunks, featurizer.user_tokenizer, cfg.max_chunk_length)
+    pieces = split_long_chunks(user.chunks, featurizer.user_tokenizer, cfg.towers.max_chunk_length)
     tokens = featurizer.user_tokens(pieces)
     labels = labels or UserLabels([], [], [])
     return {
         "user_id": user.user_id,
         "chunk_tokens": tokens,
-        "user_metadata": hash_metadata(user.metadata, cfg.metadata_dim).tolist() if cfg.use_user_metadata else None,
+        "user_metadata": (hash_metadata(user.metadata, cfg.heads.metadata_dim).tolist()
+                          if cfg.heads.use_user_metadata else None),
         "positives": sorted(set(labels.positives)),
         "label_statements": labels.statements,
         "label_values": labels.values,
@@ -156,8 +158,8 @@ def statement_rows(statements: Sequence[Statement], featurizer: Featurizer, firs
     cfg = featurizer.config
     tokens = featurizer.statement_tokens(statements)
     return [{"statement_index": first_index + i, "statement_id": s.statement_id, "tokens": t,
-             "item_metadata": hash_metadata(s.metadata, cfg.item_metadata_dim).tolist()
-             if cfg.use_item_metadata else None}
+             "item_metadata": hash_metadata(s.metadata, cfg.heads.item_metadata_dim).tolist()
+             if cfg.heads.use_item_metadata else None}
             for i, (s, t) in enumerate(zip(statements, tokens, strict=True))]
 
 

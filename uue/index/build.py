@@ -195,8 +195,8 @@ def tokenize_statements(batch: dict[str, np.ndarray], item_tower_folder: str) ->
     tokens = featurizer.statement_tokens(statements)
     out: dict[str, Any] = {"statement_id": batch["statement_id"], "text": batch["text"], "source": batch["source"],
                            "token_ids": [np.asarray(t, dtype=np.int64) for t in tokens]}
-    if featurizer.config.use_item_metadata:
-        dim = featurizer.config.item_metadata_dim
+    if featurizer.config.heads.use_item_metadata:
+        dim = featurizer.config.heads.item_metadata_dim
         out["item_metadata"] = np.stack([hash_metadata(s.metadata, dim) for s in statements]).astype(np.float32)
     return out
 
@@ -226,7 +226,7 @@ class ItemTowerEncoder:
         self.tower, tokenizer = load_tower(item_tower_folder, map_location=self.device)
         self.tower.to(getattr(torch, resolve_dtype(dtype, device)))
         config = index_model_config(read_tower_config(item_tower_folder), attention, compile_layers, pack_tokens)
-        self.attention = config.attention
+        self.attention = config.packing.attention
         encoder = self.tower.encoder
         if self.attention == "packed":
             towers = config.towers
@@ -460,7 +460,7 @@ def build_index(
         )
         # One block per batch, so the actor pool has queued work to scale up on even for a single input file.
         ds = ds.repartition(target_num_rows_per_block=batch_size)
-        if encoding.attention == "packed":  # tokenized in CPU tasks while the actors encode earlier batches
+        if encoding.packing.attention == "packed":  # tokenized in CPU tasks while the actors encode earlier batches
             ds = ds.map_batches(tokenize_statements, batch_size=batch_size, batch_format="numpy",
                                 fn_kwargs=dict(item_tower_folder=str(tower_folder)), udf_modifying_row_count=False)
         ds = ds.map_batches(
@@ -523,8 +523,8 @@ def build_index(
                     "expansion_search": expansion_search},
             "build": {"min_actors": min_actors, "max_actors": max_actors, "batch_size": batch_size,
                       "gpus_per_actor": gpus_per_actor, "dtype": resolve_dtype(dtype, device),
-                      "attention": encoding.attention, "compile_layers": encoding.compile_layers,
-                      "pack_tokens": encoding.pack_tokens if encoding.attention == "packed" else None,
+                      "attention": encoding.packing.attention, "compile_layers": encoding.packing.compile_layers,
+                      "pack_tokens": encoding.packing.pack_tokens if encoding.packing.attention == "packed" else None,
                       "first_batch_seconds": round(first_batch_seconds or 0.0, 3), "first_batch_rows": first_batch_rows,
                       "stream_seconds": round(stream_seconds, 3), "ann_add_seconds": round(writer.ann_seconds, 3),
                       "ann_wait_seconds": round(ann_wait_seconds, 3),

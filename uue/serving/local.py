@@ -58,7 +58,7 @@ def build_local_app(model_dir: str | Path, limits: RequestLimits | None = None, 
     service = ServingService(
         backend=backend, model_fingerprint=fingerprint, dimension=backend.users.dimension,
         limits=limits or RequestLimits(), calibrator=PlattCalibrator.load(model_dir), index=slot,
-        admin_token=admin_token, num_chunks_per_user=backend.users.config.num_chunks_per_user,
+        admin_token=admin_token, num_chunks_per_user=backend.users.config.towers.num_chunks_per_user,
     )
     if user_store is not None:
         service.users, service.api_keys = open_user_service(user_store, backend, fingerprint,
