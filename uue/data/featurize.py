@@ -217,28 +217,17 @@ def trim_hidden_columns(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch
 
 
 def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut padding chunks and padding token columns shared by the whole batch (results are unchanged)."""
+    """Collated featurizer rows without the padding chunks and padding token columns the whole batch shares
+    (results are unchanged): the fixed shapes Ray Data ships, cut to what the batch uses."""
     out = dict(batch)
     if "chunk_mask" in out:
         used_chunks = int(out["chunk_mask"].bool().sum(1).max())
         out["chunk_mask"] = out["chunk_mask"][:, :used_chunks].bool()
-        if "chunk_vectors" in out:
-            out["chunk_vectors"] = out["chunk_vectors"][:, :used_chunks]
-        if "chunk_hidden" in out:  # cached hidden states (B, C, L, H): cut chunks and shared padding tokens
-            out["chunk_hidden"], out["user_attention_mask"] = trim_hidden_columns(
-                out["chunk_hidden"][:, :used_chunks], out["user_attention_mask"][:, :used_chunks])
-        if "user_input_ids" in out:
-            ids = out["user_input_ids"][:, :used_chunks]
-            mask = out["user_attention_mask"][:, :used_chunks]
-            out["user_input_ids"], out["user_attention_mask"] = trim_token_columns(ids, mask)
-    if "item_hidden" in out:
-        out["item_hidden"], out["item_attention_mask"] = trim_hidden_columns(out["item_hidden"],
-                                                                             out["item_attention_mask"])
-    for prefix in ("item", "negative"):
-        if f"{prefix}_input_ids" in out:
-            out[f"{prefix}_input_ids"], out[f"{prefix}_attention_mask"] = trim_token_columns(
-                out[f"{prefix}_input_ids"], out[f"{prefix}_attention_mask"]
-            )
+        ids, mask = out["user_input_ids"][:, :used_chunks], out["user_attention_mask"][:, :used_chunks]
+        out["user_input_ids"], out["user_attention_mask"] = trim_token_columns(ids, mask)
+    if "item_input_ids" in out:
+        out["item_input_ids"], out["item_attention_mask"] = trim_token_columns(out["item_input_ids"],
+                                                                               out["item_attention_mask"])
     return out
 
 

@@ -6,7 +6,7 @@ one true of few ("works as a lawyer") end up on the same footing. The training s
 statements are *false* of a user (label 0). This loss draws, for every user of the batch, statements
 from that user's labels as they occur (1 and 0 alike, uniformly with replacement) and fits
 `logit_scale * cosine + bias` to the label, so that scores also carry how often a kind of statement is
-true. The bias is the model's `label_bias` parameter; the weight is `model.label_loss_weight`.
+true. The bias is the model's `label_bias` parameter; the weight is `model.loss.label_loss_weight`.
 """
 
 from __future__ import annotations
