@@ -46,3 +46,18 @@ def test_each_old_tower_loads_alone_in_the_serving_encoders(name):
     np.testing.assert_allclose(UserEncoder(ASSETS / name, device="cpu").encode(users), expected["users"], atol=1e-6)
     vectors, _ = StatementEncoder(ASSETS / name, device="cpu").encode(statements)
     np.testing.assert_allclose(vectors, expected["statements"], atol=1e-6)
+
+
+def test_a_model_saved_now_records_only_what_using_it_needs(tiny_model_config, tmp_path):
+    import json
+
+    from uue.model import UUEModel
+
+    config = tiny_model_config.model_copy(update={"batch_size": 3, "label_loss_weight": 2.0, "projection_rank": 0})
+    folder = UUEModel.from_config(config).save_pretrained(tmp_path / "m")
+    for meta in (json.loads((folder / "uue.json").read_text()),
+                 json.loads((folder / "user_tower" / "tower.json").read_text())):
+        assert meta["version"] == 2
+        assert set(meta["model_config"]) == {"towers", "pooling", "heads", "packing", "loss"}
+        assert meta["model_config"]["loss"] == {"max_logit_scale": 100.0}  # how training went is not recorded
+    assert UUEModel.from_pretrained(folder).config.saved() == config.saved()

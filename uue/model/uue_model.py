@@ -1,10 +1,10 @@
 """The two-tower UUE model: towers, a learnable temperature, and the on-disk format.
 
 On disk a model is a folder:
-    uue.json                  format version and the ModelConfig
+    uue.json                  format version and what using the model needs of its ModelConfig (.saved())
     logit_scale.safetensors   the learned temperature (log scale) and the label-loss bias
     user_tower/, item_tower/  one folder per tower:
-        tower.json            which tower, the ModelConfig, the backbone's pooling
+        tower.json            which tower, the same config, the backbone's pooling
         backbone/             a plain Hugging Face model + tokenizer (AutoModel/AutoTokenizer.from_pretrained)
         head.safetensors      pooling, metadata fusion and projection weights
 Each tower folder loads on its own (`UserTower`/`ItemTower` via `load_tower`), without Ray, DeepSpeed or
