@@ -44,6 +44,7 @@ class UserBatchEncoder:
 
     @torch.no_grad()
     def encode(self, users: Sequence[UserData]) -> np.ndarray:
+        """Users -> unit vectors, `batch_size` users at a time (from their chunk tokens, or cached vectors)."""
         cached = self.chunk_vectors(users) if self.cache is not None else None
         vectors = []
         for start in range(0, len(users), self.batch_size):
