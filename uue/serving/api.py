@@ -225,12 +225,23 @@ class IndexStatus(BaseModel):
     last_error: str | None
 
 
+class UserStoreHealth(BaseModel):
+    backend: Literal["sqlite", "redis"]
+    available: bool
+    """Whether the store took a probe write lock (SQLite) or answered PING (Redis) within a second, just now."""
+    error: str | None
+
+
 class HealthResponse(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"]
+    """`degraded`: the user store is unavailable; the tower routes (and users sent inline) still serve, stored
+    users get 503. The answer is 200 either way, so a readiness probe keeps routing the tower traffic."""
     model_fingerprint: str
     dimension: int
     calibrated: bool
     index: IndexStatus | None
+    user_store: UserStoreHealth | None = None
+    """null when no user store is configured."""
 
 
 class ReloadIndexResponse(IndexStatus):

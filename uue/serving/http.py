@@ -78,6 +78,7 @@ from uue.serving.metrics import ServingMetrics
 from uue.serving.settings import RequestLimits
 from uue.serving.user_routes import add_user_routes, authorize, stored_user
 from uue.serving.users import PooledUser, UserService, explain_scores, inline_user
+from uue.user_store import StoreUnavailableError
 
 
 class TowerBackend(Protocol):
@@ -108,6 +109,8 @@ class ServingService:
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     num_chunks_per_user: int = 0
     """The user tower's chunk budget (explanations of users sent inline select chunks as it does)."""
+    retry_after_s: int = 5
+    """`Retry-After` of the 503 answering a user store that did not answer (`StoreUnavailableError`)."""
 
     def probabilities(self, similarities: np.ndarray) -> list[float | None]:
         if self.calibrator is None:
@@ -161,7 +164,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
                     "(the bounds this document states)."),
     422: _error_doc("Wrong types, missing or unknown fields, empty text, bad timestamps."),
     500: _error_doc("A bug: the server failed in an unexpected way."),
-    503: _error_doc("A tower or the statement index is unavailable right now.",
+    503: _error_doc("A tower, the statement index or the user store is unavailable right now (or no user store "
+                    "is configured: then without Retry-After).",
                     {"Retry-After": "Seconds to wait before retrying."}),
 }
 """The errors any route may answer, documented for every route of the app (FastAPI's own 422 entry, with a
@@ -270,6 +274,14 @@ def build_http_app(service: ServingService) -> FastAPI:
         headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
         return _error(err.status, err.message, err.param, headers)
 
+    @app.exception_handler(StoreUnavailableError)
+    async def on_store_down(request: Request, err: StoreUnavailableError) -> JSONResponse:
+        # Whatever the route and the backend: temporary, so 503 + Retry-After; a write that raised is not
+        # acknowledged (a retry with the same Idempotency-Key is safe).
+        logger.warning("%s %s: user store unavailable: %s", request.method, request.url.path, err)
+        return _error(503, f"the user store is unavailable ({err}); retry in {service.retry_after_s} s",
+                      headers={"Retry-After": str(service.retry_after_s)})
+
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, err: StarletteHTTPException) -> JSONResponse:
         return _error(err.status_code, str(err.detail), headers=err.headers)  # keeps 405's Allow
@@ -306,12 +318,14 @@ def build_http_app(service: ServingService) -> FastAPI:
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, Any]:
+        store = await service.users.health() if service.users is not None else None
         return {
-            "status": "ok",
+            "status": "degraded" if store is not None and not store["available"] else "ok",
             "model_fingerprint": service.model_fingerprint,
             "dimension": service.dimension,
             "calibrated": service.calibrator is not None,
             "index": service.index.status() if service.index else None,
+            "user_store": store,
         }
 
     @app.post("/embed/users", response_model=EmbeddingsResponse)

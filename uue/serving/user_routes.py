@@ -8,13 +8,16 @@
 All need `Authorization: Bearer <API key>` (writes and deletes a key without `:ro`); the key is checked
 before the body is read, so a refused request changes nothing. /score, /retrieve and /v1/embeddings take
 a stored `user_id` through `stored_user` (a read).
+
+An append may send `Idempotency-Key`: a retry with the same key (after a 503 or a lost reply) appends nothing
+if the first attempt landed, and answers the stored user with `Idempotent-Replayed: true`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures below at runtime, and their
 # `Reader`/`Writer` dependencies are local to `add_user_routes` (string annotations would not resolve).
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel
 
@@ -27,6 +30,10 @@ if TYPE_CHECKING:
 
 UserId = Annotated[str, PathParam(pattern=USER_ID_PATTERN, description=(
     "1-256 characters: letters, digits and . _ : @ - (not first)."))]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", pattern=r"^[!-~]{1,255}$", description=(
+    "Any unique string per append (a UUID): a retry with the same key and body appends nothing if the first "
+    "attempt landed. Kept with the user for its last 100 keyed appends."))]
+REPLAYED = "Idempotent-Replayed"
 
 
 class StoredChunkOut(BaseModel):
@@ -69,7 +76,7 @@ USER_RESPONSES: dict[int | str, dict[str, Any]] = {
                     "often."),
 }
 """The stored-user errors, on top of the app's common ones (404 there also means a user not stored, 503 no user
-store configured); bodies are the app's error shape."""
+store configured or the store unavailable); bodies are the app's error shape."""
 
 
 def user_service(service: "ServingService") -> UserService:
@@ -119,15 +126,23 @@ def add_user_routes(app: FastAPI, service: "ServingService") -> None:
         history(body)
         return _response(await users.put(user_id, body.to_user(user_id)), service.dimension)
 
-    @app.post("/users/{user_id}/chunks", response_model=StoredUserResponse, responses=USER_RESPONSES,
-              tags=["users"])
-    async def append_chunks(user_id: UserId, body: HistoryIn, users: Writer) -> StoredUserResponse:
+    replayed_doc = {"description": "The stored user after the append.", "headers": {REPLAYED: {
+        "description": "`true` when an earlier request with this Idempotency-Key had landed: nothing was appended.",
+        "schema": {"type": "string", "enum": ["true"]}}}}
+
+    @app.post("/users/{user_id}/chunks", response_model=StoredUserResponse,
+              responses={200: replayed_doc, **USER_RESPONSES}, tags=["users"])
+    async def append_chunks(user_id: UserId, body: HistoryIn, users: Writer, response: Response,
+                            idempotency_key: IdempotencyKey = None) -> StoredUserResponse:
         """Append chunks (creating the user if new): only they are encoded, the vector is re-pooled from the
         stored chunk vectors, the oldest chunks beyond `num_chunks_per_user` are evicted. `metadata`, when
-        given, replaces the stored metadata."""
+        given, replaces the stored metadata. Retry a 503 with the same `Idempotency-Key`."""
         history(body)
         user = body.to_user(user_id)
-        return _response(await users.append(user_id, user.chunks, user.metadata), service.dimension)
+        state = await users.append(user_id, user.chunks, user.metadata, request_key=idempotency_key)
+        if state.replayed:
+            response.headers[REPLAYED] = "true"
+        return _response(state, service.dimension)
 
     @app.get("/users/{user_id}", response_model=StoredUserResponse, responses=USER_RESPONSES, tags=["users"])
     async def get_user(user_id: UserId, users: Reader) -> StoredUserResponse:
