@@ -7,7 +7,7 @@
 
 All need `Authorization: Bearer <API key>` (writes and deletes a key without `:ro`); the key is checked
 before the body is read, so a refused request changes nothing. /score, /retrieve and /v1/embeddings take
-a stored `user_id` through `stored_user` (a read).
+a stored `user_id` through `stored_user` (a read); `KEY_IF_USER_ID` documents their optional key.
 
 An append may send `Idempotency-Key`: a retry with the same key (after a 503 or a lost reply) appends nothing
 if the first attempt landed, and answers the stored user with `Idempotent-Replayed: true`.
@@ -17,11 +17,13 @@ if the first attempt landed, and answers the stored user with `Idempotent-Replay
 # `Reader`/`Writer` dependencies are local to `add_user_routes` (string annotations would not resolve).
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import Depends, FastAPI, Header, Request, Response, Security
 from fastapi import Path as PathParam
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel
 
 from uue.serving.api import USER_ID_PATTERN, ErrorBody, HistoryIn, RequestError, check_user
+from uue.serving.auth import API_KEY
 from uue.serving.users import PooledUser, UserService
 from uue.user_store import UserState
 
@@ -33,6 +35,8 @@ UserId = Annotated[str, PathParam(pattern=USER_ID_PATTERN, description=(
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", pattern=r"^[!-~]{1,255}$", description=(
     "Any unique string per append (a UUID): a retry with the same key and body appends nothing if the first "
     "attempt landed. Kept with the user for its last 100 keyed appends."))]
+KeyHeader = Annotated[HTTPAuthorizationCredentials | None, Security(API_KEY)]
+"""Declares the API-key scheme on a route (OpenAPI `security`); `ApiKeys.check` reads the header itself."""
 REPLAYED = "Idempotent-Replayed"
 
 
@@ -78,6 +82,14 @@ USER_RESPONSES: dict[int | str, dict[str, Any]] = {
 """The stored-user errors, on top of the app's common ones (404 there also means a user not stored, 503 no user
 store configured or the store unavailable); bodies are the app's error shape."""
 
+KEY_IF_USER_ID: dict[str, Any] = {
+    "dependencies": [Security(API_KEY)],
+    "openapi_extra": {"security": [{}]},  # with FastAPI's [{"ApiKey": []}]: the key is optional
+    "responses": {401: _error_doc("`user_id` without a valid API key (`Authorization: Bearer <key>`)."),
+                  409: _error_doc("The `user_id` was stored by another model (PUT its history again).")},
+}
+"""Route options of /score, /retrieve and /v1/embeddings: a key only when they read a stored user."""
+
 
 def user_service(service: "ServingService") -> UserService:
     if service.users is None:
@@ -107,10 +119,10 @@ def _response(state: UserState, dimension: int) -> StoredUserResponse:
 
 
 def add_user_routes(app: FastAPI, service: "ServingService") -> None:
-    def reader(request: Request) -> UserService:
+    def reader(request: Request, _: KeyHeader) -> UserService:
         return authorize(service, request, write=False)
 
-    def writer(request: Request) -> UserService:
+    def writer(request: Request, _: KeyHeader) -> UserService:
         return authorize(service, request, write=True)
 
     # Dependencies run before the body is validated: a refused key never gets as far as the store.
