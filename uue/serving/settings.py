@@ -146,6 +146,24 @@ class ServeArgs(_Strict):
     user_store: UserStoreArgs | None = None
     """Stored users; None: the /users routes and `user_id` inputs answer 503 (nothing is stored)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_dotted_keys(cls, data: Any) -> Any:
+        """`serve run serve.app:build_app ... user_store.backend=redis`: the command line's key=value pairs are
+        flat, so a dotted key sets one field of a section (the YAML's nested `args:` need none of this)."""
+        if not isinstance(data, dict) or not any("." in str(key) for key in data):
+            return data
+        nested: dict[str, Any] = {}
+        for key, value in sorted(data.items(), key=lambda item: "." in str(item[0])):  # sections first
+            *sections, name = str(key).split(".")
+            node = nested
+            for section in sections:
+                node = node.setdefault(section, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"{key}: {section} is a value, not a section")
+            node[name] = dict(value) if isinstance(value, dict) else value  # never change the caller's dict
+        return nested
+
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:
         for name in ("user_tower", "item_tower"):
