@@ -101,14 +101,15 @@ def test_document_states_limits_model_names_and_error_bodies(fuzzed_app):
     # stored user may be read; no admin token is configured here, so /admin declares none (loopback only).
     assert document["components"]["securitySchemes"] == {"ApiKey": {"type": "http", "scheme": "bearer",
         "description": document["components"]["securitySchemes"]["ApiKey"]["description"]}}
-    key_statuses = {"401", "409"}
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             responses = operation["responses"]
             security = operation.get("security")
             if path.startswith("/users"):
                 assert security == [{"ApiKey": []}], (method, path)
-                key_statuses = {"401", "403", "409"}
+                key_statuses = {"get": {"401", "409"}, "put": {"401", "403", "409"}, "post": {"401", "403", "409"},
+                                "delete": {"401", "403"}}[method]
+                assert set(responses) - set(document["paths"]["/health"]["get"]["responses"]) == key_statuses
             elif path in ("/score", "/retrieve", "/v1/embeddings"):
                 assert security == [{"ApiKey": []}, {}], (method, path)
                 key_statuses = {"401", "409"}
@@ -201,3 +202,24 @@ def test_no_tower_replica_left_is_503_with_retry_after():
     assert refused.status_code == 503 and refused.headers["retry-after"] == "7"
     assert refused.json()["error"]["type"] == "server_error" and "ItemTower" in refused.json()["error"]["message"]
     assert dead.item_tower.embed.calls == 3
+
+
+def test_admin_token_is_declared_when_the_server_has_one():
+    """With an admin token the reload route declares the AdminToken bearer scheme and refuses a request
+    without it (401); without a token (the fuzzed app above) it declares none and answers loopback clients."""
+    import asyncio
+
+    from uue.serving.http import ServingService, build_http_app
+
+    app = build_http_app(ServingService(backend=None, model_fingerprint="f" * 64, dimension=4,  # type: ignore[arg-type]
+                                        limits=RequestLimits(), admin_token="s3cret"))
+    document = app.openapi()
+    assert document["paths"]["/admin/reload-index"]["post"]["security"] == [{"AdminToken": []}]
+    assert document["components"]["securitySchemes"]["AdminToken"]["scheme"] == "bearer"
+
+    async def reload(headers: dict[str, str]) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://uue") as c:
+            return await c.post("/admin/reload-index", headers=headers)
+
+    assert asyncio.run(reload({})).status_code == 401
+    assert asyncio.run(reload({"Authorization": "Bearer s3cret"})).status_code == 409  # no index configured

@@ -161,7 +161,7 @@ def _error_doc(description: str, headers: dict[str, str] | None = None) -> dict[
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _error_doc("Malformed JSON body, or a value the model cannot serve (e.g. other `dimensions`)."),
-    404: _error_doc("Unknown route, statement id or model name."),
+    404: _error_doc("Unknown route, statement id, model name or stored user."),
     405: _error_doc("Method not allowed on this route.", {"Allow": "The methods this route answers."}),
     413: _error_doc("Body over `max_request_bytes` (refused before it is parsed)."),
     422: _error_doc("Wrong types, missing or unknown fields, empty text, bad timestamps, or a list, text or `k` "

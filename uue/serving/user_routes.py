@@ -73,20 +73,25 @@ def _error_doc(description: str) -> dict[str, Any]:
     return {"model": ErrorBody, "description": description}
 
 
-USER_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: _error_doc("Missing or unknown API key (`Authorization: Bearer <key>`)."),
-    403: _error_doc("A read-only (`:ro`) API key on a route that writes or deletes."),
-    409: _error_doc("The user was stored by another model (PUT its history again), or lost a write race too "
-                    "often."),
-}
-"""The stored-user errors, on top of the app's common ones (404 there also means a user not stored, 503 no user
-store configured or the store unavailable); bodies are the app's error shape."""
+_NO_KEY = _error_doc("Missing or unknown API key (`Authorization: Bearer <key>`).")
+_READ_ONLY = _error_doc("A read-only (`:ro`) API key on a route that writes or deletes.")
+_OTHER_MODEL = "The user was stored by another model (PUT its history again)"
+_RACE = "lost a write race to concurrent writers too often (retry)"
+READ_RESPONSES: dict[int | str, dict[str, Any]] = {401: _NO_KEY, 409: _error_doc(f"{_OTHER_MODEL}.")}
+PUT_RESPONSES: dict[int | str, dict[str, Any]] = {401: _NO_KEY, 403: _READ_ONLY,
+                                                  409: _error_doc(f"The write {_RACE}.")}
+APPEND_RESPONSES: dict[int | str, dict[str, Any]] = {401: _NO_KEY, 403: _READ_ONLY,
+                                                     409: _error_doc(f"{_OTHER_MODEL}, or the write {_RACE}.")}
+DELETE_RESPONSES: dict[int | str, dict[str, Any]] = {401: _NO_KEY, 403: _READ_ONLY}
+"""The stored-user errors each route can answer, on top of the app's common ones (404 there also means a user
+not stored, 422 an Idempotency-Key reused for another append, 503 the store unavailable or none configured);
+bodies are the app's error shape."""
 
 KEY_IF_USER_ID: dict[str, Any] = {
     "dependencies": [Security(API_KEY)],
     "openapi_extra": {"security": [{}]},  # with FastAPI's [{"ApiKey": []}]: the key is optional
     "responses": {401: _error_doc("`user_id` without a valid API key (`Authorization: Bearer <key>`)."),
-                  409: _error_doc("The `user_id` was stored by another model (PUT its history again).")},
+                  409: _error_doc(f"{_OTHER_MODEL}.")},
 }
 """Route options of /score, /retrieve and /v1/embeddings: a key only when they read a stored user."""
 
@@ -132,7 +137,7 @@ def add_user_routes(app: FastAPI, service: "ServingService") -> None:
     def history(body: HistoryIn) -> None:
         check_user(body, service.limits, "")  # type: ignore[arg-type]  (chunks, as a UserIn has)
 
-    @app.put("/users/{user_id}", response_model=StoredUserResponse, responses=USER_RESPONSES, tags=["users"])
+    @app.put("/users/{user_id}", response_model=StoredUserResponse, responses=PUT_RESPONSES, tags=["users"])
     async def put_user(user_id: UserId, body: HistoryIn, users: Writer) -> StoredUserResponse:
         """Replace the user's whole history; its kept chunks (the `num_chunks_per_user` most recent) are encoded."""
         history(body)
@@ -143,7 +148,7 @@ def add_user_routes(app: FastAPI, service: "ServingService") -> None:
         "schema": {"type": "string", "enum": ["true"]}}}}
 
     @app.post("/users/{user_id}/chunks", response_model=StoredUserResponse,
-              responses={200: replayed_doc, **USER_RESPONSES}, tags=["users"])
+              responses={200: replayed_doc, **APPEND_RESPONSES}, tags=["users"])
     async def append_chunks(user_id: UserId, body: HistoryIn, users: Writer, response: Response,
                             idempotency_key: IdempotencyKey = None) -> StoredUserResponse:
         """Append chunks (creating the user if new): only they are encoded, the vector is re-pooled from the
@@ -156,11 +161,12 @@ def add_user_routes(app: FastAPI, service: "ServingService") -> None:
             response.headers[REPLAYED] = "true"
         return _response(state, service.dimension)
 
-    @app.get("/users/{user_id}", response_model=StoredUserResponse, responses=USER_RESPONSES, tags=["users"])
+    @app.get("/users/{user_id}", response_model=StoredUserResponse, responses=READ_RESPONSES, tags=["users"])
     async def get_user(user_id: UserId, users: Reader) -> StoredUserResponse:
         return _response(await users.get(user_id), service.dimension)
 
-    @app.delete("/users/{user_id}", response_model=DeletedUserResponse, responses=USER_RESPONSES, tags=["users"])
+    @app.delete("/users/{user_id}", response_model=DeletedUserResponse, responses=DELETE_RESPONSES,
+                tags=["users"])
     async def delete_user(user_id: UserId, users: Writer) -> DeletedUserResponse:
         """Remove every stored trace of the user (chunk vectors, hashes, metadata, vector)."""
         return DeletedUserResponse(user_id=user_id, deleted=await users.delete(user_id))
