@@ -435,3 +435,27 @@ def test_pack_fill_on_movielens_1m_steps():
     fill, worst = _fill(_user_steps(users, 64), PackingOptions(pack_tokens=8192), 128)
     assert fill >= 0.95 and worst >= 0.95, (fill, worst)
 
+
+def test_training_logs_pack_fill(tiny_model_config, tmp_path):
+    """model.attention=packed: every logged step has pack_fill = useful / computed tokens of its packs, and the
+    packs' useful tokens are the real tokens both backbones ran on (user_tokens + item_tokens)."""
+    import json
+
+    from uue.config import ExperimentConfig
+    from uue.train import UUETrainer
+
+    def run(attention: str) -> list[dict]:
+        out = tmp_path / attention
+        config = ExperimentConfig(
+            model=tiny_model_config.model_copy(update={"attention": attention, "pack_tokens": 256}),
+            data={"path": str(REPO / "uue" / "sample_data")},
+            training={"output_dir": str(out), "progress_bar": False, "log_every_steps": 1, "max_steps": 2})
+        UUETrainer(config).fit()
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    packed = run("packed")
+    assert len(packed) == 2
+    for row in packed:
+        assert 0.5 < row["pack_fill"] <= 1.0
+        assert row["pack_fill"] * row["packed_tokens"] == pytest.approx(row["user_tokens"] + row["item_tokens"])
+    assert "pack_fill" not in run("padded")[0]
