@@ -143,6 +143,10 @@ class ModelConfig(_Strict):
     """Tokens per pack (a static shape; the packed path's micro-batch, replacing encode_micro_batch)."""
     pack_max_sequences: int | None = Field(None, gt=0)
     """Sequences per pack at most (None: pack_tokens // 8); bounds the per-pack boundary table."""
+    pack_min_tokens: int | None = Field(None, gt=0)
+    """Narrowest pack: what is left after a batch's full packs goes into packs of pack_tokens / 2, / 4, ...
+    down to this width (never narrower than the longest sequence). None: pack_tokens // 32 (6 static shapes);
+    pack_tokens: every pack full width."""
     pack_backend: Literal["auto", "varlen", "flex", "sdpa_mask"] = "auto"
     """Packed attention kernel: varlen (torch.nn.attention.varlen, CUDA bf16/fp16), flex (document block mask),
     sdpa_mask (dense block-diagonal mask, any device); auto picks varlen, else flex on CUDA, else sdpa_mask."""
@@ -167,6 +171,8 @@ class ModelConfig(_Strict):
             if self.pack_tokens < longest:
                 raise ValueError(f"pack_tokens={self.pack_tokens} must hold the longest sequence ({longest} tokens: "
                                  "max_chunk_length, or max_statement_length + max_context_length)")
+            if self.pack_min_tokens is not None and self.pack_min_tokens > self.pack_tokens:
+                raise ValueError(f"pack_min_tokens={self.pack_min_tokens} is wider than pack_tokens={self.pack_tokens}")
         if self.cache_hidden_states and not (self.hidden_cache_layers("user") or self.hidden_cache_layers("item")):
             raise ValueError("cache_hidden_states needs user_trainable_layers or item_trainable_layers >= 1 on a "
                              "tower whose backbone is not frozen")

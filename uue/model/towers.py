@@ -72,7 +72,7 @@ def packing_options(config: ModelConfig, checkpointing: bool, max_length: int) -
     return PackingOptions(
         pack_tokens=config.pack_tokens, max_sequences=config.pack_max_sequences, backend=config.pack_backend,
         compile_layers=config.compile_layers, checkpointing=config.checkpoint_granularity if checkpointing else "none",
-        max_length=max_length,
+        max_length=max_length, min_tokens=config.pack_min_tokens,
     )
 
 
