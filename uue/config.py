@@ -107,12 +107,30 @@ class ModelConfig(_Strict):
     backbone encodes it as a small shift of the film's vector. The adapter lets each chunk's features be
     combined nonlinearly before they are averaged (a Deep Sets encoder on the chunk vectors); it runs on cached
     chunk vectors, so it trains at the cost of a head."""
+    chunk_weight_rank: int = Field(0, ge=0)
+    """0: off. r > 0: before pooling (and before chunk_adapter), each chunk vector is scaled by 1 + w(chunk), w a
+    rank-r GELU MLP to one number, zero-initialised (uue.model.towers.ChunkWeight): the pool learns how much each
+    chunk counts, and with what sign (a loved film for, a hated one against), without turning any chunk away from
+    what the backbone says it is about, so what it learns applies to statements never trained on."""
     label_loss_weight: float = Field(0.0, ge=0)
     """Weight of a pointwise loss beside InfoNCE (uue.label_loss): binary cross-entropy on each batch
     user's own labelled statements, label 1 and label 0 as they occur in the training split, on
     logit_scale * cosine + a learned bias. In-batch softmax only learns which statement fits a user
     *relatively*; this term teaches absolute scores (how often a kind of statement is true), which the
     pooled AUC over users and statement families, and calibration, need."""
+    distill_weight: float = Field(0.0, ge=0)
+    """Weight of the learning-without-forgetting term (uue.distill): for anchors drawn from the training users'
+    history texts, the trained model's scores over a batch's users must correlate with the untrained model's
+    (frozen backbones, mean pooling). It keeps what the pretrained space says about which users a text fits, for
+    the kinds of statement training has no labels for. Needs both backbones frozen and cached."""
+    distill_anchor_source: Literal["history", "bank"] = "history"
+    """Where the anchors come from: "history", texts drawn from the training users' history chunks (what users
+    write about); "bank", the everyday statements about people in uue/data/anchor_statements.txt (interests,
+    habits, traits; no film, film genre, occupation, age or gender)."""
+    distill_anchors: int = Field(4096, gt=0)
+    """Distinct history chunks drawn (seeded) from the training users as the anchor pool."""
+    distill_anchors_per_step: int = Field(64, gt=1)
+    """Anchors scored against the batch's users at each step."""
     positives_per_user: int = Field(4, gt=0)
     """A training row is a user: each step trains up to this many of the user's positives (drawn from
     (seed, epoch, user)) against one encoding of the user's history; the user's other positives are never
@@ -166,6 +184,12 @@ class ModelConfig(_Strict):
             raise ValueError("cache_chunk_vectors needs freeze_user_backbone: true (a trained backbone changes them)")
         if self.cache_statement_vectors and not self.freeze_item_backbone:
             raise ValueError("cache_statement_vectors needs freeze_item_backbone: true")
+        if self.distill_weight > 0 and not (self.cache_chunk_vectors and self.cache_statement_vectors):
+            raise ValueError("distill_weight needs cache_chunk_vectors and cache_statement_vectors (frozen, cached "
+                             "backbones: the untrained model's vectors are then the caches themselves)")
+        if self.distill_weight > 0 and self.use_attention_pooling:
+            raise ValueError("distill_weight needs mean pooling (use_attention_pooling: false): the teacher is the "
+                             "pool of the frozen chunk vectors, which attention pooling's projections leave")
         if self.attention == "packed":
             longest = max(self.max_chunk_length, self.max_statement_length + self.max_context_length)
             if self.pack_tokens < longest:

@@ -49,6 +49,28 @@ class LowRankResidualProjection(nn.Module):
         return x + self.up(self.activation(self.down(x)))
 
 
+class ChunkWeight(nn.Module):
+    """x * (1 + w(x)): each chunk vector scaled by a learned scalar read off the vector itself (a rank-`rank` GELU
+    MLP, its output layer zero-initialised, so the untrained tower is unchanged).
+
+    A chunk keeps its direction, only its weight in the pool changes (and may turn negative): a history of
+    "loved this film" and "hated that one" pools to the loved films' content minus the hated ones', still in the
+    backbone's space. Unlike a free per-chunk correction, which learns directions fitted to the statements seen
+    in training, a weight carries over to every statement the pretrained space can already read.
+    """
+
+    def __init__(self, hidden: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(hidden, rank)
+        self.activation = nn.GELU()
+        self.up = nn.Linear(rank, 1)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1.0 + self.up(self.activation(self.down(x))))
+
+
 def build_projection(hidden: int, config: ModelConfig, activation: Literal["none", "gelu"] = "none") -> nn.Module:
     """hidden -> embedding_dim: a Linear (random, or the identity with projection_init="identity"), or with
     projection_rank > 0 the identity plus a trainable rank-r correction (`activation` inside it)."""
@@ -102,6 +124,7 @@ class UserTower(nn.Module):
         self.chunk_adapter = (
             LowRankResidualProjection(hidden, config.chunk_adapter_rank, "gelu") if config.chunk_adapter_rank else None
         )
+        self.chunk_weight = ChunkWeight(hidden, config.chunk_weight_rank) if config.chunk_weight_rank else None
         self.metadata = (
             MetadataFusion(config.metadata_dim, hidden, config.dropout) if config.use_user_metadata else None
         )
@@ -209,8 +232,18 @@ class UserTower(nn.Module):
         return self._head(vectors.view(len(chunks), width, -1), chunk_mask.view(len(chunks), width).to(encoded.device),
                           metadata)
 
+    def content(self, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
+        """(B, C, H) chunk vectors -> (B, H) unit vectors of what the history is about, in the backbone's space: the
+        pool of the (weighted) chunk vectors, before any free-form correction (chunk adapter, metadata, projection).
+        With mean pooling and no chunk weight it is the untrained baseline's user vector (uue.distill's teacher)."""
+        if self.chunk_weight is not None:
+            chunk_vectors = self.chunk_weight(chunk_vectors)
+        return F.normalize(self.pooling(chunk_vectors, chunk_mask), dim=-1)
+
     def _head(self, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor, metadata: torch.Tensor | None
               ) -> torch.Tensor:
+        if self.chunk_weight is not None:  # per chunk (padding rows are zero and stay zero)
+            chunk_vectors = self.chunk_weight(chunk_vectors)
         if self.chunk_adapter is not None:  # per chunk (padding rows too: the pooling masks them out)
             chunk_vectors = self.chunk_adapter(chunk_vectors)
         pooled = self.pooling(chunk_vectors, chunk_mask)

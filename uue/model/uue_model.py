@@ -31,6 +31,7 @@ from uue.model.backbone import TextEncoder, freeze_backbone, load_backbone
 from uue.model.towers import ItemTower, UserTower
 
 if TYPE_CHECKING:
+    from uue.distill import AnchorSampler
     from uue.label_loss import UserLabelSampler
     from uue.negatives import NegativeSampler
 
@@ -50,6 +51,9 @@ class UUEOutput:
     label_values: torch.Tensor | None = None  # (B, K) their 0/1 labels
     label_mask: torch.Tensor | None = None  # (B, K) which draws are real
     label_bias: torch.Tensor | None = None  # (1,) the label loss's learned bias
+    anchors: torch.Tensor | None = None  # (K, D) distillation anchors through the item tower (uue.distill)
+    teacher_anchors: torch.Tensor | None = None  # (K, H) the untrained model's unit vectors of those anchors
+    teacher_users: torch.Tensor | None = None  # (B, H) the users' pooled content, no gradient (UserTower.content)
 
 
 class UUEModel(nn.Module):
@@ -139,7 +143,7 @@ class UUEModel(nn.Module):
 
     def forward(
         self, batch: dict[str, torch.Tensor], negative_sampler: NegativeSampler | None = None, task: str = "train",
-        label_sampler: UserLabelSampler | None = None,
+        label_sampler: UserLabelSampler | None = None, anchor_sampler: AnchorSampler | None = None,
     ) -> UUEOutput | torch.Tensor:
         """Everything the loss needs, computed inside one forward (ZeRO-3 gathers parameters only here).
 
@@ -164,6 +168,10 @@ class UUEModel(nn.Module):
         if label_sampler is not None:
             draw = label_sampler.sample(batch, users.device)
             sets.append(("labels", draw.features))
+        teacher_anchors = None
+        if anchor_sampler is not None:
+            anchor_features, teacher_anchors = anchor_sampler.sample(users.device)
+            sets.append(("anchors", {name: value.unsqueeze(0) for name, value in anchor_features.items()}))
         positives = {name.removeprefix("item_"): value for name, value in batch.items() if name in (
             "item_input_ids", "item_attention_mask", "item_metadata", "item_text_vectors", "item_hidden")}
         shapes = [next(iter(features.values())).shape[:2] for _, features in sets]
@@ -177,6 +185,10 @@ class UUEModel(nn.Module):
         if draw is not None:
             out.label_items = encoded["labels"]
             out.label_values, out.label_mask, out.label_bias = draw.values, draw.mask, self.label_bias
+        if teacher_anchors is not None:
+            out.anchors, out.teacher_anchors = encoded["anchors"].squeeze(0), teacher_anchors
+            with torch.no_grad():
+                out.teacher_users = self.user_tower.content(batch["chunk_vectors"], batch["chunk_mask"])
         return out
 
     # ------------------------------------------------------------------ on-disk format

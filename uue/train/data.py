@@ -13,6 +13,7 @@ from uue.config import ExperimentConfig
 from uue.data.featurize import Featurizer
 from uue.data.readers import UUEDataset, load_dataset
 from uue.data.shards import Shards, check_manifest, is_preprocessed, preprocess_local
+from uue.distill import AnchorSampler, bank_anchor_texts, history_anchor_texts
 from uue.model.uue_model import UUEModel
 from uue.train.samplers import Samplers, build_samplers, wants_samplers
 from uue.train.stream import BatchCollator, StatementTable
@@ -81,4 +82,22 @@ def build_inputs(config: ExperimentConfig, shards: Shards, model: UUEModel, feat
                                         hidden_dtype)
     collate = BatchCollator(cfg, featurizer, table, config.data.shuffle_seed, chunk_vectors, chunk_hidden)
     samplers = build_samplers(cfg, table.pool_features(), sampler_seed) if wants_samplers(cfg) else Samplers()
+    if cfg.distill_weight > 0:
+        samplers.anchor = distillation_anchors(config, shards, model, featurizer, device, sampler_seed)
     return Inputs(table, collate, samplers)
+
+
+def distillation_anchors(config: ExperimentConfig, shards: Shards, model: UUEModel, featurizer: Featurizer,
+                    device: torch.device, seed: int) -> AnchorSampler:
+    """The distillation's anchors (history texts of training users, drawn with the data's shuffle seed so that every
+    worker draws the same, or the bank of everyday statements about people that ships with UUE): their frozen
+    item-backbone vectors for the student's head and, unit, for the teacher."""
+    from uue.chunk_cache import statement_vector_features
+
+    source = config.model.distill_anchor_source
+    texts = bank_anchor_texts() if source == "bank" else history_anchor_texts(
+        shards.iter_train_users(), featurizer, config.model.distill_anchors, config.data.shuffle_seed)
+    features = statement_vector_features(model.item_tower.encoder, featurizer.statement_features(texts),
+                                         device=device)
+    return AnchorSampler(features, features["item_text_vectors"], config.model.distill_anchors_per_step,
+                         seed=seed + 104729)

@@ -187,7 +187,7 @@ class Loop:
                 metrics = {"loss": 0.0, "accuracy": 0.0, "user_tokens": 0.0, "item_tokens": 0.0}
             else:
                 metrics = train_step(self.model, batch, self.loss_fn, self.optimization, self.samplers.negative,
-                                     self.samplers.label)
+                                     self.samplers.label, self.samplers.anchor)
             step_seconds = time.perf_counter() - step_started  # train_step ends reading its metrics: synced
             local_loss = metrics["loss"]
             world = self.world_size

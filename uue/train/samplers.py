@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from uue.config import ModelConfig
+from uue.distill import AnchorSampler
 from uue.label_loss import UserLabelSampler
 from uue.negatives import NegativeSampler
 
@@ -28,16 +29,18 @@ def wants_samplers(config: ModelConfig) -> bool:
 class Samplers:
     negative: NegativeSampler | None = None
     label: UserLabelSampler | None = None
+    anchor: AnchorSampler | None = None
+
+    def _named(self) -> dict[str, NegativeSampler | UserLabelSampler | AnchorSampler | None]:
+        return {"negative_sampler": self.negative, "label_sampler": self.label, "anchor_sampler": self.anchor}
 
     def state_dict(self) -> dict[str, dict | None]:
-        return {"negative_sampler": self.negative.state_dict() if self.negative else None,
-                "label_sampler": self.label.state_dict() if self.label else None}
+        return {name: sampler.state_dict() if sampler else None for name, sampler in self._named().items()}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.negative and state.get("negative_sampler"):
-            self.negative.load_state_dict(state["negative_sampler"])
-        if self.label and state.get("label_sampler"):
-            self.label.load_state_dict(state["label_sampler"])
+        for name, sampler in self._named().items():
+            if sampler and state.get(name):
+                sampler.load_state_dict(state[name])
 
 
 def build_samplers(config: ModelConfig, pool_features: dict[str, np.ndarray], seed: int) -> Samplers:

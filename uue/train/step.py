@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from uue.config import ModelConfig
+from uue.distill import AnchorSampler, distillation_loss
 from uue.label_loss import UserLabelSampler, label_loss
 from uue.loss import InfoNCELoss
 from uue.model.uue_model import UUEModel
@@ -183,6 +184,7 @@ def train_step(
     optimization: Optimization,
     negative_sampler: NegativeSampler | None = None,
     label_sampler: UserLabelSampler | None = None,
+    anchor_sampler: AnchorSampler | None = None,
 ) -> dict[str, float]:
     """One optimisation step on one user-row batch: forward (each history encoded once), symmetric InfoNCE
     over the users' positive slots (+ the weighted label loss when a label sampler is given), backward,
@@ -192,7 +194,8 @@ def train_step(
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     model.train()
     with autocast_for(device, model):
-        out = model(batch, negative_sampler=negative_sampler, label_sampler=label_sampler)
+        out = model(batch, negative_sampler=negative_sampler, label_sampler=label_sampler,
+                    anchor_sampler=anchor_sampler)
         loss, metrics = loss_fn(out, batch)
         if out.label_items is not None:
             pointwise = label_loss(out.user, out.label_items, out.label_values, out.label_mask, out.logit_scale,
@@ -200,6 +203,10 @@ def train_step(
             metrics["info_nce"] = loss.detach()
             metrics["label_loss"] = pointwise.detach()
             loss = loss + unwrap(model).config.label_loss_weight * pointwise
+        if out.anchors is not None:
+            kept = distillation_loss(out.user, out.anchors, out.teacher_users, out.teacher_anchors)
+            metrics["distill_loss"] = kept.detach()
+            loss = loss + unwrap(model).config.distill_weight * kept
     optimization.backward(loss)
     grad_norm = optimization.step()
     unwrap(model).clamp_logit_scale_()
