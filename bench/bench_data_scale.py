@@ -1,14 +1,18 @@
-"""Does the training data path scale? Driver memory, object store and throughput vs users and epochs.
+"""Does the training data path scale? Driver memory, object store and throughput vs users, epochs and labels.
 
 For synthetic data sets at three sizes (16x apart in users; 20 chunks x 300 characters and 5 positives per
-user), each step in its own process: Ray preprocessing (users/s), then for 1 and 10 epochs a Ray Train run
+user), each step in its own process: Ray preprocessing (users/s, its driver's peak RSS and the object store's
+peak), then for 1 and 10 epochs a Ray Train run
 (2 CPU workers) and the single-process trainer over the same shards, both with a model that does no work
 (TrainProbe(data_only=True): the stream is read, shuffled and collated, no forward/backward). Reported:
 driver peak RSS (the process that calls run_training), the object store's peak use (polled every 0.2 s),
 and users/s of each loop. The driver holds no per-pair plan: its memory must not grow with epochs and grow
-far slower than the data with users.
+far slower than the data with users. A last row preprocesses the largest size again with --label-factor (10)
+times the labels per user (50 instead of 5, all positives): the preprocessing driver must stay flat, since
+the labels are grouped per user inside Ray Data.
 
     .venv/bin/python bench/bench_data_scale.py            # ~10 min on 2 cores; --sizes 200 800 3200 by default
+    .venv/bin/python bench/bench_data_scale.py --preprocess-only    # the preprocessing columns and labels row
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class StorePeak:
         return self.peak / 2**20
 
 
-def stage_data(folder: Path, users: int) -> dict:
+def stage_data(folder: Path, users: int, labels_per_user: int = 5) -> dict:
     import random
 
     from bench.gpu_train import WORDS
@@ -83,11 +87,13 @@ def stage_data(folder: Path, users: int) -> dict:
     write_table(folder, "users", [{"user_id": f"u{u:06d}", "chunks": [
         {"text": text(), "platform": "forum", "timestamp": f"2025-01-{1 + c % 28:02d}T12:00:00Z"} for c in range(20)]}
         for u in range(users)])
+    statements = max(64, labels_per_user)  # a user's labels name distinct statements
     write_table(folder, "statements", [{"statement_id": f"s{s:03d}", "text": f"statement {s}: {text()[:80]}"}
-                                       for s in range(64)])
-    write_table(folder, "labels", [{"user_id": f"u{u:06d}", "statement_id": f"s{(u * 7 + k) % 64:03d}", "label": 1,
-                                    "split": "train"} for u in range(users) for k in range(5)])
-    return {"bytes": sum(p.stat().st_size for p in folder.iterdir())}
+                                       for s in range(statements)])
+    write_table(folder, "labels", [{"user_id": f"u{u:06d}", "statement_id": f"s{(u * 7 + k) % statements:03d}",
+                                    "label": 1, "split": "train"}
+                                   for u in range(users) for k in range(labels_per_user)])
+    return {"bytes": sum(p.stat().st_size for p in folder.iterdir()), "labels": users * labels_per_user}
 
 
 def stage_preprocess(raw: Path, pre: Path, users: int) -> dict:
@@ -150,10 +156,24 @@ def _child(stage: str, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _preprocess_row(root: Path, users: int, labels_per_user: int) -> dict:
+    """Write the synthetic data and preprocess it (each in its own process); prints and returns the row."""
+    data = _child("data", str(root / "raw"), str(users), str(labels_per_user))
+    prep = _child("preprocess", str(root / "raw"), str(root / "pre"), str(users))
+    print(f"users {users:6d}, labels {data['labels']:8d} ({data['bytes'] / 2**20:6.1f} MiB raw): preprocess "
+          f"{prep['users_per_s']:7.1f} users/s ({prep['seconds']:6.1f} s), driver peak RSS "
+          f"{prep['driver_peak_rss_mib']:7.1f} MiB, object store peak {prep['object_store_peak_mib']:7.1f} MiB",
+          flush=True)
+    return {"users": users, "labels": data["labels"], "raw_mib": data["bytes"] / 2**20, "preprocess": prep}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs=3, default=[200, 800, 3200])
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--label-factor", type=int, default=10,
+                        help="the labels row: this many times the 5 labels per user, at the largest size (0: no row)")
+    parser.add_argument("--preprocess-only", action="store_true", help="skip the training runs")
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench_data_scale"))
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
@@ -167,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for users in args.sizes:
         root = out / f"users_{users}"
-        data = _child("data", str(root / "raw"), str(users))
-        prep = _child("preprocess", str(root / "raw"), str(root / "pre"), str(users))
-        for epochs in args.epochs:
+        results.append(_preprocess_row(root, users, 5))
+        prep = results[-1]["preprocess"]
+        for epochs in [] if args.preprocess_only else args.epochs:
             ray_run = _child("ray", str(root / "pre"), str(root / f"ray_e{epochs}"), str(epochs))
             local = _child("local", str(root / "pre"), str(root / f"local_e{epochs}"), str(epochs))
-            results.append({"users": users, "raw_mib": data["bytes"] / 2**20, "epochs": epochs, "preprocess": prep,
+            results.append({"users": users, "raw_mib": results[-1]["raw_mib"], "epochs": epochs, "preprocess": prep,
                             "ray": ray_run, "local": local})
             row = results[-1]
             ratio = ray_run["users_per_s"] / local["users_per_s"]
@@ -181,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                   f" object store peak {ray_run['object_store_peak_mib']:7.1f} MiB,"
                   f" {ray_run['users_per_s']:8.1f} users/s"
                   f" | single process {local['users_per_s']:8.1f} users/s (Ray/single {ratio:.2f}x)", flush=True)
+    if args.label_factor:
+        users = args.sizes[-1]
+        results.append(_preprocess_row(out / f"users_{users}_labels_x{args.label_factor}", users,
+                                       5 * args.label_factor))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return 0
 

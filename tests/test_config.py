@@ -92,6 +92,48 @@ def test_the_flat_dump_of_earlier_versions_loads_and_a_removed_pooling_is_refuse
                                    "use_attention_pooling": False}).pooling.use_attention_pooling is False
 
 
+CACHED = ["model.freeze_user_backbone=true", "model.cache_chunk_vectors=true", "model.freeze_item_backbone=true",
+          "model.cache_statement_vectors=true"]
+RULES = [  # (overrides that break a rule, the message naming it, overrides that satisfy it)
+    (["model.user_projection_activation=gelu"], "user_projection_activation needs projection_rank >= 1",
+     ["model.projection_rank=4"]),
+    (["model.cache_chunk_vectors=true"], "cache_chunk_vectors needs freeze_user_backbone: true",
+     ["model.freeze_user_backbone=true"]),
+    (["model.cache_statement_vectors=true"], "cache_statement_vectors needs freeze_item_backbone: true",
+     ["model.freeze_item_backbone=true"]),
+    (["model.distill_weight=1", "model.use_attention_pooling=false"],
+     "distill_weight needs cache_chunk_vectors and cache_statement_vectors", CACHED),
+    ([*CACHED, "model.distill_weight=1"], r"distill_weight needs mean pooling \(use_attention_pooling: false\)",
+     ["model.use_attention_pooling=false"]),
+    (["model.attention=packed", "model.pack_tokens=200"], r"pack_tokens=200 must hold the longest sequence \(250",
+     ["model.pack_tokens=256"]),
+    (["model.attention=packed", "model.pack_tokens=1024", "model.pack_min_tokens=2048"],
+     "pack_min_tokens=2048 is wider than pack_tokens=1024", ["model.pack_min_tokens=512"]),
+    (["model.cache_hidden_states=true"], "cache_hidden_states needs user_trainable_layers or item_trainable_layers",
+     ["model.item_trainable_layers=2"]),
+    (["model.freeze_item_backbone=true", "model.item_trainable_layers=2", "model.cache_hidden_states=true"],
+     "cache_hidden_states needs .* on a tower whose backbone is not frozen", ["model.freeze_item_backbone=false"]),
+    (["index.min_actors=3", "index.max_actors=2"], r"min_actors \(3\) > max_actors \(2\)", ["index.max_actors=3"]),
+]
+
+
+@pytest.mark.parametrize(("broken", "rule", "fix"), RULES, ids=[rule.split(" needs")[0][:40] for _, rule, _ in RULES])
+def test_each_combination_rule_is_enforced_by_name_and_lifted_by_its_fix(broken, rule, fix):
+    """The project's own rules between keys: the error names the rule, and doing what it asks is accepted."""
+    with pytest.raises(ConfigError, match=rule):
+        load_config(None, broken)
+    load_config(None, [*broken, *fix])
+
+
+def test_a_key_given_flat_and_in_its_section_and_an_override_into_a_value_are_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  batch_size: 16\n  optim:\n    batch_size: 8\n")
+    with pytest.raises(ConfigError, match=r"model\.batch_size is given both as batch_size and as optim\.batch_size"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="'path' is not a section"):
+        load_config(None, ["data.path=here", "data.path.deeper=1"])
+
+
 def test_overrides_parse_yaml_scalars():
     config = load_config(REPO / "configs" / "tiny.yaml",
                          ["model.batch_size=4", "model.learning_rate=3e-4", "model.use_user_metadata=true",

@@ -1,6 +1,6 @@
 """Every model key is set by a shipped config or a test, and does what it says: the keys no config sets are
-shown here (the temperature's learning and bound, the semi-hard margin, the warmup, the packed kernel and
-recompute granularity)."""
+shown here (the temperature's learning and bound, the semi-hard margin, the warmup, the packed kernel, recompute
+granularity and narrowest pack)."""
 
 from __future__ import annotations
 
@@ -81,10 +81,11 @@ def test_pack_backend_and_checkpoint_granularity_reach_the_packed_towers():
     config = ModelConfig(user_model_name="tiny", item_model_name="tiny", embedding_dim=16, attention_heads=4,
                          max_chunk_length=32, max_statement_length=16, max_context_length=0,
                          packing={"attention": "packed", "pack_tokens": 64, "pack_backend": "sdpa_mask",
-                                  "checkpoint_granularity": "layers"})
+                                  "checkpoint_granularity": "layers", "pack_min_tokens": 32})
     model = UUEModel.from_config(config)
     user_options = model.user_tower.encoder._packed.options
     assert (user_options.backend, user_options.checkpointing) == ("sdpa_mask", "layers")
+    assert user_options.widths(longest=8) == [64, 32]  # pack_min_tokens: the narrowest pack (default 64 // 32 = 2)
     assert model.item_tower.encoder._packed.options.checkpointing == "none"  # statements are not recomputed
     flex = UUEModel.from_config(config.model_copy(update={"pack_backend": "flex"}))
     ids = torch.randint(5, 100, (2, 1, 8))

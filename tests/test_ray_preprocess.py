@@ -320,3 +320,41 @@ def test_training_streams_shards_from_an_object_store(ray_session, s3_bucket, sa
     assert ray_run.steps == local.steps == 3 and "testing:testing" not in str(ray_run.model_dir)
     ray_losses = [json.loads(line)["loss"] for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(ray_losses, [h["loss"] for h in local.history], rtol=2e-4)
+
+
+def test_ray_shards_equal_the_single_process_shards(ray_session, sample_data_dir, tmp_path, tiny_model_config):
+    """The users' labels are grouped inside Ray Data, not in the driver: the shards equal `preprocess_local`'s
+    row for row (each user's labels in input order, across two label files that interleave users), and so do
+    the statements, the labels table and the counts."""
+    from uue.data.featurize import Featurizer
+    from uue.data.preprocess import MANIFEST, preprocess
+    from uue.data.readers import load_dataset
+    from uue.data.shards import preprocess_local
+
+    raw = tmp_path / "raw"
+    for table in ("users", "statements"):
+        _write_jsonl(raw / f"{table}.jsonl", [json.dumps(r) for r in _sample_records(sample_data_dir, table)])
+    labels = _sample_records(sample_data_dir, "labels")
+    rng = np.random.default_rng(0)
+    labels = [labels[i] for i in rng.permutation(len(labels))]  # each user's labels spread over both files
+    half = len(labels) // 2
+    _write_jsonl(raw / "labels" / "part-0.jsonl", [json.dumps(r) for r in labels[:half]])
+    _write_jsonl(raw / "labels" / "part-1.jsonl", [json.dumps(r) for r in labels[half:]])
+    config = tiny_model_config
+
+    preprocess(str(raw), str(tmp_path / "ray"), config, max_actors=2, batch_size=8)
+    featurizer = Featurizer(config, load_tokenizer(config.user_model_name), load_tokenizer(config.item_model_name))
+    preprocess_local(load_dataset(raw), str(tmp_path / "local"), config, featurizer, "train")
+
+    def rows(folder: str, table: str, key: str) -> list[dict]:
+        return sorted(pq.read_table(tmp_path / folder / table).to_pylist(), key=lambda r: r[key])
+
+    ray_users, local_users = rows("ray", "users", "user_id"), rows("local", "users", "user_id")
+    assert len(ray_users) == 48 and sum(1 for r in ray_users if r["label_statements"]) > 30
+    assert ray_users == local_users
+    assert rows("ray", "statements", "statement_index") == rows("local", "statements", "statement_index")
+    label_key = ("user_id", "statement_id", "split")
+    assert sorted(pq.read_table(tmp_path / "ray" / "labels").to_pylist(), key=lambda r: [r[k] for k in label_key]) \
+        == sorted(pq.read_table(tmp_path / "local" / "labels").to_pylist(), key=lambda r: [r[k] for k in label_key])
+    manifests = [json.loads((tmp_path / folder / MANIFEST).read_text()) for folder in ("ray", "local")]
+    assert manifests[0]["counts"] == manifests[1]["counts"]

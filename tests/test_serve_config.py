@@ -116,6 +116,21 @@ def test_rays_builder_path_refuses_bad_args_with_the_key(saved_model):
         _build_as_ray_does({"import_path": "serve.app:build_app", "args": {"user_towr": {}}}, saved_model)
 
 
+def test_command_line_dotted_keys_set_one_field_of_a_section(saved_model):
+    """`serve run serve.app:build_app model_dir=... user_store.backend=redis`: Ray passes the flat key=value
+    strings; a dotted key fills a section, a misspelt one is refused with its path."""
+    app = _build_as_ray_does({"import_path": "serve.app:build_app", "args": {
+        "user_store.backend": "redis", "user_store.timeout_s": "2", "limits.max_top_k": "50"}}, saved_model)
+    args = ServeArgs.model_validate(_deployments(app)["Ingress"].init_args[2])
+    assert (args.user_store.backend, args.user_store.timeout_s, args.user_store.url_env) == \
+        ("redis", 2.0, "UUE_USER_STORE_URL")
+    assert args.limits.max_top_k == 50 and args.limits.max_text_chars == 20_000
+    with pytest.raises(ValidationError, match="user_store.bakend"):
+        ServeArgs.model_validate({"model_dir": "m", "user_store.bakend": "redis"})
+    with pytest.raises(ValidationError, match="is a value, not a section"):
+        ServeArgs.model_validate({"model_dir": "m", "model_dir.x": "1"})
+
+
 def test_serve_args_reject_unknown_keys_and_unfillable_batches():
     with pytest.raises(ValidationError, match="user_towr"):
         ServeArgs.model_validate({"model_dir": "m", "user_towr": {}})

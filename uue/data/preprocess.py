@@ -15,6 +15,10 @@ The pipeline, per table (users, statements, labels):
    order), validated `labels/`, `rejects.jsonl` (every rejected record with its reason) and `manifest.json`
    (the tokenizer/config fingerprint training checks, counts).
 
+Each user's training labels meet the user's record in a Ray Data `groupby("user_id").map_groups` over the
+users and labels together (a hash shuffle among Ray workers): the driver never holds the labels, so its
+memory does not grow with them (bench/bench_data_scale.py's labels row).
+
 Nothing is dropped silently: read = written + rejected for every table, and the manifest says so.
 """
 
@@ -43,7 +47,6 @@ from uue.data.shards import (
     STATEMENT_SCHEMA,
     USER_SCHEMA,
     UserLabels,
-    labels_by_user,
     list_parquet,
     manifest_dict,
     statement_rows,
@@ -51,6 +54,12 @@ from uue.data.shards import (
 )
 
 _KEY_FIELD = {"users": "user_id", "statements": "statement_id"}
+USERS_PER_GROUP_PARTITION = 1_000  # users (records + labels) per partition of the label groupby's shuffle
+# Rows of the label groupby: a user's own row (statement_index -1, its record) and one per training label.
+_GROUP_SCHEMA = pa.schema([("user_id", pa.string()), ("record", pa.string()), ("statement_index", pa.int64()),
+                           ("label", pa.int64()), ("file_rank", pa.int64()), ("row", pa.int64())])
+_USER_WITH_LABELS_SCHEMA = pa.schema([("record", pa.string()), ("label_statements", pa.list_(pa.int64())),
+                                      ("label_values", pa.list_(pa.int64()))])
 
 
 # ---------------------------------------------------------------------------------- filesystems
@@ -134,20 +143,66 @@ def _featurizer(model_config_json: str) -> Featurizer:
     return Featurizer(config, load_tokenizer(towers.user_model_name), load_tokenizer(towers.item_model_name))
 
 
+# ---------------------------------------------------------------------------------- labels beside their user
+def _user_group_rows(batch: dict[str, np.ndarray]) -> pa.Table:
+    """Validated user records -> the user's own row of the label groupby."""
+    n = len(batch["record"])
+    return pa.table({"user_id": batch["key"], "record": batch["record"], "statement_index": np.full(n, -1),
+                     "label": np.full(n, -1), "file_rank": batch["file_rank"], "row": batch["row"]},
+                    schema=_GROUP_SCHEMA)
+
+
+def _label_group_rows(batch: dict[str, np.ndarray], statement_index: dict[str, int], train_split: str | None
+                      ) -> pa.Table:
+    """Validated label records of the training split (every label when `train_split` is None) -> groupby rows."""
+    records = [json.loads(raw) for raw in batch["record"]]
+    keep = [i for i, r in enumerate(records) if train_split is None or r.get("split") == train_split]
+    return pa.table({"user_id": [records[i]["user_id"] for i in keep], "record": [None] * len(keep),
+                     "statement_index": [statement_index[records[i]["statement_id"]] for i in keep],
+                     "label": [int(records[i]["label"]) for i in keep],
+                     "file_rank": batch["file_rank"][keep], "row": batch["row"][keep]}, schema=_GROUP_SCHEMA)
+
+
+def _user_with_labels(group: dict[str, np.ndarray]) -> pa.Table:
+    """One user_id's group -> its record beside its training labels in input order (file, then row), the
+    order `labels_by_user` sees them in `preprocess_local`. Ids are unique and every label's user is valid,
+    so a group holds exactly one user row."""
+    is_user = group["statement_index"] < 0
+    order = np.lexsort((group["row"], group["file_rank"]))
+    labels = order[~is_user[order]]
+    users = np.flatnonzero(is_user)
+    statements, values = group["statement_index"][labels].tolist(), group["label"][labels].tolist()
+    return pa.table({"record": group["record"][users].tolist(), "label_statements": [statements] * len(users),
+                     "label_values": [values] * len(users)}, schema=_USER_WITH_LABELS_SCHEMA)
+
+
+def _users_with_labels(users, labels, statement_index: dict[str, int], train_split: str | None, num_users: int):
+    """A dataset of (record, label_statements, label_values), one row per user, grouped inside Ray Data."""
+    user_rows = users.map_batches(_user_group_rows, batch_format="numpy")
+    label_rows = labels.map_batches(_label_group_rows, batch_format="numpy",
+                                    fn_kwargs={"statement_index": statement_index, "train_split": train_split})
+    partitions = max(1, -(-num_users // USERS_PER_GROUP_PARTITION))
+    return user_rows.union(label_rows).groupby("user_id", num_partitions=partitions).map_groups(
+        _user_with_labels, batch_format="numpy")
+
+
 class UserFeaturizerUDF:
-    """Actor-pool UDF: validated user records -> users-shard rows (ragged tokens + training labels).
+    """Actor-pool UDF: user records beside their training labels -> users-shard rows (ragged tokens + labels).
 
     Users carry most of the tokenizing work, so they get an autoscaled actor pool of their own. The rows are
     built by `uue.data.shards.user_row`, the function `uue train`'s local preprocessing uses too.
     """
 
-    def __init__(self, model_config_json: str, labels: dict[str, UserLabels]):
+    def __init__(self, model_config_json: str):
         self.featurizer = _featurizer(model_config_json)
-        self.labels = labels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = [user_row(user, self.featurizer, self.labels.get(user.user_id))
-                for user in (parse_user(json.loads(raw)) for raw in batch["record"])]
+        rows = []
+        for raw, statements, values in zip(batch["record"], batch["label_statements"], batch["label_values"],
+                                           strict=True):
+            statements, values = [int(s) for s in statements], [int(v) for v in values]
+            labels = UserLabels([s for s, v in zip(statements, values, strict=True) if v == 1], statements, values)
+            rows.append(user_row(parse_user(json.loads(raw)), self.featurizer, labels))
         return pa.Table.from_pylist(rows, schema=USER_SCHEMA)
 
 
@@ -262,6 +317,7 @@ def preprocess(
     user's positives and training labels in the users shards.
     """
     import ray.data
+    from ray.data.aggregate import Count
 
     started = time.perf_counter()
     model_config = config.model if isinstance(config, ExperimentConfig) else config
@@ -314,17 +370,16 @@ def preprocess(
     good["statements"].map_batches(_statement_rows, batch_size=batch_size, batch_format="numpy",
                                    fn_kwargs={"model_config_json": config_json, "index": statement_index}
                                    ).write_parquet(f"{out_root}/statements", filesystem=out_fs)
-    # 3. labels: written as validated, and grouped per user (training split) for the users' rows
+    # 3. labels: written as validated; the training split's (all of them when no label has a split) are grouped
+    #    with their user's record by user_id inside Ray Data
     labels = good["labels"].map_batches(_label_columns, batch_format="numpy").materialize()
     labels.write_parquet(f"{out_root}/labels", filesystem=out_fs)
-    label_rows = labels.select_columns(["user_id", "statement_id", "label", "split"]).take_all()
-    has_splits = any(r["split"] is not None for r in label_rows)
-    by_user = labels_by_user(label_rows, statement_index, train_split, has_splits)
-    del label_rows
-    # 4. users: chunk + tokenize in the actor pool, with each user's training labels
-    good["users"].map_batches(UserFeaturizerUDF, fn_constructor_args=(config_json, by_user), compute=pool,
-                              batch_size=batch_size, batch_format="numpy"
-                              ).write_parquet(f"{out_root}/users", filesystem=out_fs)
+    has_splits = labels.aggregate(Count(on="split", ignore_nulls=True, alias_name="with_split"))["with_split"] > 0
+    users = _users_with_labels(good["users"], good["labels"], statement_index, train_split if has_splits else None,
+                               report.counts["users"].read - report.counts["users"].rejected)
+    # 4. users: chunk + tokenize in the actor pool, each row with its user's training labels
+    users.map_batches(UserFeaturizerUDF, fn_constructor_args=(config_json,), compute=pool, batch_size=batch_size,
+                      batch_format="numpy").write_parquet(f"{out_root}/users", filesystem=out_fs)
     for table in TABLES:
         report.counts[table].written = sum(pq.ParquetFile(out_fs.open_input_file(p)).metadata.num_rows
                                            for p in list_parquet(out_fs, f"{out_root}/{table}"))

@@ -12,11 +12,19 @@ I + up @ down, and with item metadata fusion on, the fusion of *no metadata* (a 
 pooled text) moves into the bias. So `SentenceTransformer(out).encode(texts)` equals the item tower on
 statements without metadata or context (UUE encodes a context as a second segment; metadata changes the
 vector): that is the contract `uue export` tests.
+
+UUE drops BERT's [CLS] pooler (mean pooling never reads it), so when sentence-transformers loads the backbone
+transformers initialises `pooler.dense.*` and logs a LOAD REPORT calling them MISSING, which looks like an
+error and is not. The export silences that report and checks the loaded weights itself: every saved weight
+must be loaded unchanged, and nothing but the unused pooler may be new; anything else fails the export.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,6 +56,48 @@ def metadata_free_projection(tower: ItemTower) -> tuple[torch.Tensor, torch.Tens
     return weight.float().contiguous(), bias.float().contiguous()
 
 
+UNUSED_BY_POOLING = ("pooler.",)
+"""Weights of a backbone class that UUE drops (BERT's [CLS] pooler): transformers initialises them on load, and
+neither mean nor last-token pooling reads them."""
+
+
+def _not_a_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def _without_load_report() -> Iterator[None]:
+    """transformers' LOAD REPORT (a warning of `transformers.modeling_utils`) held back while loading; other
+    warnings pass, and errors such as a size mismatch still raise. A filter, not a level: transformers reads
+    that logger's level to decide other warnings."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_not_a_load_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_a_load_report)
+
+
+def check_backbone_weights(model: nn.Module, folder: Path) -> None:
+    """Raise ValueError unless `model` holds every weight saved in `folder`, unchanged, and no other weight but
+    the unused pooler (what the silenced load report would have flagged, minus the pooler)."""
+    from safetensors.torch import load_file
+
+    saved: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        saved.update(load_file(file))
+    loaded = model.state_dict()
+    problems = [f"{key}: saved but not in the model (unexpected)" for key in saved if key not in loaded]
+    problems += [f"{key}: not saved, initialised at random (missing)" for key in loaded
+                 if key not in saved and not key.startswith(UNUSED_BY_POOLING)]
+    problems += [f"{key}: loaded with other values" for key in saved
+                 if key in loaded and not torch.equal(loaded[key].to(saved[key].dtype), saved[key])]
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"the sentence-transformers model does not hold the item tower's backbone {folder}: "
+                         + "; ".join(problems[:5]) + more)
+
+
 def export_sentence_transformers(model_dir: str | Path, out: str | Path) -> Path:
     """Write the item tower of the UUE model folder `model_dir` as a sentence-transformers folder `out`."""
     from sentence_transformers import SentenceTransformer
@@ -66,7 +116,9 @@ def export_sentence_transformers(model_dir: str | Path, out: str | Path) -> Path
     max_length = read_tower_config(tower_folder).towers.max_statement_length
     pooling = {"mean": "mean", "last_token": "lasttoken"}[meta["pooling"]]
     weight, bias = metadata_free_projection(tower)
-    transformer = Transformer(str(tower_folder / "backbone"), max_seq_length=max_length)
+    with _without_load_report():
+        transformer = Transformer(str(tower_folder / "backbone"), max_seq_length=max_length)
+    check_backbone_weights(transformer.auto_model, tower_folder / "backbone")
     modules = [
         transformer,
         Pooling(tower.encoder.hidden_size, pooling_mode=pooling),

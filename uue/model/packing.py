@@ -1,10 +1,19 @@
 """Padding-free encoding: ragged token sequences packed into fixed token budgets.
 
 Why: a padded (N, L) batch spends the same compute on a 12-token chunk as on a 250-token one. Here the
-sequences of a batch are laid end to end in packs of exactly `pack_tokens` tokens (a static shape, so a
-compiled layer is compiled once), each with its own position ids restarting at 0 and its boundaries
-(`cu_seqlens`); attention never crosses a boundary, and pooling reads each sequence at its boundaries
-(last token for decoders, masked mean for BERT-style encoders).
+sequences of a batch are laid end to end in packs, each with its own position ids restarting at 0 and its
+boundaries (`cu_seqlens`); attention never crosses a boundary, and pooling reads each sequence at its
+boundaries (last token for decoders, masked mean for BERT-style encoders).
+
+Pack widths (`plan_bucketed_packs`): a call's sequences fill full packs of `pack_tokens` in input order,
+and what is left (less than one pack) goes into packs of the ladder pack_tokens / 2, / 4, ... down to
+`min_tokens` (default pack_tokens / 32), the binary decomposition of its size rounded up to the smallest
+width. Every pack has one of these few static widths (at most 6 shapes by default, so a compiled layer
+compiles a handful of graphs), and padding is what the smallest width rounds up plus what sequences
+leave unfilled: under 5% of the computed tokens on MovieLens steps (tests/test_packing.py), where a
+single `pack_tokens` tail cost 30% (64 chunks of ~11.4k tokens in one 16k pack). Powers of two rather
+than multiples of pack_tokens / 8: with as many shapes, one pack of a bucketed width wastes up to an
+eighth of pack_tokens per call (0.92 fill on that 64-chunk step), the ladder about one smallest width.
 
 Attention backends, all behind one attention function registered with the installed transformers'
 public `AttentionInterface` under the name "uue_packed" (so every Hugging Face layer calls it, unpatched):
@@ -51,8 +60,8 @@ _VARLEN_LENGTH_BUCKET = 64  # max sequence length handed to varlen, rounded up: 
 def plan_packs(lengths: Sequence[int], pack_tokens: int, max_sequences: int) -> list[list[int]]:
     """Order-preserving next-fit: consecutive sequences share a pack until its tokens or slots run out.
 
-    Order is kept so pack outputs concatenate back in input order; next-fit wastes less than one
-    sequence per pack (under 2% for 250-token chunks in 16k-token packs).
+    Next-fit wastes less than one sequence per closed pack (under 2% for 250-token chunks in 16k-token
+    packs); the last pack is what `plan_bucketed_packs` narrows.
     """
     if pack_tokens < 1 or max_sequences < 1:
         raise ValueError(f"pack_tokens ({pack_tokens}) and max_sequences ({max_sequences}) must be >= 1")
@@ -74,9 +83,64 @@ def plan_packs(lengths: Sequence[int], pack_tokens: int, max_sequences: int) -> 
     return packs
 
 
+def pack_widths(pack_tokens: int, min_tokens: int) -> list[int]:
+    """The static pack shapes: pack_tokens, pack_tokens // 2, ... down to the smallest >= min_tokens."""
+    widths = [pack_tokens]
+    while widths[-1] // 2 >= max(1, min_tokens):
+        widths.append(widths[-1] // 2)
+    return widths
+
+
+@dataclass(frozen=True)
+class PlannedPack:
+    """One pack of a plan: its width (one of `pack_widths`) and the sequences it holds, in pack order."""
+
+    width: int
+    members: list[int]
+
+
+def plan_bucketed_packs(lengths: Sequence[int], widths: Sequence[int], max_sequences: int) -> list[PlannedPack]:
+    """Full packs of widths[0] (next-fit, input order), then the rest in packs of the smaller widths.
+
+    The rest (the last next-fit pack, under widths[0] tokens) is sized up to a multiple of the smallest
+    width and split into the widths of that size's binary decomposition (e.g. 11.4k tokens with widths
+    16384..512: 8192 + 2048 + 1024 + 512); its sequences go in longest first, each into the fullest pack
+    it fits (best-fit decreasing). What does not fit starts the same again. `widths` must run down from
+    widths[0] by halving, the smallest holding the longest sequence, so any sequence fits an empty pack.
+    """
+    packs = plan_packs(lengths, widths[0], max_sequences)  # checks every length
+    if not packs:
+        return []
+    if max(lengths) > widths[-1]:
+        raise ValueError(f"the smallest pack width {widths[-1]} must hold the longest sequence ({max(lengths)})")
+    plan = [PlannedPack(widths[0], members) for members in packs[:-1]]
+    rest = sorted(packs[-1], key=lambda i: -lengths[i])
+    while rest:
+        size = -(-sum(lengths[i] for i in rest) // widths[-1]) * widths[-1]
+        bins: list[PlannedPack] = []
+        for width in widths:
+            if size >= width:
+                bins.append(PlannedPack(width, []))
+                size -= width
+        free = [b.width for b in bins]
+        left = []
+        for index in rest:
+            fits = [k for k, b in enumerate(bins) if free[k] >= lengths[index] and len(b.members) < max_sequences]
+            if not fits:
+                left.append(index)
+                continue
+            best = min(fits, key=lambda k: free[k])
+            bins[best].members.append(index)
+            free[best] -= lengths[index]
+        plan += [b for b in bins if b.members]
+        rest = left
+    return plan
+
+
 @dataclass
 class PackLayout:
-    """Host-side description of one pack: where each of its sequences lies in the `pack_tokens` row.
+    """Host-side description of one pack: where each of its sequences lies in the `pack_tokens`-wide row
+    (this pack's width, one of `pack_widths`).
 
     The tail after the last sequence is filler: attending only to itself, outputs discarded. In `cu_seqlens`
     it is cut into segments of at most `filler_segment` tokens (varlen kernels size their grid by the longest
@@ -259,8 +323,8 @@ def _layers_and_kind(backbone: nn.Module) -> tuple[nn.ModuleList, str]:
 
 @dataclass(frozen=True)
 class PackingOptions:
-    """How a TextEncoder runs its packed path (ModelConfig: pack_tokens, pack_max_sequences, pack_backend,
-    compile_layers, checkpoint_granularity)."""
+    """How a TextEncoder runs its packed path (ModelConfig: pack_tokens, pack_max_sequences, pack_min_tokens,
+    pack_backend, compile_layers, checkpoint_granularity)."""
 
     pack_tokens: int = 8192
     max_sequences: int | None = None  # None: pack_tokens // 8
@@ -269,10 +333,25 @@ class PackingOptions:
     checkpointing: CheckpointGranularity = "none"
     max_length: int | None = None  # longest sequence fed (static varlen bound); None: per pack, bucketed
     compile_backend: str = "inductor"  # "eager": dynamo tracing only (quick CPU checks of the compile path)
+    min_tokens: int | None = None  # smallest pack width (None: pack_tokens // 32); pack_tokens: all full width
 
     @property
     def slots(self) -> int:
         return self.max_sequences or max(1, self.pack_tokens // 8)
+
+    def widths(self, longest: int) -> list[int]:
+        """The pack widths a call may use: the ladder down to min_tokens, none narrower than `longest`."""
+        smallest = max(self.min_tokens or self.pack_tokens // 32, longest)
+        return pack_widths(self.pack_tokens, smallest)
+
+
+@dataclass
+class PackStats:
+    """Tokens the packs held (useful) and computed (their widths), summed since the last `take_pack_stats`."""
+
+    useful: int = 0
+    computed: int = 0
+    packs: int = 0
 
 
 class PackedRunner:
@@ -287,6 +366,7 @@ class PackedRunner:
         if backbone.config._attn_implementation != ATTN_IMPLEMENTATION:
             backbone.set_attn_implementation(ATTN_IMPLEMENTATION)
         self._compiled: list[nn.Module] | None = None
+        self.stats = PackStats()
 
     def __getstate__(self) -> dict[str, Any]:
         # Compiled wrappers are a cache: copies and pickles (Ray, checkpoints) recompile on first use.
@@ -298,6 +378,11 @@ class PackedRunner:
         if not self.options.compile_layers:
             return list(self.layers)
         if self._compiled is None:
+            # One graph per pack width, grad mode and tower sharing the layer class: more than dynamo's default
+            # recompile limit (8), past which further shapes would silently run eager.
+            needed = 4 * len(self.options.widths(1))
+            if torch._dynamo.config.recompile_limit < needed:
+                torch._dynamo.config.recompile_limit = needed
             self._compiled = [torch.compile(layer, dynamic=False, backend=self.options.compile_backend)
                               for layer in self.layers]
         return self._compiled
@@ -340,6 +425,29 @@ def _to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[s
     return {k: v.to(device) for k, v in tensors.items()}
 
 
+def take_pack_stats(model: nn.Module) -> PackStats:
+    """The pack counts of every packed encoder in `model` since the last call, summed; resets them."""
+    total = PackStats()
+    for module in model.modules():
+        for runner in (v for v in vars(module).values() if isinstance(v, PackedRunner)):
+            total.useful += runner.stats.useful
+            total.computed += runner.stats.computed
+            total.packs += runner.stats.packs
+            runner.stats = PackStats()
+    return total
+
+
+def _pack_token_index(members: list[int], offsets: list[int], gather: torch.Tensor, width: int) -> torch.Tensor:
+    """Host positions in the flat ids of a pack's tokens, in pack order; filler reads flat token 0 (discarded)."""
+    index = torch.zeros(width, dtype=torch.long)
+    if members == list(range(members[0], members[-1] + 1)):  # full packs: one run of the input
+        tokens = gather[offsets[members[0]] : offsets[members[-1] + 1]]
+    else:
+        tokens = torch.cat([gather[offsets[i] : offsets[i + 1]] for i in members])
+    index[: tokens.numel()] = tokens
+    return index
+
+
 def encode_packed(
     runner: PackedRunner, pooling: str, lengths: Sequence[int], gather: torch.Tensor, flat_ids: torch.Tensor,
     backend: str,
@@ -347,7 +455,8 @@ def encode_packed(
     """Encode sequences whose tokens are `flat_ids[gather[starts[i] : starts[i] + lengths[i]]]` -> (N, H).
 
     `gather` is a host tensor mapping each sequence's tokens (concatenated) to positions in `flat_ids`
-    (a device tensor); packs are built by one device gather each, with no host read of device values.
+    (a device tensor); packs are built by one device gather each, with no host read of device values, and
+    the rows come back in input order (narrow packs hold sequences out of order) by one device gather.
     """
     options = runner.options
     device = flat_ids.device
@@ -362,13 +471,16 @@ def encode_packed(
     longest = options.max_length or longest_real
     bucket = min(options.pack_tokens, _VARLEN_LENGTH_BUCKET * math.ceil(max(longest, 1) / _VARLEN_LENGTH_BUCKET))
     grad = torch.is_grad_enabled()
-    for members in plan_packs(lengths, options.pack_tokens, options.slots):
-        layout = PackLayout(members, [lengths[i] for i in members], options.pack_tokens, options.slots,
+    plan = plan_bucketed_packs(lengths, options.widths(longest), options.slots)
+    for pack in plan:
+        members = pack.members
+        layout = PackLayout(members, [lengths[i] for i in members], pack.width, options.slots,
                             filler_segment=bucket if backend == "varlen" else 0)
+        runner.stats.useful += layout.useful_tokens
+        runner.stats.computed += pack.width
+        runner.stats.packs += 1
         host = layout.host_tensors()
-        index = torch.zeros(options.pack_tokens, dtype=torch.long)  # filler reads flat token 0 (discarded)
-        index[: layout.useful_tokens] = gather[offsets[members[0]] : offsets[members[-1] + 1]]
-        host["index"] = index
+        host["index"] = _pack_token_index(members, offsets, gather, pack.width)
         tensors = _to_device(host, device)
         ids = flat_ids[tensors["index"]]
         attention = build_packed_attention(backend, runner.causal, tensors, bucket)
@@ -383,7 +495,13 @@ def encode_packed(
             outputs.append(run(ids))
     if not outputs:
         return flat_ids.new_zeros((0, int(runner.backbone.config.hidden_size)), dtype=torch.float)
-    return torch.cat(outputs)
+    vectors = torch.cat(outputs)
+    order = [i for pack in plan for i in pack.members]
+    if order == list(range(len(order))):
+        return vectors
+    rows = torch.empty(len(order), dtype=torch.long)
+    rows[torch.tensor(order)] = torch.arange(len(order))
+    return vectors[_to_device({"rows": rows}, device)["rows"]]
 
 
 def ragged_to_flat(sequences: Sequence[Sequence[int] | torch.Tensor], device: torch.device

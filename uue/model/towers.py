@@ -50,6 +50,28 @@ class LowRankResidualProjection(nn.Module):
         return x + self.up(self.activation(self.down(x)))
 
 
+class ChunkWeight(nn.Module):
+    """x * (1 + w(x)): each chunk vector scaled by a learned scalar read off the vector itself (a rank-`rank` GELU
+    MLP, its output layer zero-initialised, so the untrained tower is unchanged).
+
+    A chunk keeps its direction, only its weight in the pool changes (and may turn negative): a history of
+    "loved this film" and "hated that one" pools to the loved films' content minus the hated ones', still in the
+    backbone's space. Unlike a free per-chunk correction, which learns directions fitted to the statements seen
+    in training, a weight carries over to every statement the pretrained space can already read.
+    """
+
+    def __init__(self, hidden: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(hidden, rank)
+        self.activation = nn.GELU()
+        self.up = nn.Linear(rank, 1)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1.0 + self.up(self.activation(self.down(x))))
+
+
 def build_projection(hidden: int, config: ModelConfig, activation: Literal["none", "gelu"] = "none") -> nn.Module:
     """hidden -> embedding_dim: a Linear (random, or the identity with projection_init="identity"), or with
     projection_rank > 0 the identity plus a trainable rank-r correction (`activation` inside it)."""
@@ -73,7 +95,7 @@ def packing_options(config: ModelConfig, checkpointing: bool, max_length: int) -
     packing = config.packing
     return PackingOptions(
         pack_tokens=packing.pack_tokens, max_sequences=packing.pack_max_sequences, backend=packing.pack_backend,
-        compile_layers=packing.compile_layers, max_length=max_length,
+        compile_layers=packing.compile_layers, max_length=max_length, min_tokens=packing.pack_min_tokens,
         checkpointing=packing.checkpoint_granularity if checkpointing else "none",
     )
 
@@ -99,6 +121,8 @@ class UserTower(nn.Module):
             self.pooling = AttentionPooling(hidden, config.pooling.attention_heads, heads.dropout)
         rank = config.pooling.chunk_adapter_rank
         self.chunk_adapter = LowRankResidualProjection(hidden, rank, "gelu") if rank else None
+        weight_rank = config.pooling.chunk_weight_rank
+        self.chunk_weight = ChunkWeight(hidden, weight_rank) if weight_rank else None
         self.metadata = MetadataFusion(heads.metadata_dim, hidden, heads.dropout) if heads.use_user_metadata else None
         self.projection = build_projection(hidden, config, heads.user_projection_activation)
         if config.packing.attention == "packed":
@@ -165,10 +189,21 @@ class UserTower(nn.Module):
         return self.pool(vectors.view(len(chunks), width, -1),
                          chunk_mask.view(len(chunks), width).to(encoded.device), metadata)
 
+    def content(self, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
+        """(B, C, H) chunk vectors -> (B, H) unit vectors of what the history is about, in the backbone's space: the
+        pool of the (weighted) chunk vectors, before any free-form correction (chunk adapter, metadata, projection).
+        With mean pooling and no chunk weight it is the untrained baseline's user vector (uue.train.distill's
+        teacher)."""
+        if self.chunk_weight is not None:
+            chunk_vectors = self.chunk_weight(chunk_vectors)
+        return F.normalize(self.pooling(chunk_vectors, chunk_mask), dim=-1)
+
     def pool(self, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor, metadata: torch.Tensor | None
              ) -> torch.Tensor:
         """The head: (B, C, H) chunk vectors -> (B, embedding_dim) unit user vectors (adapter, pooling, metadata,
         projection)."""
+        if self.chunk_weight is not None:  # per chunk (padding rows are zero and stay zero)
+            chunk_vectors = self.chunk_weight(chunk_vectors)
         if self.chunk_adapter is not None:  # per chunk (padding rows too: the pooling masks them out)
             chunk_vectors = self.chunk_adapter(chunk_vectors)
         pooled = self.pooling(chunk_vectors, chunk_mask)

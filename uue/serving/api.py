@@ -1,8 +1,9 @@
 """The HTTP API's request and response bodies, and the limits every request is checked against.
 
 Types and empty text are checked by pydantic (422 naming the field); sizes against the configured
-`RequestLimits` by `check_*` (413/422 naming the field and the bound). Nothing is silently cut: a
-request over a bound is rejected, not truncated.
+`RequestLimits` by `check_*` (422 naming the field and the bound, as for any value the OpenAPI document
+rules out: it states these bounds). Nothing is silently cut: a request over a bound is rejected, not
+truncated. Only a body over `max_request_bytes` gets 413 (the document cannot state a byte size).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class RequestError(Exception):
 
 LIMIT_KEY = "x-uue-limit"
 """Marks a schema bounded by a `RequestLimits` field; the app's OpenAPI document writes the configured bound
-there (maxLength, maxItems or maximum). Over the bound the request gets 413, as the document says."""
+there (maxLength, maxItems or maximum). Over the bound the request gets 422, as any schema violation does."""
 ENUM_KEY = "x-uue-enum"
 """Marks a value the served model fixes ("model_names": the OpenAI `model` names, "dimension": the only
 `dimensions` it produces); the app's OpenAPI document lists the allowed values there (enum)."""
@@ -55,7 +56,7 @@ def _non_empty(value: str) -> str:
 Text = Annotated[str, AfterValidator(_non_empty), WithJsonSchema(
     {"type": "string", "minLength": 1, "pattern": NOT_WHITESPACE, LIMIT_KEY: "max_text_chars",
      "description": "Non-empty text (at least one non-whitespace character)."})]
-"""A chunk, statement or input text: 422 when empty or whitespace, 413 over `max_text_chars`."""
+"""A chunk, statement or input text: 422 when empty or whitespace or over `max_text_chars`."""
 
 
 UNION_TAGS = ("string", "object", "list")
@@ -225,12 +226,23 @@ class IndexStatus(BaseModel):
     last_error: str | None
 
 
+class UserStoreHealth(BaseModel):
+    backend: Literal["sqlite", "redis"]
+    available: bool
+    """Whether the store took a probe write lock (SQLite) or answered PING (Redis) within a second, just now."""
+    error: str | None
+
+
 class HealthResponse(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"]
+    """`degraded`: the user store is unavailable; the tower routes (and users sent inline) still serve, stored
+    users get 503. The answer is 200 either way, so a readiness probe keeps routing the tower traffic."""
     model_fingerprint: str
     dimension: int
     calibrated: bool
     index: IndexStatus | None
+    user_store: UserStoreHealth | None = None
+    """null when no user store is configured."""
 
 
 class ReloadIndexResponse(IndexStatus):
@@ -302,35 +314,38 @@ class ErrorBody(BaseModel):
 
 
 # ---------------------------------------------------------------------------- limits
+OVER_LIMIT = 422
+"""The status of a list, text or `k` over a configured bound: the document states the bound (maxItems,
+maxLength, maximum), so it is a schema violation like any other (413 is for a body over max_request_bytes)."""
+
+
+def over_limit(param: str, count: int, what: str, bound: int) -> RequestError:
+    """`param: 5 chunks per user, at most 4 allowed` (422 naming the field and the bound)."""
+    return RequestError(OVER_LIMIT, f"{param}: {count} {what}, at most {bound} allowed", param)
+
+
 def _check_text(text: str, limits: RequestLimits, param: str) -> None:
     if len(text) > limits.max_text_chars:
-        raise RequestError(413, f"{param}: {len(text)} characters, at most {limits.max_text_chars} allowed", param)
+        raise over_limit(param, len(text), "characters", limits.max_text_chars)
 
 
 def check_user(user: UserIn, limits: RequestLimits, param: str = "user") -> None:
     where = f"{param}.chunks" if param else "chunks"
     if len(user.chunks) > limits.max_chunks_per_user:
-        raise RequestError(
-            413, f"{where}: {len(user.chunks)} chunks, at most {limits.max_chunks_per_user} per user allowed", where,
-        )
+        raise over_limit(where, len(user.chunks), "chunks per user", limits.max_chunks_per_user)
     for i, chunk in enumerate(user.chunks):
         _check_text(chunk if isinstance(chunk, str) else chunk.text, limits, f"{where}.{i}")
 
 
 def check_users(users: list[UserIn], limits: RequestLimits, param: str = "users") -> None:
     if len(users) > limits.max_users_per_request:
-        raise RequestError(
-            413, f"{param}: {len(users)} users, at most {limits.max_users_per_request} per request allowed", param
-        )
+        raise over_limit(param, len(users), "users per request", limits.max_users_per_request)
     for i, user in enumerate(users):
         check_user(user, limits, f"{param}.{i}")
 
 
 def check_statement_texts(texts: list[str], limits: RequestLimits, param: str = "statements") -> None:
     if len(texts) > limits.max_statements_per_request:
-        raise RequestError(
-            413, f"{param}: {len(texts)} statements, at most {limits.max_statements_per_request} per request allowed",
-            param,
-        )
+        raise over_limit(param, len(texts), "statements per request", limits.max_statements_per_request)
     for i, text in enumerate(texts):
         _check_text(text, limits, f"{param}.{i}")

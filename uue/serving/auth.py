@@ -16,9 +16,20 @@ import hmac
 import os
 from dataclasses import dataclass
 
+from fastapi.security import HTTPBearer
+
 from uue.serving.api import RequestError
 
 READ_ONLY_SUFFIX = ":ro"
+
+API_KEY = HTTPBearer(scheme_name="ApiKey", auto_error=False, description=(
+    "An API key from the server's `UUE_API_KEYS` (`KEY:ro` keys read only). Required on the /users routes; "
+    "on /score, /retrieve and /v1/embeddings only with `user_id` (or `input_type: user_id`)."))
+"""The OpenAPI security scheme of the stored-user key: routes that depend on it declare it (the check is
+`ApiKeys.check`, which also names what is wrong with a refused header)."""
+ADMIN_TOKEN = HTTPBearer(scheme_name="AdminToken", auto_error=False, description=(
+    "The admin token from the server's `UUE_ADMIN_TOKEN` (declared only when the server has one; without one "
+    "the /admin routes answer loopback clients only)."))
 
 
 @dataclass(frozen=True)

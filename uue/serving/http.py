@@ -18,11 +18,13 @@ peer one that runs both towers in-process. Routes:
                                  loopback client
 
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with 400 for malformed JSON,
-422 for wrong types/empty text, 413 for bodies or lists over the configured limits, 404 for unknown
-statement ids, model names and routes, 405 (with `Allow`) for a wrong method, 503 (with `Retry-After`)
-when a tower or the index is unavailable. The OpenAPI document (/openapi.json) is the contract: it carries
-the configured limits and model names, and documents every one of these errors with the body actually sent
-(`ERROR_RESPONSES`, applied to every route, including routes added later; one handler writes them all).
+422 for wrong types, empty text and lists, texts or `k` over the configured limits, 413 for bodies over
+`max_request_bytes`, 404 for unknown statement ids, model names and routes, 405 (with the path's `Allow`)
+for a wrong method, 401/403/409 for stored users (keys, another model), 503 (with `Retry-After`) when a
+tower, the index or the user store is unavailable. The OpenAPI document (/openapi.json) is the contract: it
+carries the configured limits and model names, the bearer schemes of the routes that take a key, and
+documents every one of these errors with the body actually sent (`ERROR_RESPONSES`, applied to every route,
+including routes added later; one handler per kind of error writes them all).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -71,12 +73,14 @@ from uue.serving.api import (
     check_statement_texts,
     check_user,
     check_users,
+    over_limit,
 )
-from uue.serving.auth import ApiKeys
+from uue.serving.auth import ADMIN_TOKEN, ApiKeys
 from uue.serving.index_slot import IndexSlot
 from uue.serving.metrics import ServingMetrics
 from uue.serving.settings import RequestLimits
-from uue.serving.user_routes import add_user_routes, authorize, stored_user
+from uue.serving.user_routes import KEY_IF_USER_ID, add_user_routes, authorize, stored_user
+from uue.serving.user_store import StoreUnavailableError
 from uue.serving.users import PooledUser, UserService, explain_scores, inline_user
 
 
@@ -108,6 +112,8 @@ class ServingService:
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     num_chunks_per_user: int = 0
     """The user tower's chunk budget (explanations of users sent inline select chunks as it does)."""
+    retry_after_s: int = 5
+    """`Retry-After` of the 503 answering a user store that did not answer (`StoreUnavailableError`)."""
 
     def probabilities(self, similarities: np.ndarray) -> list[float | None]:
         if self.calibrator is None:
@@ -155,13 +161,14 @@ def _error_doc(description: str, headers: dict[str, str] | None = None) -> dict[
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _error_doc("Malformed JSON body, or a value the model cannot serve (e.g. other `dimensions`)."),
-    404: _error_doc("Unknown route, statement id or model name."),
+    404: _error_doc("Unknown route, statement id, model name or stored user."),
     405: _error_doc("Method not allowed on this route.", {"Allow": "The methods this route answers."}),
-    413: _error_doc("Body over `max_request_bytes`, or a list, text or `k` over the configured limits "
-                    "(the bounds this document states)."),
-    422: _error_doc("Wrong types, missing or unknown fields, empty text, bad timestamps."),
+    413: _error_doc("Body over `max_request_bytes` (refused before it is parsed)."),
+    422: _error_doc("Wrong types, missing or unknown fields, empty text, bad timestamps, or a list, text or `k` "
+                    "over the configured limits (the bounds this document states)."),
     500: _error_doc("A bug: the server failed in an unexpected way."),
-    503: _error_doc("A tower or the statement index is unavailable right now.",
+    503: _error_doc("A tower, the statement index or the user store is unavailable right now (or no user store "
+                    "is configured: then without Retry-After).",
                     {"Retry-After": "Seconds to wait before retrying."}),
 }
 """The errors any route may answer, documented for every route of the app (FastAPI's own 422 entry, with a
@@ -219,6 +226,13 @@ def _validation_message(err: RequestValidationError) -> tuple[int, str, str | No
     return 422, "; ".join(parts) + more, first_param
 
 
+def _allowed_methods(app: FastAPI, path: str) -> str:
+    """Every method some route of `path` answers (GET, PUT and DELETE /users/{id} are three routes)."""
+    methods = {method for route in app.routes if getattr(route, "methods", None) and route.path_regex.match(path)
+               for method in route.methods}
+    return ", ".join(sorted(methods))
+
+
 def _openai_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
@@ -270,9 +284,20 @@ def build_http_app(service: ServingService) -> FastAPI:
         headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
         return _error(err.status, err.message, err.param, headers)
 
+    @app.exception_handler(StoreUnavailableError)
+    async def on_store_down(request: Request, err: StoreUnavailableError) -> JSONResponse:
+        # Whatever the route and the backend: temporary, so 503 + Retry-After; a write that raised is not
+        # acknowledged (a retry with the same Idempotency-Key is safe).
+        logger.warning("%s %s: user store unavailable: %s", request.method, request.url.path, err)
+        return _error(503, f"the user store is unavailable ({err}); retry in {service.retry_after_s} s",
+                      headers={"Retry-After": str(service.retry_after_s)})
+
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(err.status_code, str(err.detail), headers=err.headers)  # keeps 405's Allow
+        headers = err.headers
+        if err.status_code == 405:  # Starlette names the first route of the path only; the path has them all
+            headers = {**(headers or {}), "Allow": _allowed_methods(app, request.url.path)}
+        return _error(err.status_code, str(err.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, err: Exception) -> JSONResponse:
@@ -306,12 +331,14 @@ def build_http_app(service: ServingService) -> FastAPI:
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, Any]:
+        store = await service.users.health() if service.users is not None else None
         return {
-            "status": "ok",
+            "status": "degraded" if store is not None and not store["available"] else "ok",
             "model_fingerprint": service.model_fingerprint,
             "dimension": service.dimension,
             "calibrated": service.calibrator is not None,
             "index": service.index.status() if service.index else None,
+            "user_store": store,
         }
 
     @app.post("/embed/users", response_model=EmbeddingsResponse)
@@ -331,7 +358,7 @@ def build_http_app(service: ServingService) -> FastAPI:
         return EmbeddingsResponse(model_fingerprint=service.model_fingerprint, dimension=service.dimension,
                                   embeddings=vectors.tolist())
 
-    @app.post("/score", response_model=ScoreResponse)
+    @app.post("/score", response_model=ScoreResponse, **KEY_IF_USER_ID)
     async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         if (body.user is None) == (body.user_id is None):
             raise RequestError(422, "give exactly one of `user` (a history) or `user_id` (a stored user)", "user")
@@ -377,13 +404,13 @@ def build_http_app(service: ServingService) -> FastAPI:
                                                     strict=True)],
         )
 
-    @app.post("/retrieve", response_model=RetrieveResponse)
+    @app.post("/retrieve", response_model=RetrieveResponse, **KEY_IF_USER_ID)
     async def retrieve(body: RetrieveRequest, request: Request) -> RetrieveResponse:
         if body.user is not None:
             check_user(body.user, limits)
         k = min(10, limits.max_top_k) if body.k is None else body.k
         if k > limits.max_top_k:
-            raise RequestError(413, f"k: {k}, at most {limits.max_top_k} allowed", "k")
+            raise over_limit("k", k, "statements", limits.max_top_k)
         index = service.loaded_index()  # one reference: the whole request uses this version
         user_vector, _ = await the_user(request, body.user, body.user_id)
         hits = index.search(user_vector[None, :], k)[0]
@@ -401,7 +428,7 @@ def build_http_app(service: ServingService) -> FastAPI:
             {"id": name, "object": "model", "created": 0, "owned_by": "uue"} for name in model_names
         ]}
 
-    @app.post("/v1/embeddings", response_model=OpenAIEmbeddingsResponse)
+    @app.post("/v1/embeddings", response_model=OpenAIEmbeddingsResponse, **KEY_IF_USER_ID)
     async def openai_embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> dict[str, Any]:
         texts = body.texts()
         if body.model not in model_names:
@@ -439,7 +466,11 @@ def build_http_app(service: ServingService) -> FastAPI:
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
 
-    @app.post("/admin/reload-index", response_model=ReloadIndexResponse, responses=ADMIN_RESPONSES)
+    # The token is declared when there is one; without one the route answers loopback clients, no key needed.
+    admin_security = [Security(ADMIN_TOKEN)] if service.admin_token else []
+
+    @app.post("/admin/reload-index", response_model=ReloadIndexResponse, responses=ADMIN_RESPONSES,
+              dependencies=admin_security)
     async def reload_index(request: Request) -> dict[str, Any]:
         check_admin(request, service.admin_token)
         if service.index is None:

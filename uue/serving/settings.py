@@ -99,6 +99,9 @@ class UserStoreArgs(_Strict):
     """Environment variable with the key of the chunk text hash (unset: an unkeyed blake2b)."""
     api_keys_env: str = "UUE_API_KEYS"
     """Environment variable with the API keys: `KEY,KEY:ro` (`:ro` = read-only)."""
+    timeout_s: float = Field(5.0, gt=0)
+    """How long one store call may wait (Redis connect or reply, SQLite's write lock) before the request gets
+    503 with `Retry-After` (`retry_after_s`); the store is not retried inside the request."""
 
     @model_validator(mode="after")
     def _pin(self) -> UserStoreArgs:
@@ -129,7 +132,7 @@ class ServeArgs(_Strict):
     tower_call_attempts: int = Field(3, ge=1)
     """How often the ingress sends a tower call in all when the replica holding it dies (calls are pure)."""
     retry_after_s: int = Field(5, ge=1)
-    """`Retry-After` of the 503 a client gets when no tower replica answered."""
+    """`Retry-After` of the 503 a client gets when no tower replica answered, or the user store did not."""
     limits: RequestLimits = RequestLimits()
     # Defaults fit a 2-CPU machine (`serve run serve.app:build_app model_dir=...` with nothing else): one
     # replica each reserves 0.4 + 0.4 + 0.2 CPUs, everything at max_replicas 2.0 (num_cpus is a scheduling share).
@@ -138,6 +141,24 @@ class ServeArgs(_Strict):
     ingress: IngressArgs = IngressArgs(num_cpus=0.2)
     user_store: UserStoreArgs | None = None
     """Stored users; None: the /users routes and `user_id` inputs answer 503 (nothing is stored)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_dotted_keys(cls, data: Any) -> Any:
+        """`serve run serve.app:build_app ... user_store.backend=redis`: the command line's key=value pairs are
+        flat, so a dotted key sets one field of a section (the YAML's nested `args:` need none of this)."""
+        if not isinstance(data, dict) or not any("." in str(key) for key in data):
+            return data
+        nested: dict[str, Any] = {}
+        for key, value in sorted(data.items(), key=lambda item: "." in str(item[0])):  # sections first
+            *sections, name = str(key).split(".")
+            node = nested
+            for section in sections:
+                node = node.setdefault(section, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"{key}: {section} is a value, not a section")
+            node[name] = dict(value) if isinstance(value, dict) else value  # never change the caller's dict
+        return nested
 
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:

@@ -12,15 +12,21 @@ similarity is not what the model computes. Removing the chunk and re-pooling is:
 lower would this statement score without this message" exactly, for attention and mean pooling alike,
 at the cost of one pooling pass over C users of C-1 chunks (cheap next to encoding one chunk). Two
 near-identical chunks share credit (each alone is redundant); the response says it is leave-one-out.
+
+A store that does not answer raises `StoreUnavailableError`, which the HTTP app turns into 503 with
+`Retry-After`. An append may carry an idempotency key: the key is written with the chunks in one atomic
+write, so a retry (after a 503 whose write may have landed, or a lost reply) finds it and changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -33,13 +39,17 @@ from uue.serving.user_store import (
     ModelMismatchError,
     StoreConflictError,
     StoredChunk,
+    StoreUnavailableError,
     UserState,
     UserStore,
     merge_chunks,
     open_user_store,
     text_hash,
     update_user,
+    with_request_key,
 )
+
+logger = logging.getLogger("ray.serve")
 
 
 class ChunkBackend(Protocol):
@@ -94,17 +104,27 @@ class UserService:
                 for c in chunks]
 
     async def _write(self, user_id: str, new: list[UserChunk], metadata: dict | None, replace_all: bool,
-                     keep_metadata: bool) -> UserState:
+                     keep_metadata: bool, request_key: str | None = None, digest: str = "") -> UserState:
         records = self._records(new)
         encoded: np.ndarray | None = None  # vectors of `new`: encoded once, on the first attempt
+        replayed = False
 
         async def change(current: UserState | None) -> UserState:
-            nonlocal encoded
+            nonlocal encoded, replayed
+            if request_key is not None and current is not None:
+                applied = current.request_digest(request_key)
+                replayed = applied == digest
+                if replayed:  # this request landed before (its answer was lost): write nothing
+                    return current
+                if applied is not None:
+                    raise RequestError(422, f"Idempotency-Key {request_key!r} was used for another request to "
+                                            f"user {user_id!r}: send a new key for a new request", "Idempotency-Key")
             if current is not None and not replace_all:
                 current.check_model(self.model_fingerprint)  # never pool two models' vectors together
             base = current
             if current is not None and replace_all:  # fresh history, arrival numbers still never reused
-                base = UserState(user_id, self.model_fingerprint, [], current.vector, next_seq=current.next_seq)
+                base = UserState(user_id, self.model_fingerprint, [], current.vector, next_seq=current.next_seq,
+                                 request_keys=current.request_keys)
             first_new = base.next_seq if base else 0
             chunks, next_seq = merge_chunks(base, records, self.limit)  # which chunks stay depends on timestamps only
             meta = current.metadata if keep_metadata and current is not None else metadata
@@ -121,10 +141,11 @@ class UserService:
                           for c in chunks]
                 vector = (await self.backend.pool_users([(np.stack([c.vector for c in chunks]), meta)]))[0]
             return UserState(user_id, self.model_fingerprint, chunks, vector, meta, next_seq=next_seq,
-                             updated_at=time.time())
+                             updated_at=time.time(), request_keys=with_request_key(base, request_key, digest))
 
         try:
-            return await update_user(self.store, user_id, change)
+            state = await update_user(self.store, user_id, change)
+            return replace(state, replayed=True) if replayed else state
         except ModelMismatchError as err:
             raise RequestError(409, str(err), "user_id") from None
         except StoreConflictError as err:
@@ -135,13 +156,18 @@ class UserService:
         kept = [user.chunks[i] for i in select_chunk_indices(user.chunks, self.limit)]
         return await self._write(user_id, kept, user.metadata, replace_all=True, keep_metadata=False)
 
-    async def append(self, user_id: str, chunks: list[UserChunk], metadata: dict | None = None) -> UserState:
+    async def append(self, user_id: str, chunks: list[UserChunk], metadata: dict | None = None,
+                     request_key: str | None = None) -> UserState:
         """Add chunks to the user's history (creating the user if new): only they are encoded; the oldest
         chunks beyond `num_chunks_per_user` are evicted as training's `select_chunks` would.
-        `metadata` replaces the stored metadata when given."""
+        `metadata` replaces the stored metadata when given. With `request_key` (the client's Idempotency-Key)
+        an append whose key landed already writes nothing and answers the stored user (`replayed`); the same
+        key with other chunks or metadata is refused (422)."""
         # New chunks that cannot survive among the new ones alone cannot survive the merge either.
         new = [chunks[i] for i in select_chunk_indices(chunks, self.limit)]
-        return await self._write(user_id, new, metadata, replace_all=False, keep_metadata=metadata is None)
+        request = json.dumps([[c.text, c.platform, c.timestamp] for c in chunks] + [metadata], sort_keys=True)
+        return await self._write(user_id, new, metadata, replace_all=False, keep_metadata=metadata is None,
+                                 request_key=request_key, digest=text_hash(request, self.hash_key))
 
     async def get(self, user_id: str) -> UserState:
         state = await asyncio.to_thread(self.store.get, user_id)
@@ -155,6 +181,14 @@ class UserService:
 
     async def delete(self, user_id: str) -> bool:
         return await asyncio.to_thread(self.store.delete, user_id)
+
+    async def health(self) -> dict[str, Any]:
+        """Whether the store would take a write now (`/health`): {backend, available, error}."""
+        try:
+            await asyncio.to_thread(self.store.ping)
+        except StoreUnavailableError as err:
+            return {"backend": self.store.kind, "available": False, "error": str(err)}
+        return {"backend": self.store.kind, "available": True, "error": None}
 
     # ------------------------------------------------------------------ scoring inputs
     async def stored(self, user_id: str) -> PooledUser:
@@ -194,11 +228,16 @@ async def explain_scores(backend: ChunkBackend, user: PooledUser, statement_vect
         ) for c in order])
     return out
 
+
 def open_user_service(args: UserStoreArgs, backend: ChunkBackend, model_fingerprint: str,
                       num_chunks_per_user: int) -> tuple[UserService, ApiKeys]:
     """The configured store (secrets from the environment) and the API keys that guard it."""
     url = os.environ.get(args.url_env) or args.url
-    store = open_user_store(args.backend, path=args.path, url=url, prefix=args.key_prefix)
+    store = open_user_store(args.backend, path=args.path, url=url, prefix=args.key_prefix, timeout_s=args.timeout_s)
+    try:
+        store.ping()
+    except StoreUnavailableError as err:  # serve the towers meanwhile; /health says the store is down
+        logger.warning("user store unavailable at start (%s): stored-user requests get 503 until it answers", err)
     hash_key = os.environ.get(args.text_hash_key_env)
     service = UserService(store, backend, model_fingerprint, num_chunks_per_user, store_text=args.store_text,
                           hash_key=hash_key.encode("utf-8") if hash_key else None)

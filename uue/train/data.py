@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -14,8 +15,10 @@ from uue.data.featurize import Featurizer
 from uue.data.readers import UUEDataset, load_dataset
 from uue.data.shards import Shards, check_manifest, is_preprocessed, preprocess_local
 from uue.model.cache import FrozenPrefixCache, resolve_cache_dir
+from uue.model.inputs import StatementBatch, TowerInput
 from uue.model.towers import ItemTower, UserTower
 from uue.model.uue_model import UUEModel
+from uue.train.distill import AnchorSampler, bank_anchor_texts, history_anchor_texts
 from uue.train.samplers import Samplers, build_samplers, wants_samplers
 from uue.train.stream import BatchCollator, StatementTable
 
@@ -76,4 +79,24 @@ def build_inputs(config: ExperimentConfig, shards: Shards, model: UUEModel, feat
     chunk_cache = frozen_prefix(model.user_tower, model.user_tokenizer, caching.cache_chunk_vectors)
     collate = BatchCollator(cfg, featurizer, table, config.data.shuffle_seed, chunk_cache)
     samplers = build_samplers(cfg, table, sampler_seed) if wants_samplers(cfg) else Samplers()
+    if cfg.loss.distill_weight > 0:  # the config guarantees a frozen item backbone: its cache is the teacher
+        anchor_cache = frozen_prefix(model.item_tower, model.item_tokenizer, True)
+        samplers.anchor = distillation_anchors(config, shards, featurizer, anchor_cache, sampler_seed)
     return Inputs(table, collate, samplers)
+
+
+def distillation_anchors(config: ExperimentConfig, shards: Shards, featurizer: Featurizer, cache: FrozenPrefixCache,
+                         seed: int) -> AnchorSampler:
+    """The distillation's anchors (history texts of training users, drawn with the data's shuffle seed so that every
+    worker draws the same, or the bank of everyday statements about people that ships with UUE): their frozen
+    item-backbone vectors, what the student's head reads and, unit, the teacher."""
+    loss = config.model.loss
+    texts = bank_anchor_texts() if loss.distill_anchor_source == "bank" else history_anchor_texts(
+        shards.iter_train_users(), featurizer, loss.distill_anchors, config.data.shuffle_seed)
+    vectors = torch.as_tensor(np.stack(cache.lookup(featurizer.statement_tokens(texts), by_length=False,
+                                                    micro_batch=64)))
+    cache.save()
+    features = featurizer.statement_features(texts)
+    metadata = torch.as_tensor(features["item_metadata"]) if "item_metadata" in features else None
+    statements = StatementBatch(TowerInput(vectors=vectors), metadata)
+    return AnchorSampler(statements, vectors, loss.distill_anchors_per_step, seed=seed + 104729)

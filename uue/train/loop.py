@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from uue.model.packing import take_pack_stats
 from uue.train.step import model_of, train_step, unwrap
 from uue.train.stream import BatchCollator, UserStream
 
@@ -169,6 +170,7 @@ class Loop:
             else:
                 self.optimization.before_step = None
             real_tokens, processed_tokens = batch.token_counts()
+            take_pack_stats(model_of(self.objective))  # count only the step's packs (not the negatives' refresh)
             step_started = time.perf_counter()
             if self.probe.data_only:
                 metrics = {"loss": 0.0, "accuracy": 0.0, "user_tokens": 0.0, "item_tokens": 0.0}
@@ -177,8 +179,12 @@ class Loop:
             step_seconds = time.perf_counter() - step_started  # train_step ends reading its metrics: synced
             local_loss = metrics["loss"]
             world = self.world_size
-            loss_sum, user_tokens, item_tokens, real, processed = sum_across_ranks(
-                [local_loss, metrics.pop("user_tokens"), metrics.pop("item_tokens"), real_tokens, processed_tokens])
+            packs = take_pack_stats(model_of(self.objective))
+            loss_sum, user_tokens, item_tokens, real, processed, packed, pack_width = sum_across_ranks(
+                [local_loss, metrics.pop("user_tokens"), metrics.pop("item_tokens"), real_tokens, processed_tokens,
+                 packs.useful, packs.computed])
+            if pack_width:  # packed towers: what their packs computed, and the useful share of it
+                metrics.update(packed_tokens=round(pack_width), pack_fill=packed / pack_width)
             metrics.update(step=item.step, epoch=item.epoch, loss=loss_sum / world, local_loss=local_loss,
                            step_seconds=step_seconds, data_seconds=data_seconds,
                            seconds=time.perf_counter() - started, workers=world, users=len(item.rows) * world,

@@ -43,6 +43,9 @@ class EncodedBatch:
     label_values: torch.Tensor | None = None  # (B, K) their 0/1 labels
     label_mask: torch.Tensor | None = None  # (B, K) which draws are real
     label_bias: torch.Tensor | None = None  # (1,) the label loss's learned bias
+    anchors: torch.Tensor | None = None  # (K, D) distillation anchors through the item tower (uue.train.distill)
+    teacher_anchors: torch.Tensor | None = None  # (K, H) the untrained model's unit vectors of those anchors
+    teacher_users: torch.Tensor | None = None  # (B, H) the users' pooled content, no gradient (UserTower.content)
     extra_item_tokens: torch.Tensor | int = 0
     """Tokens the item tower ran on beyond the batch's own statements (negatives, label draws): the loop's
     tokens/s and MFU count them (a device tensor, read with the step's other metrics)."""

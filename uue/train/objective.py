@@ -1,9 +1,10 @@
 """The training objective: the model, its statement samplers and its losses, as the one module a step runs.
 
 `TrainingObjective.forward(batch)` computes everything a step needs: it encodes the batch's users (each history
-once), picks sampled negatives from the user vectors and draws each user's labelled statements, runs the item
-tower once over the positives, negatives and label statements together, and returns symmetric InfoNCE (+ the
-weighted label loss) with the step's metrics. DeepSpeed wraps this module, so every use of the weights
+once), picks sampled negatives from the user vectors, draws each user's labelled statements and the step's
+distillation anchors, runs the item tower once over the positives, negatives, label statements and anchors
+together, and returns symmetric InfoNCE (+ the weighted label loss, + the weighted distillation term) with the
+step's metrics. DeepSpeed wraps this module, so every use of the weights
 happens inside one engine forward (what ZeRO-3 needs), and the model itself only encodes.
 """
 
@@ -18,6 +19,7 @@ from uue.config import ModelConfig
 from uue.model.encode import StatementBatchEncoder
 from uue.model.inputs import StatementBatch
 from uue.model.uue_model import UUEModel
+from uue.train.distill import distillation_loss
 from uue.train.label_loss import label_loss
 from uue.train.loss import EncodedBatch, InfoNCELoss
 from uue.train.samplers import Samplers
@@ -38,7 +40,7 @@ def autocast_for(device: torch.device, module: nn.Module | None = None):
 
 
 class TrainingObjective(nn.Module):
-    """UUEModel + sampled negatives + InfoNCE + the label loss: what one training step computes."""
+    """UUEModel + sampled negatives + InfoNCE + the label loss + distillation: what one training step computes."""
 
     def __init__(self, model: UUEModel, config: ModelConfig, samplers: Samplers | None = None):
         super().__init__()
@@ -46,36 +48,45 @@ class TrainingObjective(nn.Module):
         self.samplers = samplers or Samplers()
         self.info_nce = InfoNCELoss()
         self.label_loss_weight = config.loss.label_loss_weight
+        self.distill_weight = config.loss.distill_weight
         model.logit_scale.requires_grad_(config.loss.learn_temperature)
         model.label_bias.requires_grad_(self.label_loss_weight > 0)
 
     def encode(self, batch: TrainBatch) -> EncodedBatch:
-        """Users, their positive slots, sampled negatives and label draws -> vectors; the item tower runs once
-        on all statements when they are of one kind (tokens padded to the widest)."""
+        """Users, their positive slots, sampled negatives, label draws and distillation anchors -> vectors; the
+        item tower runs once on all statements when they are of one kind (tokens padded to the widest)."""
         model = self.model
         users = model.encode_users(batch.users)
-        # Negatives are chosen from the user vectors and the refreshed pool, label statements drawn from the
-        # batch: then the item tower runs once, on positives, negatives and label statements together.
+        # Negatives are chosen from the user vectors and the refreshed pool, label statements and anchors drawn:
+        # then the item tower runs once, on positives, negatives, label statements and anchors together.
         sets: dict[str, StatementBatch] = {}
-        negative_ids = draw = None
-        negative_sampler, label_sampler = self.samplers.negative, self.samplers.label
-        if negative_sampler is not None and negative_sampler.num_negatives > 0:
-            negative_ids, sets["negatives"] = negative_sampler.sample(users.detach(), batch)
-        if label_sampler is not None:
-            draw = label_sampler.sample(batch, users.device)
-            sets["labels"] = draw.statements
+        shapes: dict[str, tuple[int, ...]] = {}  # each set's leading dimensions
+        negative_ids = draw = teacher_anchors = None
+        samplers = self.samplers
+        if samplers.negative is not None and samplers.negative.num_negatives > 0:
+            negative_ids, sets["negatives"] = samplers.negative.sample(users.detach(), batch)
+            shapes["negatives"] = tuple(negative_ids.shape)
+        if samplers.label is not None:
+            draw = samplers.label.sample(batch, users.device)
+            sets["labels"], shapes["labels"] = draw.statements, tuple(draw.indices.shape)
+        if samplers.anchor is not None:
+            sets["anchors"], teacher_anchors = samplers.anchor.sample(users.device)
+            shapes["anchors"] = (len(teacher_anchors),)
         extra_tokens: torch.Tensor | int = 0
         for statements in sets.values():  # hidden states count none (what backbone_tokens counts)
             if statements.text.kind == "tokens":
                 extra_tokens = extra_tokens + statements.text.attention_mask.sum()
         vectors = self._encode_statements([batch.positives, *sets.values()])
-        shapes = {"negatives": negative_ids, "labels": draw.indices if draw is not None else None}
-        encoded = {name: v.view(*shapes[name].shape, -1) for name, v in zip(sets, vectors[1:], strict=True)}
+        encoded = {name: v.view(*shapes[name], -1) for name, v in zip(sets, vectors[1:], strict=True)}
         out = EncodedBatch(users, vectors[0], model.clamped_logit_scale(), encoded.get("negatives"), negative_ids,
                            extra_item_tokens=extra_tokens)
         if draw is not None:
             out.label_items = encoded["labels"]
             out.label_values, out.label_mask, out.label_bias = draw.values, draw.mask, model.label_bias
+        if teacher_anchors is not None:
+            out.anchors, out.teacher_anchors = encoded["anchors"], teacher_anchors
+            with torch.no_grad():
+                out.teacher_users = model.user_tower.content(batch.users.chunks.vectors, batch.users.chunk_mask)
         return out
 
     def _encode_statements(self, parts: list[StatementBatch]) -> list[torch.Tensor]:
@@ -89,7 +100,8 @@ class TrainingObjective(nn.Module):
 
     def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, metrics) of one batch: symmetric InfoNCE over the users' positive slots (+ negatives), plus the
-        weighted label loss when it is on; `metrics["extra_item_tokens"]` counts the sampled statements' tokens."""
+        weighted label loss and distillation term when they are on; `metrics["extra_item_tokens"]` counts the
+        sampled statements' tokens."""
         out = self.encode(batch)
         loss, metrics = self.info_nce(out, batch)
         if out.label_items is not None:
@@ -98,6 +110,10 @@ class TrainingObjective(nn.Module):
             metrics["info_nce"] = loss.detach()
             metrics["label_loss"] = pointwise.detach()
             loss = loss + self.label_loss_weight * pointwise
+        if out.anchors is not None:
+            kept = distillation_loss(out.user, out.anchors, out.teacher_users, out.teacher_anchors)
+            metrics["distill_loss"] = kept.detach()
+            loss = loss + self.distill_weight * kept
         metrics["extra_item_tokens"] = out.extra_item_tokens
         return loss, metrics
 

@@ -1,7 +1,9 @@
-"""The statement samplers of one training process: sampled negatives and the label loss's draws.
+"""The statement samplers of one training process: sampled negatives, the label loss's draws and the
+distillation's anchors.
 
-Both draw from the statement table's features (the pool); which statements are a user's positives and
-labels travels with each batch row, so a sampler holds no per-user state beyond its RNG.
+Negatives and label draws come from the statement table (the pool); which statements are a user's positives and
+labels travels with each batch row, so a sampler holds no per-user state beyond its RNG. Anchors come from their
+own table (uue.train.data.distillation_anchors).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 from uue.config import ModelConfig
 from uue.model.inputs import StatementPool
+from uue.train.distill import AnchorSampler
 from uue.train.label_loss import UserLabelSampler
 from uue.train.negatives import NegativeSampler
 
@@ -27,16 +30,18 @@ def wants_samplers(config: ModelConfig) -> bool:
 class Samplers:
     negative: NegativeSampler | None = None
     label: UserLabelSampler | None = None
+    anchor: AnchorSampler | None = None
+
+    def _named(self) -> dict[str, NegativeSampler | UserLabelSampler | AnchorSampler | None]:
+        return {"negative_sampler": self.negative, "label_sampler": self.label, "anchor_sampler": self.anchor}
 
     def state_dict(self) -> dict[str, dict | None]:
-        return {"negative_sampler": self.negative.state_dict() if self.negative else None,
-                "label_sampler": self.label.state_dict() if self.label else None}
+        return {name: sampler.state_dict() if sampler else None for name, sampler in self._named().items()}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.negative and state.get("negative_sampler"):
-            self.negative.load_state_dict(state["negative_sampler"])
-        if self.label and state.get("label_sampler"):
-            self.label.load_state_dict(state["label_sampler"])
+        for name, sampler in self._named().items():
+            if sampler and state.get(name):
+                sampler.load_state_dict(state[name])
 
 
 def build_samplers(config: ModelConfig, pool: StatementPool, seed: int) -> Samplers:
