@@ -151,16 +151,26 @@ def test_inference_from_saved_model_matches_the_trained_model(tiny_model_config,
         saved.get_user_embedding([42])
 
 
-def test_seed_api_trains_from_userdata(tiny_model_config, tmp_path):
+def test_seed_api_trains_from_userdata_and_changes_only_the_weights_that_train(tiny_model_config, tmp_path):
     topics = {"hiking": "walked the ridge trail", "cooking": "braised short ribs", "jazz": "bebop sax solo",
               "games": "beat the final boss"}
     users = [UserData(f"u{i}", [UserChunk(text)], statements=[f"likes {topic}"])
              for i, (topic, text) in enumerate(list(topics.items()) * 4)]
-    cfg = tiny_model_config.model_copy(update={"batch_size": 4})
+    cfg = tiny_model_config.model_copy(update={"batch_size": 4, "freeze_user_backbone": True})
     trainer = UUETrainer(ExperimentConfig(model=cfg, training={"output_dir": str(tmp_path), "progress_bar": False}),
                          dataset=dataset_from_users(users))
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     result = trainer.train(max_steps=2)
     assert result.steps == 2 and trainer.shards.train_users == 16
+    after = dict(trainer.model.named_parameters())
+    changed = {name for name, value in before.items() if not torch.equal(value, after[name].detach())}
+    frozen = {name for name in before if name.startswith("user_tower.encoder.")}
+    assert frozen and not changed & frozen  # the frozen user backbone is untouched
+    assert all(after[name].requires_grad for name in changed)  # and so is anything else outside training
+    for part in ("user_tower.pooling.", "user_tower.projection.", "item_tower.encoder.", "item_tower.projection.",
+                 "logit_scale"):  # every part that trains has moved
+        assert any(name.startswith(part) for name in changed), part
+    assert "label_bias" not in changed  # no label loss in this config: its bias stays out
 
 
 def test_cli_train_and_clear_config_errors(tmp_path):
