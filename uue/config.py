@@ -368,6 +368,17 @@ class TrainingConfig(_Strict):
     """One device's peak TFLOP/s for the logged MFU/HFU (None: 989, H100/H200 bf16 dense, on CUDA; none on CPU)."""
     seed: int = 0
     progress_bar: bool = True
+    profile_steps: tuple[int, int] | None = None
+    """[first, last]: a torch.profiler trace of steps first..last on every process (one file per rank,
+    output_dir/profile/rank{R}.steps{first}-{last}.pt.trace.json, for Perfetto or TensorBoard). None: no trace
+    (every step still logs its per-phase times, time/*)."""
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _check_profile_steps(cls, steps: tuple[int, int] | None) -> tuple[int, int] | None:
+        if steps is not None and not 1 <= steps[0] <= steps[1]:
+            raise ValueError(f"profile_steps must be [first, last] with 1 <= first <= last, got {list(steps)}")
+        return steps
 
 
 class DistributedConfig(_Strict):

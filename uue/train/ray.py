@@ -171,7 +171,8 @@ def train_fn(loop_config: dict[str, Any]) -> None:
                 log_path=Path(config.training.output_dir) / "metrics.jsonl",
                 log_every=config.training.log_every_steps, checkpoint_every=config.training.checkpoint_every_steps,
                 save_checkpoint=report, rank=rank, world_size=world, probe=probe, after_step=fail_probe,
-                checkpoint_last_step=False, peak_flops=peak_flops_for(config.training.peak_tflops, device))
+                checkpoint_last_step=False, peak_flops=peak_flops_for(config.training.peak_tflops, device),
+                profile_steps=config.training.profile_steps)
     history = loop.run(start_step)
     step = history[-1]["step"] if history else start_step
     if step < total_steps:
