@@ -372,6 +372,13 @@ class TrainingConfig(_Strict):
     """[first, last]: a torch.profiler trace of steps first..last on every process (one file per rank,
     output_dir/profile/rank{R}.steps{first}-{last}.pt.trace.json, for Perfetto or TensorBoard). None: no trace
     (every step still logs its per-phase times, time/*)."""
+    tensorboard: bool = True
+    """Write the logged metrics as TensorBoard event files under output_dir/tensorboard (rank 0 only)."""
+    mlflow_tracking_uri: str | None = None
+    """Also log the metrics (and the config as parameters) to MLflow at this tracking URI (rank 0 only); None:
+    the MLFLOW_TRACKING_URI environment variable when it is set, else no MLflow. Needs `pip install mlflow`."""
+    mlflow_experiment: str = "uue"
+    """The MLflow experiment the run is logged under (created when missing)."""
 
     @field_validator("profile_steps")
     @classmethod

@@ -24,6 +24,7 @@ from uue.model.packing import take_pack_stats
 from uue.train.profile import PhaseClock, StepProfiler
 from uue.train.step import model_of, train_step, unwrap
 from uue.train.stream import BatchCollator, UserStream
+from uue.train.tracking import MetricTrackers
 
 
 @dataclass
@@ -149,6 +150,9 @@ class Loop:
     """One device's peak FLOP/s for MFU/HFU (training.peak_tflops; on CUDA default H100/H200 bf16 dense)."""
     profile_steps: tuple[int, int] | None = None
     """training.profile_steps: a torch.profiler trace of these steps under output_dir/profile (every rank)."""
+    open_trackers: Callable[[], MetricTrackers] | None = None
+    """Opens the run's TensorBoard/MLflow sinks when `run` starts (uue.train.tracking; rank 0 only): they get
+    what metrics.jsonl gets and close when `run` ends."""
 
     def run(self, start_step: int, stop_at: int | None = None) -> list[dict[str, Any]]:
         """Train steps start_step+1 .. stop_at (default: total_steps); returns their metrics."""
@@ -165,6 +169,7 @@ class Loop:
         clock = PhaseClock(self.device)
         profiler = None if self.profile_steps is None else StepProfiler(
             self.profile_steps, self.log_path.parent / "profile", self.rank, self.device)
+        trackers = self.open_trackers() if self.open_trackers is not None and self.rank == 0 else MetricTrackers()
         started = waited = time.perf_counter()
         for item in self.stream.steps(start_step, stop_at):
             data_seconds = time.perf_counter() - waited
@@ -224,6 +229,7 @@ class Loop:
             if self.rank == 0 and (item.step % self.log_every == 0 or item.step == stop_at):
                 with self.log_path.open("a") as log:
                     log.write(json.dumps(metrics) + "\n")
+                trackers.log(item.step, metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
             if self.after_step is not None:
@@ -237,4 +243,5 @@ class Loop:
             batch_log.close()
         if profiler is not None:
             profiler.close()  # a run stopped inside the profiled range still writes its trace
+        trackers.close()
         return history
