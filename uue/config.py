@@ -191,6 +191,11 @@ class PackingConfig(_Strict):
     sdpa_mask (dense block-diagonal mask, any device); auto picks varlen, else flex on CUDA, else sdpa_mask."""
     compile_layers: bool = False
     """Packed path: torch.compile each transformer layer (regional compilation; static pack shapes)."""
+    compile_backbone: bool = False
+    """Padded path: torch.compile the whole Hugging Face backbone of both towers (what bench/gpu_train.py's
+    HF+compile peer runs). The first steps pay the compile (minutes for a 0.6B model), and a batch's new padded
+    width may recompile once before the shapes turn dynamic. The packed path compiles its layers instead
+    (compile_layers). On Ray, needs distributed.zero_stage <= 2."""
     checkpoint_granularity: Literal["chunks", "layers"] = "chunks"
     """Packed user tower with gradient_checkpointing_chunks: recompute whole packs ("chunks": least memory,
     one extra forward) or each layer's inside ("layers": keeps layer inputs, frees attention/MLP activations)."""
@@ -276,6 +281,9 @@ class ModelConfig(_Strict):
         if distill and self.pooling.use_attention_pooling:
             raise ValueError("distill_weight needs mean pooling (use_attention_pooling: false): the teacher is the "
                              "pool of the frozen chunk vectors, which attention pooling's projections leave")
+        if self.packing.compile_backbone and self.packing.attention == "packed":
+            raise ValueError("compile_backbone compiles the padded Hugging Face forward; the packed path compiles "
+                             "its layers (compile_layers: true)")
         if self.packing.attention == "packed":
             longest = max(towers.max_chunk_length, towers.max_statement_length + towers.max_context_length)
             if self.packing.pack_tokens < longest:
