@@ -224,13 +224,14 @@ def test_two_node_cluster_places_a_worker_on_each_node_and_sees_every_user_once(
 @pytest.mark.slow
 def test_gpu_bench_runs_on_cpu_with_the_tiny_preset(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "bench/gpu_train.py", "--mode", "ray", "--preset", "tiny", "--steps", "3",
-         "--output", str(tmp_path)],
+        [sys.executable, "bench/gpu_train.py", "--mode", "ray", "--preset", "tiny", "--shapes", "tiny",
+         "--steps", "3", "--output", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
         env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads((tmp_path / "bench_result.json").read_text())
-    assert result["steps_measured"] >= 1 and result["tokens_per_second"] > 0
-    assert 0 < result["mfu"] < 1
-    assert "tokens/s" in proc.stdout and "46,000" in proc.stdout
+    [row] = json.loads((tmp_path / "bench_result.json").read_text())["rows"]
+    assert (row["shape"], row["path"], row["steps"]) == ("tiny", "padded", 3)
+    assert row["steps_measured"] >= 1 and row["tokens_per_second"] > 0
+    assert 0 < row["mfu"] < 1 and row["phase_seconds_mean"]["user_tower"] > 0
+    assert "tok/s" in proc.stdout and "46,000" in proc.stdout
