@@ -122,7 +122,8 @@ def test_killed_worker_resumes_from_last_checkpoint_without_repeating_or_losing_
     config = _config(out, "training.max_steps=6", "training.checkpoint_every_steps=2", "training.keep_checkpoints=2",
                      "training.log_every_steps=1", "model.positives_per_user=2",
                      "model.batch_size=4", "distributed.num_workers=2", "distributed.zero_stage=2",
-                     "distributed.max_failures=1", "model.negative_sampling=random", "model.num_negative_samples=2")
+                     "distributed.max_failures=1", "model.negative_sampling=random", "model.num_negative_samples=2",
+                     "training.profile_steps=[1,2]")
     marker = out / "killed.txt"
     probe = TrainProbe(batch_log_dir=str(out / "batches"), fail_at_step=3, fail_rank=1, fail_marker=str(marker))
     result = run_training(config, probe=probe)
@@ -163,6 +164,12 @@ def test_killed_worker_resumes_from_last_checkpoint_without_repeating_or_losing_
     steps_logged = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [1, 2, 3, 3, 4, 5, 6]  # the resumed attempt logs from the step after the checkpoint
     assert UUEModel.from_pretrained(result.model_dir).config.saved() == config.model.saved()  # this run's model
+    # Every worker traced the profiled steps (the resumed attempt starts after them); rank 0 alone wrote TensorBoard.
+    traces = sorted(p.name for p in (out / "run" / "profile").iterdir())
+    assert traces == ["rank0.steps1-2.pt.trace.json", "rank1.steps1-2.pt.trace.json"]
+    event_files = list((out / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    writers = {p.name.split(".")[-2] for p in event_files}  # events.out.tfevents.<time>.<host>.<pid>.<n>
+    assert event_files and writers <= {str(e["pid"]) for e in logs[0]}
 
 
 @pytest.mark.slow
