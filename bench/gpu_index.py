@@ -67,6 +67,7 @@ def raw_inference(item_tower_dir: Path, texts: list[str], batch_size: int, devic
 
     from uue.data.featurize import Featurizer
     from uue.model.folder import read_tower_config
+    from uue.model.inputs import TowerInput
     from uue.model.uue_model import load_tower
 
     tower, tokenizer = load_tower(item_tower_dir, map_location=device)
@@ -84,11 +85,11 @@ def raw_inference(item_tower_dir: Path, texts: list[str], batch_size: int, devic
 
     with torch.inference_mode():
         for ids, mask in batches[:3]:  # warm-up (kernels, allocator)
-            tower(ids, mask)
+            tower(TowerInput(ids, mask))
         sync()
         start = time.perf_counter()
         for ids, mask in batches:
-            tower(ids, mask)
+            tower(TowerInput(ids, mask))
         sync()
         seconds = time.perf_counter() - start
     del tower, batches
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated, of {', '.join(VARIANTS)} (default: all on a GPU; padded,packed on "
-                             "CPU, where inductor compiling would dominate a dry run)")
+                             "CPU, where inductor compiling would dominate a dry run; '': the raw peer alone, no Ray)")
     parser.add_argument("--pack-tokens", type=int, default=None,
                         help="packed variants: tokens per pack (default: the model's pack_tokens, 8192)")
     parser.add_argument("--actors", type=int, default=None, help="actor pool size (default: GPUs, or 1 on CPU)")
@@ -134,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
     count = args.count or (1_000_000 if cuda else 500)
-    variants = (args.variants or ("padded,packed,packed-compiled" if cuda else "padded,packed")).split(",")
+    chosen = args.variants if args.variants is not None else ("padded,packed,packed-compiled" if cuda else
+                                                              "padded,packed")
+    variants = [v for v in chosen.split(",") if v]  # none (--variants ''): the raw peer alone, no Ray
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown} (use {', '.join(VARIANTS)})")
@@ -167,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Append, never replace: on the GPU machine Ray itself is importable only through the inherited PYTHONPATH.
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(address="local", num_gpus=gpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    if variants:
+        ray.init(address="local", num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows: list[dict] = []
     reference: dict[str, np.ndarray] | None = None  # the first variant's vectors of a sample of statements
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                      "ratio_after_startup": round(build["steady_statements_per_second"] / raw_rate, 3),
                      "first_batch_s": build["first_batch_seconds"], "recall_at_10": recall,
                      "vectors_agree": agreement, "build": build})
-    ray.shutdown()
+    if variants:
+        ray.shutdown()
 
     name = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{count} statements ({args.lengths} lengths, <= {args.max_length} tokens), {args.preset}, {dtype}, "

@@ -16,8 +16,13 @@ states (activations + gradients), and the ratios to the two Hugging Face peers.
 
 Part 2, "ray": the full Ray Train + DeepSpeed ZeRO-2 step, what `python -m ray_jobs.train` runs
 (`uue.train.ray.run_training`: Ray Data preprocessing -> user shards streamed to TorchTrainer -> DeepSpeed
-engine -> `train_step`) on a synthetic data-contract folder whose chunks fill --chunk-tokens, beside
-DESIGN.md's anchors; writes bench_result.json.
+engine -> `train_step`) on synthetic data-contract folders, one row per --shapes x --paths: "production" is
+configs/qwen3-embedding-0.6b.yaml as shipped (32 users x 100 chunks of <= 250 tokens per worker step, its
+micro-batches and chunk checkpointing, semi-hard negatives) on chunks of MovieLens lengths; "tiny" is 8 users x
+8 chunks x 256 tokens, every chunk full. Paths: padded, padded_compiled (model.compile_backbone), packed,
+packed_compiled (model.compile_layers). Each row: user-tower useful tokens/s per worker beside DESIGN.md's anchor
+and the padded path, MFU, pack fill, peak memory and the loop's mean per-phase times (time/*: data, user tower,
+item tower, loss and gather, backward, optimizer); writes bench_result.json.
 
     # GPU (H100/H200), from the repo root, with the Ray + DeepSpeed bundle of ../shared/gpu/pack.sh:
     source .gpu/env.sh && PYTHONPATH=. python3 bench/gpu_train.py --output $OUT/bt
@@ -25,8 +30,11 @@ DESIGN.md's anchors; writes bench_result.json.
     PYTHONPATH=. python3 bench/gpu_train.py --mode towers --output $OUT/bt
     # CPU dry run of the tower comparison (tiny-qwen3, float32, seconds):
     .venv/bin/python bench/gpu_train.py --dry-run
-    # CPU smoke test of the Ray step (tiny random towers):
-    .venv/bin/python bench/gpu_train.py --mode ray --preset tiny --steps 3
+    # CPU smoke test of the Ray step (tiny random towers, the tiny shape):
+    .venv/bin/python bench/gpu_train.py --mode ray --preset tiny --shapes tiny --steps 3
+    # both shapes made small, both paths, the same loop in one process (seconds, no Ray):
+    .venv/bin/python bench/gpu_train.py --mode ray --runner local --preset tiny --paths padded,packed --steps 2 \
+        --production-users 4 --production-chunks 6 --production-chunk-tokens 32 --users 2 --chunks 2 --chunk-tokens 32
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -89,8 +98,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streams", default="movielens,full", help="towers: comma list (default: %(default)s)")
     parser.add_argument("--variants", default=",".join(VARIANTS + MEMORY_VARIANTS),
                         help="towers: comma list (default: all)")
-    parser.add_argument("--users", type=int, default=8, help="ray: users per worker per step (default: %(default)s)")
-    parser.add_argument("--chunks", type=int, default=8, help="ray: chunks per user (default: %(default)s)")
+    parser.add_argument("--shapes", default="production,tiny",
+                        help=f"ray: comma list of {', '.join(SHAPES)} (default: %(default)s)")
+    parser.add_argument("--paths", default="padded",
+                        help=f"ray: comma list of {', '.join(STEP_PATHS)} (default: %(default)s)")
+    parser.add_argument("--runner", choices=("ray", "local"), default="ray",
+                        help="ray: Ray Train + DeepSpeed (default); local: the same loop in one process (CPU checks)")
+    parser.add_argument("--users", type=int, default=8,
+                        help="ray, tiny shape: users per worker per step (default: %(default)s)")
+    parser.add_argument("--chunks", type=int, default=8, help="ray, tiny shape: chunks per user (default: %(default)s)")
+    parser.add_argument("--production-users", type=int, default=None,
+                        help="ray, production shape: users per worker step (default: the config's, 32)")
+    parser.add_argument("--production-chunks", type=int, default=None,
+                        help="ray, production shape: chunks per user (default: the config's, 100)")
+    parser.add_argument("--production-chunk-tokens", type=int, default=None,
+                        help="ray, production shape: tokens per chunk at most (default: the config's, 250)")
     parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk at most (default: %(default)s)")
     parser.add_argument("--statement-tokens", type=int, default=32, help="(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: %(default)s)")
@@ -329,8 +351,26 @@ def run_towers(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_synthetic_data(folder: Path, users: int, chunks: int, chunk_chars: int, statements: int) -> Path:
-    """A data-contract folder: `users` users with `chunks` long chunks each, one positive statement each."""
+SHAPES = ("tiny", "production")
+"""Ray step shapes: "tiny" is --users x --chunks chunks of --chunk-tokens (8 x 8 x 256, every chunk full, the rest
+of configs/tiny.yaml); "production" is configs/qwen3-embedding-0.6b.yaml as shipped (32 users x 100 chunks of
+<= 250 tokens per worker step, its micro-batches, chunk checkpointing, semi-hard negatives) on chunks whose
+lengths are drawn from MovieLens (--lengths)."""
+STEP_PATHS = {
+    "padded": [],
+    "padded_compiled": ["model.compile_backbone=true"],
+    "packed": ["model.attention=packed"],
+    "packed_compiled": ["model.attention=packed", "model.compile_layers=true"],
+}
+"""How the towers run in the Ray step: the Hugging Face padded forward, compiled whole (compile_backbone), the
+packed path, and the packed path with compiled layers."""
+PRODUCTION_CONFIG = REPO_ROOT / "configs" / "qwen3-embedding-0.6b.yaml"
+
+
+def write_synthetic_data(folder: Path, users: int, chunk_lengths: list[list[int]], statements: int,
+                         positives: int = 1, platform: str | None = "forum") -> Path:
+    """A data-contract folder: user u has chunks of chunk_lengths[u] characters (byte tokenizer: one token each)
+    and `positives` positive statements."""
     from uue.data.readers import write_table
 
     rng = random.Random(0)
@@ -339,19 +379,19 @@ def write_synthetic_data(folder: Path, users: int, chunks: int, chunk_chars: int
         words: list[str] = []
         while sum(len(w) + 1 for w in words) < chars:
             words.append(rng.choice(WORDS))
-        return " ".join(words)
+        return " ".join(words)[: max(1, chars)]
 
-    def chunk(c: int) -> dict:
-        return {"text": text(chunk_chars), "platform": "forum", "timestamp": f"2025-01-{1 + c % 28:02d}T12:00:00Z"}
+    def chunk(c: int, chars: int) -> dict:
+        return {"text": text(chars), "platform": platform, "timestamp": f"2025-01-{1 + c % 28:02d}T12:00:00Z"}
 
-    write_table(folder, "users", [{"user_id": f"u{u:05d}", "chunks": [chunk(c) for c in range(chunks)]}
-                                  for u in range(users)])
+    write_table(folder, "users", [{"user_id": f"u{u:05d}", "chunks": [chunk(c, n) for c, n in enumerate(lengths)]}
+                                  for u, lengths in enumerate(chunk_lengths[:users])])
     write_table(folder, "statements", [
         {"statement_id": f"s{s:03d}", "text": f"statement {s}: " + text(120)} for s in range(statements)
     ])
     write_table(folder, "labels", [
-        {"user_id": f"u{u:05d}", "statement_id": f"s{u % statements:03d}", "label": 1, "split": "train"}
-        for u in range(users)
+        {"user_id": f"u{u:05d}", "statement_id": f"s{(u + p) % statements:03d}", "label": 1, "split": "train"}
+        for u in range(users) for p in range(positives)
     ])
     return folder
 
@@ -374,95 +414,176 @@ def non_embedding_parameters(preset: str) -> int:
     return total - model.get_input_embeddings().weight.numel()
 
 
+def special_tokens(preset: str) -> int:
+    """Tokens the preset's tokenizer adds to a chunk's text (the byte tokenizer: one token per byte besides)."""
+    from uue.data.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(preset)
+    return len(tokenizer("a")["input_ids"]) - 1
+
+
+def step_config(args: argparse.Namespace, shape: str, path: str, out: Path, use_gpu: bool):
+    """The experiment config of one (shape, path) row and its data-contract folder under `out`."""
+    from uue.config import load_config
+
+    worker_cpus = max(4, (os.cpu_count() or 8) // 2) if use_gpu else 0.5  # threads for the towers' CPU init
+    common = [
+        f"model.user_model_name={args.preset}", f"model.item_model_name={args.preset}",
+        f"data.path={out / 'data'}", f"training.output_dir={out / 'run'}", f"training.max_steps={args.steps}",
+        "training.log_every_steps=1", "training.checkpoint_every_steps=null", "training.tensorboard=false",
+        f"training.peak_tflops={args.peak_tflops}", "training.progress_bar=false",
+        f"distributed.num_workers={args.workers}", f"distributed.use_gpu={str(use_gpu).lower()}",
+        f"distributed.zero_stage={args.zero_stage}", "distributed.gpus_per_worker=1",
+        f"distributed.cpus_per_worker={worker_cpus}", f"distributed.featurize_cpus={1 if use_gpu else 0.5}",
+        f"distributed.storage_path={out / 'ray_train'}", *STEP_PATHS[path],
+    ]
+    if shape == "tiny":
+        random_decoder = args.preset.lower() != "tiny"
+        hidden_dims = ["model.embedding_dim=1024", "model.attention_heads=8"] if random_decoder else []
+        config = load_config(REPO_ROOT / "configs" / "tiny.yaml", [
+            *hidden_dims, f"model.max_chunk_length={args.chunk_tokens}",
+            f"model.max_statement_length={args.statement_tokens}", "model.max_context_length=0",
+            f"model.num_chunks_per_user={args.chunks}", f"model.batch_size={args.users}",
+            "model.negative_sampling=none", "model.num_negative_samples=0", "model.learning_rate=1e-5",
+            f"model.gradient_checkpointing_chunks={str(args.chunk_checkpointing).lower()}",
+            f"model.encode_micro_batch={args.users * args.chunks}", *common])
+        users_total = args.steps * args.workers * args.users  # one epoch = exactly --steps steps
+        lengths = [[5 * args.chunk_tokens] * args.chunks] * users_total  # cut to chunk_tokens: every chunk full
+        write_synthetic_data(out / "data", users_total, lengths, statements=64)
+        return config, f"{args.users} users x {args.chunks} chunks x {args.chunk_tokens} tokens"
+    overrides = [f"model.{key}={value}" for key, value in (
+        ("batch_size", args.production_users), ("num_chunks_per_user", args.production_chunks),
+        ("max_chunk_length", args.production_chunk_tokens)) if value is not None]  # smaller: CPU dry runs
+    if args.preset.lower().startswith("tiny"):
+        overrides += ["model.embedding_dim=32", "model.attention_heads=4"]
+    config = load_config(PRODUCTION_CONFIG, overrides + common)
+    towers = config.model.towers
+    users_total = args.steps * args.workers * config.model.optim.batch_size
+    pool, _ = movielens_lengths(towers.max_chunk_length, args.lengths)
+    extra = special_tokens(args.preset)
+    rng = random.Random(0)
+    lengths = [[max(1, rng.choice(pool) - extra) for _ in range(towers.num_chunks_per_user)]
+               for _ in range(users_total)]
+    write_synthetic_data(out / "data", users_total, lengths, statements=64, positives=4, platform=None)
+    return config, (f"{config.model.optim.batch_size} users x {towers.num_chunks_per_user} chunks of <= "
+                    f"{towers.max_chunk_length} tokens (MovieLens lengths)")
+
+
+def summarize_step(history: list[dict], warmup: int, args: argparse.Namespace) -> dict:
+    """Throughput, MFU, memory and mean per-phase times of the timed steps (what the loop logged)."""
+    from uue.train.profile import PHASES
+
+    timed = history[warmup:]
+    seconds = sum(r["step_seconds"] for r in timed)
+    user_tps = sum(r["user_tokens"] for r in timed) / seconds
+    phases = [f"time/{name}" for name in PHASES if any(f"time/{name}" in r for r in timed)]
+    return {
+        "steps_measured": len(timed), "step_seconds_mean": seconds / len(timed),
+        "tokens_per_second": user_tps, "user_tokens_per_second_per_worker": user_tps / args.workers,
+        "real_tokens_per_second": sum(r["tokens"] for r in timed) / seconds,
+        "item_tokens_per_second": sum(r["item_tokens"] for r in timed) / seconds,
+        "mfu": sum(r.get("mfu", 0.0) * r["step_seconds"] for r in timed) / seconds,
+        "hfu": sum(r.get("hfu", 0.0) * r["step_seconds"] for r in timed) / seconds,
+        "pack_fill": (sum(r["pack_fill"] * r["packed_tokens"] for r in timed if "pack_fill" in r)
+                      / max(1, sum(r["packed_tokens"] for r in timed if "pack_fill" in r))) or None,
+        "peak_memory_gib": max((r.get("peak_memory_gib", 0.0) for r in history), default=0.0) or None,
+        "data_wait_seconds": sum(r["data_seconds"] for r in timed), "first_step_seconds": history[0]["step_seconds"],
+        "phase_seconds_mean": {k.removeprefix("time/"): sum(r.get(k, 0.0) for r in timed) / len(timed)
+                               for k in phases},
+        "final_loss": history[-1]["loss"],
+    }
+
+
 def run_ray_step(args: argparse.Namespace) -> int:
-    """The full Ray Train + DeepSpeed step (unchanged from before the tower comparison)."""
+    """The full Ray Train + DeepSpeed step (or, --runner local, the same loop in this process) for each shape and
+    path; one row each, with the loop's own throughput, MFU and per-phase times."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import ray
     import torch
-
-    from uue.config import load_config
-    from uue.train import TrainProbe
-    from uue.train.ray import run_training
 
     use_gpu = args.gpu == "yes" or (args.gpu == "auto" and torch.cuda.is_available())
     warmup = args.warmup_steps if args.warmup_steps is not None else min(5, args.steps // 3)
     if args.steps <= warmup:
         raise SystemExit(f"--steps {args.steps} must exceed the {warmup} warm-up steps")
+    shapes = [s for s in args.shapes.split(",") if s]
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = sorted(set(shapes) - set(SHAPES)) + sorted(set(paths) - set(STEP_PATHS))
+    if unknown:
+        raise SystemExit(f"unknown --shapes/--paths {unknown}; shapes: {', '.join(SHAPES)}; paths: "
+                         f"{', '.join(STEP_PATHS)}")
     out = Path(args.output).resolve()
-    users_total = args.steps * args.workers * args.users  # one epoch = exactly --steps steps
-    data = write_synthetic_data(out / "data", users_total, args.chunks, 5 * args.chunk_tokens, statements=64)
-    worker_cpus = max(4, (os.cpu_count() or 8) // 2) if use_gpu else 0.5  # threads for the towers' CPU init
-    random_decoder = args.preset.lower() != "tiny"
-    hidden_dims = ["model.embedding_dim=1024", "model.attention_heads=8"] if random_decoder else []
-    config = load_config(REPO_ROOT / "configs" / "tiny.yaml", [
-        f"model.user_model_name={args.preset}", f"model.item_model_name={args.preset}", *hidden_dims,
-        f"model.max_chunk_length={args.chunk_tokens}", f"model.max_statement_length={args.statement_tokens}",
-        "model.max_context_length=0", f"model.num_chunks_per_user={args.chunks}", f"model.batch_size={args.users}",
-        "model.negative_sampling=none", "model.num_negative_samples=0", "model.learning_rate=1e-5",
-        f"model.gradient_checkpointing_chunks={str(args.chunk_checkpointing).lower()}",
-        f"model.encode_micro_batch={args.users * args.chunks}",
-        f"data.path={data}", f"training.output_dir={out / 'run'}", f"training.max_steps={args.steps}",
-        "training.log_every_steps=1", "training.checkpoint_every_steps=null",
-        f"training.peak_tflops={args.peak_tflops}",
-        f"distributed.num_workers={args.workers}", f"distributed.use_gpu={str(use_gpu).lower()}",
-        f"distributed.zero_stage={args.zero_stage}", "distributed.gpus_per_worker=1",
-        f"distributed.cpus_per_worker={worker_cpus}", f"distributed.featurize_cpus={1 if use_gpu else 0.5}",
-        f"distributed.storage_path={out / 'ray_train'}",
-    ])
-    metrics_file = out / "run" / "metrics.jsonl"
-    metrics_file.unlink(missing_ok=True)
+    ray = None
+    if args.runner == "ray":
+        import ray
 
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), object_store_memory=2_000_000_000,
-             include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), object_store_memory=2_000_000_000,
+                 include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    rows = []
     started = time.perf_counter()
     try:
-        result = run_training(config, probe=TrainProbe(resumable_final_checkpoint=False))
+        for shape in shapes:
+            for path in paths:
+                row_out = out / f"{shape}-{path}"
+                shutil.rmtree(row_out, ignore_errors=True)
+                config, batch = step_config(args, shape, path, row_out, use_gpu)
+                row_started = time.perf_counter()
+                steps = train_once(config, args.runner)
+                history = [json.loads(line) for line in (row_out / "run" / "metrics.jsonl").read_text().splitlines()]
+                row = {"shape": shape, "path": path, "batch": batch, "steps": steps,
+                       **summarize_step(history, warmup, args), "wall_seconds": time.perf_counter() - row_started}
+                rows.append(row)
+                print(f"  ray step {shape:10s} {path:16s} {row['user_tokens_per_second_per_worker']:12,.0f} user tok/s "
+                      f"per worker, {row['step_seconds_mean']:.3f} s/step (first {row['first_step_seconds']:.1f} s)",
+                      flush=True)
     finally:
-        ray.shutdown()
-    wall = time.perf_counter() - started
-
-    history = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    timed = history[warmup:]
-    seconds = sum(r["step_seconds"] for r in timed)
-    real = sum(r["tokens"] for r in timed)
-    params = non_embedding_parameters(args.preset)
-    # What the training loop itself logs (uue.train.loop.ThroughputMeter): useful user-tower tokens, and MFU on
-    # both towers' useful tokens against --peak-tflops per worker.
-    tokens_per_second = sum(r["user_tokens"] for r in timed) / seconds
-    mfu = sum(r["mfu"] * r["step_seconds"] for r in timed) / seconds
-    peak_memory = max((r.get("peak_memory_gib", 0.0) for r in history), default=0.0) or None
+        if ray is not None:
+            ray.shutdown()
+    for row in rows:  # ratios to the padded path of the same shape, when it ran
+        padded = next((r for r in rows if r["shape"] == row["shape"] and r["path"] == "padded"), None)
+        if padded is not None:
+            row["vs_padded"] = row["tokens_per_second"] / padded["tokens_per_second"]
     summary = {
-        "device": torch.cuda.get_device_name(0) if use_gpu else "cpu", "preset": args.preset,
-        "workers": args.workers, "zero_stage": args.zero_stage, "bf16": use_gpu,
-        "batch": f"{args.users} users x {args.chunks} chunks x {args.chunk_tokens} tokens per worker",
-        "steps": result.steps, "steps_measured": len(timed), "non_embedding_params": params,
-        "tokens_per_second": tokens_per_second, "real_tokens_per_second": real / seconds,
-        "item_tokens_per_second": sum(r["item_tokens"] for r in timed) / seconds,
-        "hfu": sum(r["hfu"] * r["step_seconds"] for r in timed) / seconds,
-        "mfu": mfu, "peak_memory_gib": peak_memory, "data_wait_seconds": sum(r["data_seconds"] for r in timed),
-        "step_seconds_mean": seconds / len(timed), "final_loss": history[-1]["loss"], "wall_seconds": wall,
+        "device": torch.cuda.get_device_name(0) if use_gpu else "cpu", "preset": args.preset, "runner": args.runner,
+        "workers": args.workers, "zero_stage": args.zero_stage, "bf16": use_gpu, "steps": args.steps,
+        "warmup": warmup, "non_embedding_params": non_embedding_parameters(args.preset), "rows": rows,
+        "wall_seconds": time.perf_counter() - started, "torch": torch.__version__,
     }
     (out / "bench_result.json").write_text(json.dumps(summary, indent=2))
 
-    print(f"\nUUE training through Ray Train + DeepSpeed ZeRO-{args.zero_stage} ({summary['device']}, "
-          f"{args.workers} worker(s), preset {args.preset}, {summary['batch']}, "
-          f"{len(timed)} timed steps after {warmup} warm-up; full log {metrics_file})")
-    rows = [
-        ("user-tower useful tokens/s (per worker)", f"{tokens_per_second / args.workers:,.0f}",
-         f"{ANCHOR_TOKENS_PER_SECOND:,}",
-         f"{tokens_per_second / args.workers / ANCHOR_TOKENS_PER_SECOND:.2f}x"),
-        ("MFU (6N, useful tokens)", f"{100 * mfu:.3g}%", f"{ANCHOR_MFU:.0%}", f"{mfu / ANCHOR_MFU:.3g}x"),
-        ("HFU (8N when recomputing)", f"{100 * summary['hfu']:.3g}%", "-", "-"),
-        ("peak memory (GiB)", f"{peak_memory:.1f}" if peak_memory else "n/a (CPU)", "-", "-"),
-        ("step time (s)", f"{summary['step_seconds_mean']:.3f}", "-", "-"),
-        ("data wait, timed steps (s)", f"{summary['data_wait_seconds']:.2f}", "-", "-"),
-    ]
-    print(f"{'metric':40s} {'this run':>14s} {'anchor (plain HF)':>18s} {'ratio':>8s}")
-    for name, value, anchor, ratio in rows:
-        print(f"{name:40s} {value:>14s} {anchor:>18s} {ratio:>8s}")
+    how = f"Ray Train + DeepSpeed ZeRO-{args.zero_stage}" if args.runner == "ray" else "one process (--runner local)"
+    print(f"\nUUE training step through {how} ({summary['device']}, {args.workers} worker(s), preset {args.preset}, "
+          f"{args.steps - warmup} timed steps after {warmup}; {out / 'bench_result.json'})")
+    for shape in shapes:
+        batch = next((r["batch"] for r in rows if r["shape"] == shape), "")
+        print(f"  {shape}: {batch} per worker step")
+    print(f"{'shape':10s} {'path':16s} {'user tok/s/worker':>17s} {'vs anchor':>9s} {'vs padded':>9s} {'MFU':>6s} "
+          f"{'s/step':>7s} {'fill':>5s} {'GiB':>6s}  phases (s/step)")
+    for r in rows:
+        fill = f"{r['pack_fill']:.2f}" if r["pack_fill"] else "-"
+        gib = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "n/a"
+        vs = f"{r['vs_padded']:.2f}x" if "vs_padded" in r else "-"
+        phases = " ".join(f"{k}={v:.3f}" for k, v in r["phase_seconds_mean"].items())
+        print(f"{r['shape']:10s} {r['path']:16s} {r['user_tokens_per_second_per_worker']:17,.0f} "
+              f"{r['user_tokens_per_second_per_worker'] / ANCHOR_TOKENS_PER_SECOND:8.2f}x {vs:>9s} "
+              f"{100 * r['mfu']:5.1f}% {r['step_seconds_mean']:7.3f} {fill:>5s} {gib:>6s}  {phases}")
+    print(f"(anchor: plain HF + SDPA, {ANCHOR_TOKENS_PER_SECOND:,} tokens/s on an H100, DESIGN.md section 7"
+          f"{'; CPU: only the ratios mean anything' if not use_gpu else ''})")
     return 0
+
+
+def train_once(config, runner: str) -> int:
+    """One training run of `config`: Ray Train + DeepSpeed (what ray_jobs.train runs) or the one-process trainer
+    (the same loop and step, for quick CPU checks of this script); returns the steps trained."""
+    from uue.train import TrainProbe
+
+    if runner == "ray":
+        from uue.train.ray import run_training
+
+        return run_training(config, probe=TrainProbe(resumable_final_checkpoint=False)).steps
+    from uue.train import UUETrainer
+
+    return UUETrainer(config).fit().steps
 
 
 def main(argv: list[str] | None = None) -> int:

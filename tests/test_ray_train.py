@@ -122,7 +122,8 @@ def test_killed_worker_resumes_from_last_checkpoint_without_repeating_or_losing_
     config = _config(out, "training.max_steps=6", "training.checkpoint_every_steps=2", "training.keep_checkpoints=2",
                      "training.log_every_steps=1", "model.positives_per_user=2",
                      "model.batch_size=4", "distributed.num_workers=2", "distributed.zero_stage=2",
-                     "distributed.max_failures=1", "model.negative_sampling=random", "model.num_negative_samples=2")
+                     "distributed.max_failures=1", "model.negative_sampling=random", "model.num_negative_samples=2",
+                     "training.profile_steps=[1,2]")
     marker = out / "killed.txt"
     probe = TrainProbe(batch_log_dir=str(out / "batches"), fail_at_step=3, fail_rank=1, fail_marker=str(marker))
     result = run_training(config, probe=probe)
@@ -163,6 +164,12 @@ def test_killed_worker_resumes_from_last_checkpoint_without_repeating_or_losing_
     steps_logged = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [1, 2, 3, 3, 4, 5, 6]  # the resumed attempt logs from the step after the checkpoint
     assert UUEModel.from_pretrained(result.model_dir).config.saved() == config.model.saved()  # this run's model
+    # Every worker traced the profiled steps (the resumed attempt starts after them); rank 0 alone wrote TensorBoard.
+    traces = sorted(p.name for p in (out / "run" / "profile").iterdir())
+    assert traces == ["rank0.steps1-2.pt.trace.json", "rank1.steps1-2.pt.trace.json"]
+    event_files = list((out / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    writers = {p.name.split(".")[-2] for p in event_files}  # events.out.tfevents.<time>.<host>.<pid>.<n>
+    assert event_files and writers <= {str(e["pid"]) for e in logs[0]}
 
 
 @pytest.mark.slow
@@ -224,13 +231,14 @@ def test_two_node_cluster_places_a_worker_on_each_node_and_sees_every_user_once(
 @pytest.mark.slow
 def test_gpu_bench_runs_on_cpu_with_the_tiny_preset(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "bench/gpu_train.py", "--mode", "ray", "--preset", "tiny", "--steps", "3",
-         "--output", str(tmp_path)],
+        [sys.executable, "bench/gpu_train.py", "--mode", "ray", "--preset", "tiny", "--shapes", "tiny",
+         "--steps", "3", "--output", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
         env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads((tmp_path / "bench_result.json").read_text())
-    assert result["steps_measured"] >= 1 and result["tokens_per_second"] > 0
-    assert 0 < result["mfu"] < 1
-    assert "tokens/s" in proc.stdout and "46,000" in proc.stdout
+    [row] = json.loads((tmp_path / "bench_result.json").read_text())["rows"]
+    assert (row["shape"], row["path"], row["steps"]) == ("tiny", "padded", 3)
+    assert row["steps_measured"] >= 1 and row["tokens_per_second"] > 0
+    assert 0 < row["mfu"] < 1 and row["phase_seconds_mean"]["user_tower"] > 0
+    assert "tok/s" in proc.stdout and "46,000" in proc.stdout

@@ -191,6 +191,11 @@ class PackingConfig(_Strict):
     sdpa_mask (dense block-diagonal mask, any device); auto picks varlen, else flex on CUDA, else sdpa_mask."""
     compile_layers: bool = False
     """Packed path: torch.compile each transformer layer (regional compilation; static pack shapes)."""
+    compile_backbone: bool = False
+    """Padded path: torch.compile the whole Hugging Face backbone of both towers (what bench/gpu_train.py's
+    HF+compile peer runs). The first steps pay the compile (minutes for a 0.6B model), and a batch's new padded
+    width may recompile once before the shapes turn dynamic. The packed path compiles its layers instead
+    (compile_layers). On Ray, needs distributed.zero_stage <= 2."""
     checkpoint_granularity: Literal["chunks", "layers"] = "chunks"
     """Packed user tower with gradient_checkpointing_chunks: recompute whole packs ("chunks": least memory,
     one extra forward) or each layer's inside ("layers": keeps layer inputs, frees attention/MLP activations)."""
@@ -276,6 +281,9 @@ class ModelConfig(_Strict):
         if distill and self.pooling.use_attention_pooling:
             raise ValueError("distill_weight needs mean pooling (use_attention_pooling: false): the teacher is the "
                              "pool of the frozen chunk vectors, which attention pooling's projections leave")
+        if self.packing.compile_backbone and self.packing.attention == "packed":
+            raise ValueError("compile_backbone compiles the padded Hugging Face forward; the packed path compiles "
+                             "its layers (compile_layers: true)")
         if self.packing.attention == "packed":
             longest = max(towers.max_chunk_length, towers.max_statement_length + towers.max_context_length)
             if self.packing.pack_tokens < longest:
@@ -368,6 +376,24 @@ class TrainingConfig(_Strict):
     """One device's peak TFLOP/s for the logged MFU/HFU (None: 989, H100/H200 bf16 dense, on CUDA; none on CPU)."""
     seed: int = 0
     progress_bar: bool = True
+    profile_steps: tuple[int, int] | None = None
+    """[first, last]: a torch.profiler trace of steps first..last on every process (one file per rank,
+    output_dir/profile/rank{R}.steps{first}-{last}.pt.trace.json, for Perfetto or TensorBoard). None: no trace
+    (every step still logs its per-phase times, time/*)."""
+    tensorboard: bool = True
+    """Write the logged metrics as TensorBoard event files under output_dir/tensorboard (rank 0 only)."""
+    mlflow_tracking_uri: str | None = None
+    """Also log the metrics (and the config as parameters) to MLflow at this tracking URI (rank 0 only); None:
+    the MLFLOW_TRACKING_URI environment variable when it is set, else no MLflow. Needs `pip install mlflow`."""
+    mlflow_experiment: str = "uue"
+    """The MLflow experiment the run is logged under (created when missing)."""
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _check_profile_steps(cls, steps: tuple[int, int] | None) -> tuple[int, int] | None:
+        if steps is not None and not 1 <= steps[0] <= steps[1]:
+            raise ValueError(f"profile_steps must be [first, last] with 1 <= first <= last, got {list(steps)}")
+        return steps
 
 
 class DistributedConfig(_Strict):

@@ -8,8 +8,8 @@ token with left padding; BERT-style encoders (MiniLM) by a masked mean over toke
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -187,6 +187,29 @@ class TextEncoder(nn.Module):
         self._packed: PackedRunner | None = None
         if attention == "packed":
             self.use_packing(packing or PackingOptions())
+        self.compiles_backbone = False
+        self.compile_backend = "inductor"
+        """torch.compile backend of compile_backbone ("eager": dynamo tracing only, quick CPU checks)."""
+        self._compiled_forward: Callable[..., Any] | None = None
+
+    def compile_backbone(self, backend: str | None = None) -> None:
+        """Run the padded path's Hugging Face forward under torch.compile (the whole backbone, compiled on first
+        use). The compiled function is a cache, not state: copies and pickles recompile, state dicts are unchanged."""
+        self.compiles_backbone = True
+        self.compile_backend = backend or self.compile_backend
+        self._compiled_forward = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_compiled_forward"] = None
+        return state
+
+    def _backbone_forward(self) -> Callable[..., Any]:
+        if not self.compiles_backbone:
+            return self.backbone
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.backbone.forward, backend=self.compile_backend)
+        return self._compiled_forward
 
     def use_packing(self, options: PackingOptions) -> None:
         """Switch to the packed path (registers the "uue_packed" attention with transformers)."""
@@ -205,7 +228,8 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
             return self._encode_flat(*padded_to_flat(input_ids, attention_mask))
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self._backbone_forward()(input_ids=input_ids, attention_mask=attention_mask,
+                                          use_cache=False).last_hidden_state
         return pool_hidden_states(hidden, attention_mask, self.pooling)
 
     def encode_ragged(self, sequences: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor:

@@ -127,6 +127,8 @@ class UserTower(nn.Module):
         self.projection = build_projection(hidden, config, heads.user_projection_activation)
         if config.packing.attention == "packed":
             encoder.use_packing(packing_options(config, towers.gradient_checkpointing_chunks, towers.max_chunk_length))
+        if config.packing.compile_backbone:
+            encoder.compile_backbone()
         self.hidden_cut = _hidden_cut(encoder, config.hidden_cache_layers("user"))
 
     def encode_chunks(self, chunks: TowerInput) -> torch.Tensor:
@@ -231,6 +233,8 @@ class ItemTower(nn.Module):
             towers = config.towers
             encoder.use_packing(packing_options(
                 config, checkpointing=False, max_length=towers.max_statement_length + towers.max_context_length))
+        if config.packing.compile_backbone:
+            encoder.compile_backbone()
         self.hidden_cut = _hidden_cut(encoder, config.hidden_cache_layers("item"))
 
     def forward(self, text: TowerInput, metadata: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,6 +23,7 @@ from uue.train.loop import Loop, TrainProbe, peak_flops_for
 from uue.train.objective import TrainingObjective
 from uue.train.step import TorchOptimization
 from uue.train.stream import UserStream, plan_steps
+from uue.train.tracking import open_trackers
 
 
 @dataclass
@@ -69,7 +70,8 @@ class UUETrainer:
             log_path=self.output_dir / "metrics.jsonl", log_every=cfg.training.log_every_steps,
             checkpoint_every=cfg.training.checkpoint_every_steps, save_checkpoint=self._checkpoint,
             probe=probe or TrainProbe(), progress=cfg.training.progress_bar,
-            peak_flops=peak_flops_for(cfg.training.peak_tflops, self.device))
+            peak_flops=peak_flops_for(cfg.training.peak_tflops, self.device),
+            profile_steps=cfg.training.profile_steps, open_trackers=lambda: open_trackers(self.config))
         self.step = 0
         self.last_checkpoint: Path | None = None
 

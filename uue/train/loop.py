@@ -21,8 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from uue.model.packing import take_pack_stats
+from uue.train.profile import PhaseClock, StepProfiler
 from uue.train.step import model_of, train_step, unwrap
 from uue.train.stream import BatchCollator, UserStream
+from uue.train.tracking import MetricTrackers
 
 
 @dataclass
@@ -146,6 +148,11 @@ class Loop:
     epoch: int = 0
     peak_flops: float | None = None
     """One device's peak FLOP/s for MFU/HFU (training.peak_tflops; on CUDA default H100/H200 bf16 dense)."""
+    profile_steps: tuple[int, int] | None = None
+    """training.profile_steps: a torch.profiler trace of these steps under output_dir/profile (every rank)."""
+    open_trackers: Callable[[], MetricTrackers] | None = None
+    """Opens the run's TensorBoard/MLflow sinks when `run` starts (uue.train.tracking; rank 0 only): they get
+    what metrics.jsonl gets and close when `run` ends."""
 
     def run(self, start_step: int, stop_at: int | None = None) -> list[dict[str, Any]]:
         """Train steps start_step+1 .. stop_at (default: total_steps); returns their metrics."""
@@ -159,11 +166,17 @@ class Loop:
             batch_log = (Path(self.probe.batch_log_dir) / f"rank_{self.rank}.jsonl").open("a")
         bar = tqdm(total=stop_at, initial=start_step, desc="train", unit="step", disable=not self.progress)
         meter = ThroughputMeter.for_model(self.objective, self.peak_flops)
+        clock = PhaseClock(self.device)
+        profiler = None if self.profile_steps is None else StepProfiler(
+            self.profile_steps, self.log_path.parent / "profile", self.rank, self.device)
+        trackers = self.open_trackers() if self.open_trackers is not None and self.rank == 0 else MetricTrackers()
         started = waited = time.perf_counter()
         for item in self.stream.steps(start_step, stop_at):
             data_seconds = time.perf_counter() - waited
             unwrap(self.objective).refresh_negatives(item.step - 1)
+            collate_started = time.perf_counter()
             batch = self.collate(item.rows, item.epoch)
+            clock.add("data", data_seconds + time.perf_counter() - collate_started)
             if self.probe.gradient_dump_step == item.step and self.probe.gradient_dump_dir:
                 dump_to = Path(self.probe.gradient_dump_dir) / f"step_{item.step}.pt"
                 self.optimization.before_step = lambda m, dump_to=dump_to: dump_gradients(m, dump_to, self.rank)
@@ -171,12 +184,19 @@ class Loop:
                 self.optimization.before_step = None
             real_tokens, processed_tokens = batch.token_counts()
             take_pack_stats(model_of(self.objective))  # count only the step's packs (not the negatives' refresh)
+            if profiler is not None:
+                profiler.begin(item.step)
+                clock.annotate = profiler.recording
             step_started = time.perf_counter()
             if self.probe.data_only:
                 metrics = {"loss": 0.0, "accuracy": 0.0, "user_tokens": 0.0, "item_tokens": 0.0}
             else:
-                metrics = train_step(self.objective, batch, self.optimization)
+                with clock.measuring():
+                    metrics = train_step(self.objective, batch, self.optimization)
             step_seconds = time.perf_counter() - step_started  # train_step ends reading its metrics: synced
+            phase_seconds = clock.read()  # this rank's; after the step, so the CUDA events have passed
+            if profiler is not None:
+                profiler.end(item.step)
             local_loss = metrics["loss"]
             world = self.world_size
             packs = take_pack_stats(model_of(self.objective))
@@ -190,7 +210,7 @@ class Loop:
                            seconds=time.perf_counter() - started, workers=world, users=len(item.rows) * world,
                            tokens=round(real), processed_tokens=round(processed),
                            user_tokens=round(user_tokens), item_tokens=round(item_tokens),
-                           **meter.metrics(user_tokens, item_tokens, step_seconds, world))
+                           **meter.metrics(user_tokens, item_tokens, step_seconds, world), **phase_seconds)
             if self.device.type == "cuda":
                 metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             history.append(metrics)
@@ -209,6 +229,7 @@ class Loop:
             if self.rank == 0 and (item.step % self.log_every == 0 or item.step == stop_at):
                 with self.log_path.open("a") as log:
                     log.write(json.dumps(metrics) + "\n")
+                trackers.log(item.step, metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
             if self.after_step is not None:
@@ -220,4 +241,7 @@ class Loop:
         bar.close()
         if batch_log is not None:
             batch_log.close()
+        if profiler is not None:
+            profiler.close()  # a run stopped inside the profiled range still writes its trace
+        trackers.close()
         return history

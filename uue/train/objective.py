@@ -22,6 +22,7 @@ from uue.model.uue_model import UUEModel
 from uue.train.distill import distillation_loss
 from uue.train.label_loss import label_loss
 from uue.train.loss import EncodedBatch, InfoNCELoss
+from uue.train.profile import phase
 from uue.train.samplers import Samplers
 from uue.train.stream import TrainBatch
 
@@ -56,7 +57,13 @@ class TrainingObjective(nn.Module):
         """Users, their positive slots, sampled negatives, label draws and distillation anchors -> vectors; the
         item tower runs once on all statements when they are of one kind (tokens padded to the widest)."""
         model = self.model
-        users = model.encode_users(batch.users)
+        with phase("user_tower"):
+            users = model.encode_users(batch.users)
+        with phase("item_tower"):  # drawing the statements, then the item tower
+            return self._encode_items(batch, users)
+
+    def _encode_items(self, batch: TrainBatch, users: torch.Tensor) -> EncodedBatch:
+        model = self.model
         # Negatives are chosen from the user vectors and the refreshed pool, label statements and anchors drawn:
         # then the item tower runs once, on positives, negatives, label statements and anchors together.
         sets: dict[str, StatementBatch] = {}
@@ -103,6 +110,10 @@ class TrainingObjective(nn.Module):
         weighted label loss and distillation term when they are on; `metrics["extra_item_tokens"]` counts the
         sampled statements' tokens."""
         out = self.encode(batch)
+        with phase("loss"):  # InfoNCE with its all-gather of the columns, and the other terms
+            return self._loss(out, batch)
+
+    def _loss(self, out: EncodedBatch, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, metrics = self.info_nce(out, batch)
         if out.label_items is not None:
             pointwise = label_loss(out.user, out.label_items, out.label_values, out.label_mask, out.logit_scale,

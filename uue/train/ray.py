@@ -39,6 +39,7 @@ from uue.train.loop import Loop, TrainProbe, peak_flops_for
 from uue.train.objective import TrainingObjective
 from uue.train.step import DeepSpeedOptimization, model_of, param_groups, warmup_cosine
 from uue.train.stream import UserStream, plan_steps
+from uue.train.tracking import mlflow_uri, open_trackers
 
 DEEPSPEED_CONFIG_DIR = REPO_ROOT / "configs" / "deepspeed"
 USER_COLUMNS = ["user_id", "chunk_tokens", "user_metadata", "positives", "label_statements", "label_values"]
@@ -99,6 +100,15 @@ def skip_cpu_shared_memory_build(device: torch.device) -> None:
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def _for_workers(config: ExperimentConfig) -> dict[str, Any]:
+    """The config the workers get: an MLflow URI found in the driver's environment goes with it (a cluster's
+    workers do not inherit the driver's environment variables)."""
+    data = config.model_dump()
+    uri, _ = mlflow_uri(config)
+    data["training"]["mlflow_tracking_uri"] = uri
+    return data
 
 
 # ---------------------------------------------------------------------------------- the worker
@@ -171,7 +181,8 @@ def train_fn(loop_config: dict[str, Any]) -> None:
                 log_path=Path(config.training.output_dir) / "metrics.jsonl",
                 log_every=config.training.log_every_steps, checkpoint_every=config.training.checkpoint_every_steps,
                 save_checkpoint=report, rank=rank, world_size=world, probe=probe, after_step=fail_probe,
-                checkpoint_last_step=False, peak_flops=peak_flops_for(config.training.peak_tflops, device))
+                checkpoint_last_step=False, peak_flops=peak_flops_for(config.training.peak_tflops, device),
+                profile_steps=config.training.profile_steps, open_trackers=lambda: open_trackers(config, rank))
     history = loop.run(start_step)
     step = history[-1]["step"] if history else start_step
     if step < total_steps:
@@ -284,7 +295,7 @@ def run_training(config: ExperimentConfig, probe: TrainProbe | None = None, resu
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={
-            "experiment": config.model_dump(), "deepspeed": deepspeed_config(config, dist.num_workers),
+            "experiment": _for_workers(config), "deepspeed": deepspeed_config(config, dist.num_workers),
             "shards_uri": shards.uri, "manifest": shards.manifest,
             "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
             "probe": asdict(probe) if probe else None,

@@ -18,6 +18,7 @@ from torch import nn
 from uue.config import ModelConfig
 from uue.model.uue_model import UUEModel
 from uue.train.objective import TrainingObjective, autocast_for
+from uue.train.profile import phase
 from uue.train.stream import TrainBatch
 
 
@@ -157,13 +158,16 @@ def train_step(objective: nn.Module, batch: TrainBatch, optimization: Optimizati
     model = model_of(objective)
     device = next(model.parameters()).device
     user_tokens, item_tokens = batch.backbone_tokens()
-    batch = batch.to(device, non_blocking=True)
+    with phase("to_device"):
+        batch = batch.to(device, non_blocking=True)
     objective.train()
     with autocast_for(device, unwrap(objective)):
-        loss, metrics = objective(batch)
-    optimization.backward(loss)
-    grad_norm = optimization.step()
-    model.clamp_logit_scale_()
+        loss, metrics = objective(batch)  # phases user_tower, item_tower, loss (uue.train.objective)
+    with phase("backward"):
+        optimization.backward(loss)
+    with phase("optimizer"):
+        grad_norm = optimization.step()
+        model.clamp_logit_scale_()
     # Every metric leaves the device in one copy (the step's one host sync besides packing's lengths).
     names = ["loss", "grad_norm", *metrics]
     values = [loss.detach(), grad_norm, *metrics.values()]
