@@ -182,10 +182,6 @@ class PackingConfig(_Strict):
     """Narrowest pack: what is left after a batch's full packs goes into packs of pack_tokens / 2, / 4, ...
     down to this width (never narrower than the longest sequence). None: pack_tokens // 32 (6 static shapes);
     pack_tokens: every pack full width."""
-    pack_min_tokens: int | None = Field(None, gt=0)
-    """Narrowest pack: what is left after a batch's full packs goes into packs of pack_tokens / 2, / 4, ...
-    down to this width (never narrower than the longest sequence). None: pack_tokens // 32 (6 static shapes);
-    pack_tokens: every pack full width."""
     pack_backend: Literal["auto", "varlen", "flex", "sdpa_mask"] = "auto"
     """Packed attention kernel: varlen (torch.nn.attention.varlen, CUDA bf16/fp16), flex (document block mask),
     sdpa_mask (dense block-diagonal mask, any device); auto picks varlen, else flex on CUDA, else sdpa_mask."""

@@ -38,9 +38,9 @@ CONFIGS = {
 def main(out: Path) -> None:
     import numpy as np
     import torch
+    from uue.inference import UUEInference
 
     from uue.config import ModelConfig
-    from uue.inference import UUEInference
     from uue.model.uue_model import UUEModel
 
     for name, fields in CONFIGS.items():
