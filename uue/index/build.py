@@ -266,10 +266,13 @@ class _ShardWriter:
     """Buffers encoded rows into numbered Parquet shards and feeds the ANN index from a background thread.
 
     Row i (in arrival order, which is shard order) gets ANN key i. usearch releases the GIL while it
-    inserts, so building the graph overlaps with receiving the next batches.
+    inserts, so building the graph overlaps with receiving the next batches. The first `SERIAL_ROWS` rows are
+    inserted on one thread: concurrent inserts into a near-empty graph leave it poorly connected (on a
+    306-statement catalogue, recall@10 fell to 0.95 for some arrival orders, against >= 0.99 serially).
     """
 
     ANN_CHUNK = 8192  # rows handed to the ANN thread at once
+    SERIAL_ROWS = 8192  # rows inserted one at a time before usearch may insert on all cores
 
     def __init__(self, folder: Path, dimension: int, rows_per_shard: int, connectivity: int, expansion_search: int):
         from concurrent.futures import ThreadPoolExecutor
@@ -313,7 +316,11 @@ class _ShardWriter:
 
     def _ann_add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         start = time.perf_counter()
-        self.ann.add(keys, vectors)
+        serial = min(len(vectors), max(0, self.SERIAL_ROWS - len(self.ann)))
+        if serial:
+            self.ann.add(keys[:serial], vectors[:serial], threads=1)
+        if serial < len(vectors):
+            self.ann.add(keys[serial:], vectors[serial:])  # threads=0: every core
         self.ann_seconds += time.perf_counter() - start
 
     def _write_shard(self) -> None:
