@@ -44,6 +44,14 @@ def raw_vectors(folder: Path) -> tuple[list[str], np.ndarray]:
     return table.column("statement_id").to_pylist(), vectors
 
 
+def probe_queries(vectors: np.ndarray) -> np.ndarray:
+    """40 queries near indexed statements and 40 random unit directions (the hard case for a graph walk)."""
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(40, vectors.shape[1])).astype(np.float32)
+    return np.concatenate([vectors[rng.choice(len(vectors), 40, replace=False)] + 0.05 * noise,
+                           noise / np.linalg.norm(noise, axis=1, keepdims=True)])
+
+
 def leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
@@ -165,10 +173,7 @@ def test_table_with_custom_columns_via_job(table_index, table_dir, tiny_model_di
 def test_ann_search_agrees_with_brute_force(table_index):
     index = StatementIndex.load(table_index)
     ids, vectors = raw_vectors(table_index)
-    rng = np.random.default_rng(0)
-    noise = rng.normal(size=(40, vectors.shape[1])).astype(np.float32)
-    queries = np.concatenate([vectors[rng.choice(len(vectors), 40, replace=False)] + 0.05 * noise,
-                              noise / np.linalg.norm(noise, axis=1, keepdims=True)])
+    queries = probe_queries(vectors)
     k = 10
     scores = queries @ vectors.T
     assert len(np.unique(vectors.round(6), axis=0)) == len(vectors)  # no exact ties between statements
@@ -191,10 +196,7 @@ def test_ann_graph_keeps_recall_for_every_arrival_order(tiny_model_dir, tmp_path
 
     texts = [frame.format(subject) for subject in SUBJECTS for frame in FRAMES]
     vectors = UUEInference(tiny_model_dir, device="cpu").encode_statements(texts).astype(np.float32)
-    rng = np.random.default_rng(0)
-    noise = rng.normal(size=(40, vectors.shape[1])).astype(np.float32)
-    queries = np.concatenate([vectors[rng.choice(len(vectors), 40, replace=False)] + 0.05 * noise,
-                              noise / np.linalg.norm(noise, axis=1, keepdims=True)])
+    queries = probe_queries(vectors)
     k = 10
     truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
     recalls = []
