@@ -32,11 +32,11 @@ def test_the_clock_times_marked_phases_only_while_measuring():
         with phase("loss"):
             pass
     clock.add("data", 0.5)
-    with phase("user_tower"):  # measuring ended
-        time.sleep(0.05)
+    with phase("user_tower"):  # measuring ended: these 0.5 s must not count
+        time.sleep(0.5)
     seconds = clock.read()
     assert list(seconds) == ["time/data", "time/user_tower", "time/loss"]  # step order
-    assert seconds["time/data"] == 0.5 and 0.05 <= seconds["time/user_tower"] < 0.1
+    assert seconds["time/data"] == 0.5 and 0.05 <= seconds["time/user_tower"] < 0.5
     assert clock.read() == {}  # read resets
 
 
