@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import re
 from collections import Counter, defaultdict
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
@@ -205,3 +206,44 @@ def test_cli_hold_out_family_leaves_a_whole_family_out_of_training(tmp_path, cap
 def test_hold_out_family_must_exist():
     with pytest.raises(ValueError, match="not a MovieLens-100k statement family"):
         MovieLensOptions(hold_out_families=("gender",)).resolved()  # 100K has no gender labels
+
+
+def test_extra_families_follow_the_ratings_and_leave_the_five_untouched(tmp_path, converted):
+    _, _, plain, raw = converted
+    options = replace(OPTIONS, extra_families=("era", "popularity", "rating_style"))
+    write_movielens(tmp_path, options, progress=False, raw=raw)
+    dataset = load_dataset(tmp_path)
+    extra = {"era", "popularity", "rating style"}
+    # The five families keep every label and every training phrasing they had without the extras.
+    assert [lab for lab in dataset.labels if lab.group not in extra] == plain.labels
+    labels = defaultdict(dict)
+    for lab in dataset.labels:
+        labels[lab.user_id][fact(lab.statement_id)] = lab.label
+    assert Counter(lab.group for lab in dataset.labels if lab.split == "train").keys() >= extra
+    mean_rating = {uid: sum(r.rating for r in rs) / len(rs) for uid, rs in raw.ratings.items()}
+    generous = [mean_rating[u] for u, facts in labels.items() if facts.get("rating_style:generous") == 1]
+    harsh = [mean_rating[u] for u, facts in labels.items() if facts.get("rating_style:harsh") == 1]
+    assert len(generous) == len(harsh) == int(0.3 * len(raw.ratings))
+    assert min(generous) >= max(harsh)  # the top 30% of users by mean rating against the bottom 30%
+    # A user who loves an era rates it more often than users do overall and at least at their own mean; one who
+    # avoids it rates it less often, or lower than their mean.
+    def classic(item: str) -> bool:
+        return raw.years[item].isdigit() and int(raw.years[item]) < 1970
+
+    share = Counter(classic(r.item) for rs in raw.ratings.values() for r in rs)
+    overall = share[True] / sum(share.values())
+    checked = Counter()
+    for uid, facts in labels.items():
+        if "era:classic" in facts:
+            rated = [r.rating for r in raw.ratings[uid] if classic(r.item)]
+            own = len(rated) / len(raw.ratings[uid])
+            if facts["era:classic"]:
+                assert own >= 1.25 * overall and sum(rated) / len(rated) >= mean_rating[uid]
+            else:
+                assert own <= 0.5 * overall or sum(rated) / len(rated) <= mean_rating[uid] - 0.5
+            checked[facts["era:classic"]] += 1
+    assert checked[0] > 50 and checked[1] > 50
+    texts = {st.text for sid, st in dataset.statements.items() if sid.startswith("era:") and "#" not in sid}
+    assert "would happily pick a film made before 1970" in texts  # evaluation uses the held-out phrasing
+    with pytest.raises(ValueError, match="extra family 'mood'"):
+        MovieLensOptions(extra_families=("mood",)).resolved()

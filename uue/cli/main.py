@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from uue.config import ConfigError, load_config
-from uue.data.movielens import FAMILIES
+from uue.data.movielens import EXTRA_FAMILIES, FAMILIES
 from uue.data.schema import DataValidationError
 from uue.data.tokenizers import PRESETS, ModelNotAvailableError
 from uue.model.folder import resolve_model_dir
@@ -37,7 +37,8 @@ def cmd_data_movielens(args: argparse.Namespace) -> int:
 
     options = MovieLensOptions(variant=args.variant, seed=args.seed, train_phrasings=args.train_phrasings,
                                eval_phrasing=args.eval_phrasing, rating_text=args.rating_text,
-                               hold_out_families=tuple(args.hold_out_family))
+                               hold_out_families=tuple(args.hold_out_family),
+                               extra_families=tuple(args.extra_family))
     if args.max_history is not None:
         options.max_history = args.max_history
     if args.ratings_per_chunk is not None:
@@ -202,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     movielens.add_argument("--rating-text", choices=["digit", "words"], default="digit",
                            help="history lines state the rating as a digit ('Heat (1995): 5') or in words "
                                 "('loved Heat (1995)')")
-    movielens.add_argument("--hold-out-family", action="append", default=[], choices=FAMILIES,
+    movielens.add_argument("--extra-family", action="append", default=[], choices=EXTRA_FAMILIES,
+                           help="add a statement family beyond the five: era, popularity, rating_style (repeatable)")
+    movielens.add_argument("--hold-out-family", action="append", default=[], choices=FAMILIES + EXTRA_FAMILIES,
                            help="a statement family with no training labels at all, scored as the group "
                                 "'zero-shot FAMILY' (repeatable; leave-one-family-out)")
     movielens.set_defaults(func=cmd_data_movielens)

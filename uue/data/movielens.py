@@ -98,6 +98,35 @@ GENDER_PHRASES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Extra families (`extra_families`), read from the ratings like genre tastes; the last phrasing is held out.
+ERA_BUCKETS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
+    ("classic", 0, 1969, ("enjoys classic films from before 1970", "likes watching old movies made before 1970",
+                          "is a big fan of golden-age cinema", "would happily pick a film made before 1970")),
+    ("1970s", 1970, 1979, ("enjoys films from the 1970s", "likes watching seventies movies",
+                           "is a big fan of 1970s cinema", "would happily pick a film from the seventies")),
+    ("1980s", 1980, 1989, ("enjoys films from the 1980s", "likes watching eighties movies",
+                           "is a big fan of 1980s cinema", "would happily pick a film from the eighties")),
+    ("1990s", 1990, 9999, ("enjoys recent films from the 1990s", "likes watching nineties movies",
+                           "is a big fan of 1990s cinema", "would happily pick a film from the nineties")),
+)
+POPULARITY_PHRASES: dict[str, tuple[str, ...]] = {
+    "mainstream": ("mostly watches popular blockbusters", "sticks to well-known hit movies",
+                   "prefers the films everybody has seen", "would rather watch a famous hit than an obscure film"),
+    "niche": ("seeks out lesser-known films", "likes obscure movies few people have seen",
+              "prefers hidden gems to blockbusters", "would rather watch an obscure film than a famous hit"),
+}
+RATING_STYLE_PHRASES: dict[str, tuple[str, ...]] = {
+    "generous": ("rates most films highly", "is generous with film ratings", "gives films good scores easily",
+                 "tends to love the films they watch"),
+    "harsh": ("is a harsh film critic", "rates most films low", "is hard to please with films",
+              "rarely likes the films they watch"),
+}
+EXTRA_FAMILIES: tuple[str, ...] = ("era", "popularity", "rating_style")
+"""Families a conversion adds on request (`extra_families`): more kinds of statement to train on."""
+EXTREME_SHARE = 0.3
+"""Popularity and rating style: the top and bottom this share of users get labels (1 / 0), the middle none."""
+
+
 def _occupation_phrasings() -> dict[str, dict[str, tuple[str, ...]]]:
     """Each release's occupations and their phrasings (movielens_occupations.json), in the release's order."""
     table = json.loads((Path(__file__).parent / "movielens_occupations.json").read_text())
@@ -201,6 +230,10 @@ class MovieLensOptions:
     """held_out: validation/test labels use a phrasing no training label has; trained: the first training one
     (the protocol before wording families, kept to measure what it overstated)."""
     film_genres_in_text: bool = True
+    extra_families: tuple[str, ...] = ()
+    """Statement families beyond the five (EXTRA_FAMILIES): era (the decades a user favours, like genre tastes),
+    popularity (mainstream vs niche films) and rating_style (generous vs harsh); popularity and rating style
+    label the top and bottom 30% of users."""
     hold_out_families: tuple[str, ...] = ()
     """Statement families with no training labels at all (leave-one-family-out: how well the model answers a kind
     of statement it never saw); their validation/test labels form the group "zero-shot <family>"."""
@@ -217,6 +250,7 @@ class MovieLensOptions:
             self,
             zero_shot_genres=tuple(self.zero_shot_genres),
             hold_out_families=tuple(self.hold_out_families),
+            extra_families=tuple(self.extra_families),
             zero_shot_occupations=tuple(v.zero_shot_occupations if self.zero_shot_occupations is None
                                         else self.zero_shot_occupations),
             zero_shot_film_fraction=(v.zero_shot_film_fraction if self.zero_shot_film_fraction is None
@@ -227,7 +261,10 @@ class MovieLensOptions:
             max_history=v.max_history if self.max_history is None else self.max_history,
             ratings_per_chunk=v.ratings_per_chunk if self.ratings_per_chunk is None else self.ratings_per_chunk,
         )
-        families = set(FAMILIES) - (set() if out.gender_labels else {"gender"})
+        for family in out.extra_families:
+            if family not in EXTRA_FAMILIES:
+                raise ValueError(f"extra family {family!r} is not one of {', '.join(EXTRA_FAMILIES)}")
+        families = (set(FAMILIES) | set(out.extra_families)) - (set() if out.gender_labels else {"gender"})
         for family in out.hold_out_families:
             if family not in families:
                 raise ValueError(f"hold-out family {family!r} is not a MovieLens-{v.name} statement family "
@@ -487,23 +524,48 @@ def assign_splits(user_ids: Sequence[str], options: MovieLensOptions) -> dict[st
 def genre_labels(raw: MovieLensRaw, ratings: list[Rating], global_share: dict[str, float],
                  options: MovieLensOptions) -> dict[str, int]:
     """{genre: 1 (rates it often and highly) or 0 (avoids or dislikes it)}; genres in between get no label."""
-    per_genre: dict[str, list[float]] = defaultdict(list)
+    return taste_labels(raw.genres, ratings, global_share, options)
+
+
+def taste_labels(categories: dict[str, list[str]], ratings: list[Rating], global_share: dict[str, float],
+                 options: MovieLensOptions) -> dict[str, int]:
+    """{category: 1 (rates it often and highly) or 0 (avoids or dislikes it)} for categories of films (genres,
+    eras); `global_share` is each category's share of all ratings. Categories in between get no label."""
+    per_category: dict[str, list[float]] = defaultdict(list)
     for r in ratings:
-        for g in raw.genres.get(r.item, []):
-            per_genre[g].append(r.rating)
+        for c in categories.get(r.item, []):
+            per_category[c].append(r.rating)
     user_mean = float(np.mean([r.rating for r in ratings]))
     out = {}
-    for genre, share in global_share.items():
-        values = per_genre.get(genre, [])
+    for category, share in global_share.items():
+        values = per_category.get(category, [])
         user_share = len(values) / len(ratings)
         mean = float(np.mean(values)) if values else None
         if (len(values) >= options.min_genre_ratings and user_share >= options.often_ratio * share
                 and mean is not None and mean >= user_mean):
-            out[genre] = 1
+            out[category] = 1
         elif user_share <= options.avoid_ratio * share or (
             len(values) >= options.min_genre_ratings and mean is not None and mean <= user_mean - options.dislike_margin
         ):
-            out[genre] = 0
+            out[category] = 0
+    return out
+
+
+def film_eras(raw: MovieLensRaw) -> dict[str, list[str]]:
+    """{film: [its ERA_BUCKETS key]} for films with a year."""
+    out = {}
+    for item, year in raw.years.items():
+        if year.isdigit():
+            out[item] = [key for key, lo, hi, _ in ERA_BUCKETS if lo <= int(year) <= hi]
+    return out
+
+
+def extreme_labels(values: dict[str, float], high: str, low: str) -> dict[str, dict[str, int]]:
+    """{user: {high: 1, low: 0}} for the top EXTREME_SHARE of users by value, the reverse for the bottom."""
+    order = sorted(values, key=lambda uid: (values[uid], natural_key(uid)))
+    n = int(len(order) * EXTREME_SHARE)
+    out = {uid: {high: 0, low: 1} for uid in order[:n]}
+    out.update({uid: {high: 1, low: 0} for uid in order[len(order) - n:]})
     return out
 
 
@@ -539,6 +601,15 @@ def _facts(raw: MovieLensRaw, options: MovieLensOptions, films: Sequence[str],
     if options.gender_labels:
         for code, texts in GENDER_PHRASES.items():
             facts[f"gender:{code.lower()}"] = _Fact(f"gender:{code.lower()}", "gender", "gender", texts)
+    if "era" in options.extra_families:
+        for key, _, _, texts in ERA_BUCKETS:
+            facts["era:" + key] = _Fact("era:" + key, "era", "era", texts)
+    if "popularity" in options.extra_families:
+        for key, texts in POPULARITY_PHRASES.items():
+            facts["popularity:" + key] = _Fact("popularity:" + key, "popularity", "popularity", texts)
+    if "rating_style" in options.extra_families:
+        for key, texts in RATING_STYLE_PHRASES.items():
+            facts["rating_style:" + key] = _Fact("rating_style:" + key, "rating_style", "rating style", texts)
     # A film's text never names a genre that no training label names (all of them when genres are held out).
     unnamed_genres = set(GENRE_PHRASES) if "genre" in options.hold_out_families else zero_genres
     for item in films:
@@ -593,7 +664,16 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
     total_ratings = sum(len(rs) for rs in raw.ratings.values())
     global_share = {g: genre_totals[g] / total_ratings for g in GENRE_PHRASES if genre_totals[g]}
     splits = assign_splits(list(raw.ratings), options)
+    eras = film_eras(raw)
+    era_totals = Counter(e for rs in raw.ratings.values() for r in rs for e in eras.get(r.item, []))
+    era_share = {e: n / total_ratings for e, n in era_totals.items()}
+    mean_log_popularity = {uid: float(np.mean([np.log(film_counts[r.item]) for r in rs]))
+                           for uid, rs in raw.ratings.items()}
+    popularity = extreme_labels(mean_log_popularity, "mainstream", "niche")
+    rating_style = extreme_labels({uid: float(np.mean([r.rating for r in rs])) for uid, rs in raw.ratings.items()},
+                                  "generous", "harsh")
     phrasing_rng = np.random.default_rng(options.seed + 2)
+    extra_phrasing_rng = np.random.default_rng(options.seed + 3)  # the five families draw as without extras
 
     users: dict[str, UserData] = {}
     labels: list[Label] = []
@@ -617,6 +697,13 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
         user_labels: list[tuple[str, int]] = []
         for genre, value in genre_labels(raw, ratings, global_share, options).items():
             user_labels.append(("genre:" + genre.lower(), value))
+        if "era" in options.extra_families:
+            user_labels.extend(("era:" + e, value) for e, value in taste_labels(eras, ratings, era_share,
+                                                                                 options).items())
+        if "popularity" in options.extra_families:
+            user_labels.extend(("popularity:" + k, value) for k, value in popularity.get(uid, {}).items())
+        if "rating_style" in options.extra_families:
+            user_labels.extend(("rating_style:" + k, value) for k, value in rating_style.get(uid, {}).items())
         occupation = profile.get("occupation", "")
         if occupation in variant.occupations:
             user_labels.extend((f"occupation:{other}", int(other == occupation)) for other in variant.occupations)
@@ -635,7 +722,8 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
                 if fact.group.startswith("zero-shot"):
                     dropped_zero_shot += 1
                     continue
-                statement = _statement(fact, int(phrasing_rng.integers(options.train_phrasings)), options)
+                rng = extra_phrasing_rng if fact.family in EXTRA_FAMILIES else phrasing_rng
+                statement = _statement(fact, int(rng.integers(options.train_phrasings)), options)
             else:
                 statement = _statement(fact, None, options)
             statements.setdefault(statement.statement_id, statement)
