@@ -664,14 +664,20 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
     total_ratings = sum(len(rs) for rs in raw.ratings.values())
     global_share = {g: genre_totals[g] / total_ratings for g in GENRE_PHRASES if genre_totals[g]}
     splits = assign_splits(list(raw.ratings), options)
-    eras = film_eras(raw)
-    era_totals = Counter(e for rs in raw.ratings.values() for r in rs for e in eras.get(r.item, []))
-    era_share = {e: n / total_ratings for e, n in era_totals.items()}
-    mean_log_popularity = {uid: float(np.mean([np.log(film_counts[r.item]) for r in rs]))
-                           for uid, rs in raw.ratings.items()}
-    popularity = extreme_labels(mean_log_popularity, "mainstream", "niche")
-    rating_style = extreme_labels({uid: float(np.mean([r.rating for r in rs])) for uid, rs in raw.ratings.items()},
-                                  "generous", "harsh")
+    eras: dict[str, list[str]] = {}
+    era_share: dict[str, float] = {}
+    popularity: dict[str, dict[str, int]] = {}
+    rating_style: dict[str, dict[str, int]] = {}
+    if "era" in options.extra_families:  # the extras are read only when asked for: no cost to a plain conversion
+        eras = film_eras(raw)
+        era_totals = Counter(e for rs in raw.ratings.values() for r in rs for e in eras.get(r.item, []))
+        era_share = {e: n / total_ratings for e, n in era_totals.items()}
+    if "popularity" in options.extra_families:
+        popularity = extreme_labels({uid: float(np.mean([np.log(film_counts[r.item]) for r in rs]))
+                                     for uid, rs in raw.ratings.items()}, "mainstream", "niche")
+    if "rating_style" in options.extra_families:
+        rating_style = extreme_labels({uid: float(np.mean([r.rating for r in rs])) for uid, rs in raw.ratings.items()},
+                                      "generous", "harsh")
     phrasing_rng = np.random.default_rng(options.seed + 2)
     extra_phrasing_rng = np.random.default_rng(options.seed + 3)  # the five families draw as without extras
 
