@@ -121,7 +121,13 @@ RATING_STYLE_PHRASES: dict[str, tuple[str, ...]] = {
     "harsh": ("is a harsh film critic", "rates most films low", "is hard to please with films",
               "rarely likes the films they watch"),
 }
-EXTRA_FAMILIES: tuple[str, ...] = ("era", "popularity", "rating_style")
+EXTRA_FAMILY_PHRASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "era": {key: texts for key, _, _, texts in ERA_BUCKETS},
+    "popularity": POPULARITY_PHRASES,
+    "rating_style": RATING_STYLE_PHRASES,
+}
+"""{family: {fact key: phrasings}} of the families a conversion adds on request (`extra_families`)."""
+EXTRA_FAMILIES: tuple[str, ...] = tuple(EXTRA_FAMILY_PHRASES)
 """Families a conversion adds on request (`extra_families`): more kinds of statement to train on."""
 EXTREME_SHARE = 0.3
 """Popularity and rating style: the top and bottom this share of users get labels (1 / 0), the middle none."""
@@ -521,12 +527,6 @@ def assign_splits(user_ids: Sequence[str], options: MovieLensOptions) -> dict[st
     return splits
 
 
-def genre_labels(raw: MovieLensRaw, ratings: list[Rating], global_share: dict[str, float],
-                 options: MovieLensOptions) -> dict[str, int]:
-    """{genre: 1 (rates it often and highly) or 0 (avoids or dislikes it)}; genres in between get no label."""
-    return taste_labels(raw.genres, ratings, global_share, options)
-
-
 def taste_labels(categories: dict[str, list[str]], ratings: list[Rating], global_share: dict[str, float],
                  options: MovieLensOptions) -> dict[str, int]:
     """{category: 1 (rates it often and highly) or 0 (avoids or dislikes it)} for categories of films (genres,
@@ -569,6 +569,25 @@ def extreme_labels(values: dict[str, float], high: str, low: str) -> dict[str, d
     return out
 
 
+def extra_family_labels(family: str, raw: MovieLensRaw, film_counts: Counter[str],
+                        options: MovieLensOptions) -> dict[str, dict[str, int]]:
+    """{user: {fact key: 1 or 0}} of one extra family (EXTRA_FAMILY_PHRASES), read from every user's ratings:
+    eras like genre tastes, popularity (mean log film count) and rating style (mean rating) at the extremes."""
+    if family == "era":
+        eras = film_eras(raw)
+        era_totals = Counter(e for rs in raw.ratings.values() for r in rs for e in eras.get(r.item, []))
+        total_ratings = sum(len(rs) for rs in raw.ratings.values())
+        era_share = {e: n / total_ratings for e, n in era_totals.items()}
+        return {uid: taste_labels(eras, rs, era_share, options) for uid, rs in raw.ratings.items()}
+    if family == "popularity":
+        return extreme_labels({uid: float(np.mean([np.log(film_counts[r.item]) for r in rs]))
+                               for uid, rs in raw.ratings.items()}, "mainstream", "niche")
+    if family == "rating_style":
+        return extreme_labels({uid: float(np.mean([r.rating for r in rs])) for uid, rs in raw.ratings.items()},
+                              "generous", "harsh")
+    raise ValueError(f"extra family {family!r} is not one of {', '.join(EXTRA_FAMILIES)}")
+
+
 @dataclass
 class _Fact:
     """One fact about a user (a statement family member) with all its phrasings; the last is held out."""
@@ -601,15 +620,9 @@ def _facts(raw: MovieLensRaw, options: MovieLensOptions, films: Sequence[str],
     if options.gender_labels:
         for code, texts in GENDER_PHRASES.items():
             facts[f"gender:{code.lower()}"] = _Fact(f"gender:{code.lower()}", "gender", "gender", texts)
-    if "era" in options.extra_families:
-        for key, _, _, texts in ERA_BUCKETS:
-            facts["era:" + key] = _Fact("era:" + key, "era", "era", texts)
-    if "popularity" in options.extra_families:
-        for key, texts in POPULARITY_PHRASES.items():
-            facts["popularity:" + key] = _Fact("popularity:" + key, "popularity", "popularity", texts)
-    if "rating_style" in options.extra_families:
-        for key, texts in RATING_STYLE_PHRASES.items():
-            facts["rating_style:" + key] = _Fact("rating_style:" + key, "rating_style", "rating style", texts)
+    for family in options.extra_families:
+        for key, texts in EXTRA_FAMILY_PHRASES[family].items():
+            facts[f"{family}:{key}"] = _Fact(f"{family}:{key}", family, family.replace("_", " "), texts)
     # A film's text never names a genre that no training label names (all of them when genres are held out).
     unnamed_genres = set(GENRE_PHRASES) if "genre" in options.hold_out_families else zero_genres
     for item in films:
@@ -664,20 +677,8 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
     total_ratings = sum(len(rs) for rs in raw.ratings.values())
     global_share = {g: genre_totals[g] / total_ratings for g in GENRE_PHRASES if genre_totals[g]}
     splits = assign_splits(list(raw.ratings), options)
-    eras: dict[str, list[str]] = {}
-    era_share: dict[str, float] = {}
-    popularity: dict[str, dict[str, int]] = {}
-    rating_style: dict[str, dict[str, int]] = {}
-    if "era" in options.extra_families:  # the extras are read only when asked for: no cost to a plain conversion
-        eras = film_eras(raw)
-        era_totals = Counter(e for rs in raw.ratings.values() for r in rs for e in eras.get(r.item, []))
-        era_share = {e: n / total_ratings for e, n in era_totals.items()}
-    if "popularity" in options.extra_families:
-        popularity = extreme_labels({uid: float(np.mean([np.log(film_counts[r.item]) for r in rs]))
-                                     for uid, rs in raw.ratings.items()}, "mainstream", "niche")
-    if "rating_style" in options.extra_families:
-        rating_style = extreme_labels({uid: float(np.mean([r.rating for r in rs])) for uid, rs in raw.ratings.items()},
-                                      "generous", "harsh")
+    extra_labels = {family: extra_family_labels(family, raw, film_counts, options)
+                    for family in options.extra_families}
     phrasing_rng = np.random.default_rng(options.seed + 2)
     extra_phrasing_rng = np.random.default_rng(options.seed + 3)  # the five families draw as without extras
 
@@ -701,15 +702,10 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
         users[uid] = UserData(uid, chunks, metadata=metadata)
         split = splits[uid]
         user_labels: list[tuple[str, int]] = []
-        for genre, value in genre_labels(raw, ratings, global_share, options).items():
+        for genre, value in taste_labels(raw.genres, ratings, global_share, options).items():
             user_labels.append(("genre:" + genre.lower(), value))
-        if "era" in options.extra_families:
-            user_labels.extend(("era:" + e, value) for e, value in taste_labels(eras, ratings, era_share,
-                                                                                 options).items())
-        if "popularity" in options.extra_families:
-            user_labels.extend(("popularity:" + k, value) for k, value in popularity.get(uid, {}).items())
-        if "rating_style" in options.extra_families:
-            user_labels.extend(("rating_style:" + k, value) for k, value in rating_style.get(uid, {}).items())
+        for family, by_user in extra_labels.items():
+            user_labels.extend((f"{family}:{key}", value) for key, value in by_user.get(uid, {}).items())
         occupation = profile.get("occupation", "")
         if occupation in variant.occupations:
             user_labels.extend((f"occupation:{other}", int(other == occupation)) for other in variant.occupations)
