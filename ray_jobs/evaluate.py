@@ -16,17 +16,14 @@ import sys
 
 from uue.data.schema import DataValidationError
 from uue.data.tokenizers import ModelNotAvailableError
+from uue.evaluation import add_evaluation_arguments
 from uue.model.folder import resolve_model_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model folder, checkpoint folder or training output_dir")
-    parser.add_argument("--data", required=True, help="data-contract folder (local path or URI)")
-    parser.add_argument("--out", required=True, help="folder for metrics.json, report.md and plots")
-    parser.add_argument("--split", default="test", help="split to score (all labels when the data has none)")
-    parser.add_argument("--k", type=int, default=10, help="cut-off of the retrieval metrics")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the untrained-backbone baseline")
+    add_evaluation_arguments(parser)
     return parser
 
 

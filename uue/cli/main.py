@@ -10,6 +10,7 @@ from uue.config import ConfigError, load_config
 from uue.data.movielens import EXTRA_FAMILIES, FAMILIES
 from uue.data.schema import DataValidationError
 from uue.data.tokenizers import PRESETS, ModelNotAvailableError
+from uue.evaluation import add_evaluation_arguments
 from uue.model.folder import resolve_model_dir
 
 
@@ -212,11 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="score a model on a dataset's test labels, beside the baseline")
     evaluate.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder or output_dir")
-    evaluate.add_argument("--data", required=True, help="data-contract folder")
-    evaluate.add_argument("--out", required=True, help="folder for metrics.json, report.md and plots")
-    evaluate.add_argument("--split", default="test", help="split to score (all labels when the data has none)")
-    evaluate.add_argument("--k", type=int, default=10, help="cut-off of the retrieval metrics")
-    evaluate.add_argument("--no-baseline", action="store_true", help="skip the untrained-backbone baseline")
+    add_evaluation_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     score = sub.add_parser("score", help="similarity and calibrated probability of statements for one user")

@@ -11,6 +11,7 @@ whose name starts with "zero-shot" are statements never trained on).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -253,6 +254,16 @@ def _threshold_labels(dataset: UUEDataset, split: str | None, validation_split: 
                       "calibration; every metric is reported on the other half",
             "labels": len(tuning), "users": len(tuning_users)}
     return scored, tuning, info
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """`evaluate_model`'s options as flags (--data --out --split --k --no-baseline), one definition for `uue
+    evaluate` and the `ray_jobs.evaluate` job; each adds its own model flag."""
+    parser.add_argument("--data", required=True, help="data-contract folder (local path or URI)")
+    parser.add_argument("--out", required=True, help="folder for metrics.json, report.md and plots")
+    parser.add_argument("--split", default="test", help="split to score (all labels when the data has none)")
+    parser.add_argument("--k", type=int, default=10, help="cut-off of the retrieval metrics")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the untrained-backbone baseline")
 
 
 def evaluate_model(model_dir: str | Path, data_dir: str | Path | UUEDataset, out_dir: str | Path, *,
