@@ -247,3 +247,23 @@ def test_extra_families_follow_the_ratings_and_leave_the_five_untouched(tmp_path
     assert "would happily pick a film made before 1970" in texts  # evaluation uses the held-out phrasing
     with pytest.raises(ValueError, match="extra family 'mood'"):
         MovieLensOptions(extra_families=("mood",)).resolved()
+
+
+def test_six_training_phrasings_add_sentences_and_keep_evaluation(tmp_path, converted):
+    _, _, plain, raw = converted
+    write_movielens(tmp_path, replace(OPTIONS, train_phrasings=6), progress=False, raw=raw)
+    dataset = load_dataset(tmp_path)
+    train_texts: dict[str, set[str]] = defaultdict(set)
+    for lab in dataset.labels:
+        if lab.split == "train":
+            train_texts[fact(lab.statement_id)].add(dataset.statements[lab.statement_id].text)
+    assert len(train_texts["genre:drama"]) == 6 and "has a soft spot for drama cinema" in train_texts["genre:drama"]
+    assert max(len(t) for f, t in train_texts.items() if f.startswith("occupation:")) == 3  # occupations have 3
+    # Evaluation is the same task: the same validation/test labels on the same held-out sentences, none trained.
+    evaluated = [lab for lab in dataset.labels if lab.split != "train"]
+    assert evaluated == [lab for lab in plain.labels if lab.split != "train"]
+    assert not {dataset.statements[lab.statement_id].text for lab in evaluated} & set().union(*train_texts.values())
+    assert Counter(lab.statement_id.split("#")[0] for lab in dataset.labels if lab.split == "train") == Counter(
+        lab.statement_id.split("#")[0] for lab in plain.labels if lab.split == "train")
+    with pytest.raises(ValueError, match="train_phrasings must be 1..6"):
+        MovieLensOptions(train_phrasings=7).resolved()

@@ -75,27 +75,40 @@ MASK = "..."
 
 # Phrasings of each fact: the first ones are training phrasings (the first is the one-phrasing wording),
 # the LAST is the held-out evaluation phrasing, a template family no training label uses.
+# Phrasings: the first `train_phrasings` train (three by default, up to six), the last is held out for evaluation.
 GENRE_TEMPLATES: tuple[str, ...] = (
     "enjoys {g} movies", "likes watching {g} films", "is a big fan of {g} cinema",
+    "loves a good {g} movie", "is really into {g} films", "has a soft spot for {g} cinema",
     "would happily pick {a_g} film to watch",
 )
 FILM_TEMPLATES: tuple[str, ...] = (
     "loved the film {f}", "gave a high rating to {f}", "really enjoyed watching {f}",
+    "thought {f} was excellent", "is a fan of {f}", "counts {f} among their favourites",
     "would give a top rating to {f}",
 )
 AGE_BRACKETS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
     ("age_under_25", 0, 24, ("is under 25 years old", "is younger than 25", "is in their teens or early twenties",
-                             "has not yet turned 25")),
+                             "is less than 25 years old", "belongs to the under-25 age group",
+                             "was born less than 25 years ago", "has not yet turned 25")),
     ("age_25_34", 25, 34, ("is 25 to 34 years old", "is between 25 and 34", "is in their late twenties or early "
-                           "thirties", "is aged 25-34")),
+                           "thirties", "is at least 25 and younger than 35", "belongs to the 25 to 34 age group",
+                           "was born 25 to 34 years ago", "is aged 25-34")),
     ("age_35_49", 35, 49, ("is 35 to 49 years old", "is between 35 and 49", "is in their late thirties or forties",
-                           "is aged 35-49")),
-    ("age_50_plus", 50, 200, ("is 50 or older", "is over 50", "is in their fifties or older", "is aged 50+")),
+                           "is at least 35 and younger than 50", "belongs to the 35 to 49 age group",
+                           "was born 35 to 49 years ago", "is aged 35-49")),
+    ("age_50_plus", 50, 200, ("is 50 or older", "is over 50", "is in their fifties or older",
+                              "is at least 50 years old", "belongs to the over-50 age group",
+                              "was born 50 or more years ago", "is aged 50+")),
 )
 GENDER_PHRASES: dict[str, tuple[str, ...]] = {
-    "F": ("is a woman", "is female", "is a female viewer", "is a woman or girl"),
-    "M": ("is a man", "is male", "is a male viewer", "is a man or boy"),
+    "F": ("is a woman", "is female", "is a female viewer", "identifies as a woman", "is a female film fan",
+          "is a lady", "is a woman or girl"),
+    "M": ("is a man", "is male", "is a male viewer", "identifies as a man", "is a male film fan",
+          "is a gentleman", "is a man or boy"),
 }
+MAX_TRAIN_PHRASINGS = len(GENRE_TEMPLATES) - 1
+"""Training phrasings of the template families (genre, film, age, gender); occupations and the extra families
+have three, and use at most that many."""
 
 
 # Extra families (`extra_families`), read from the ratings like genre tastes; the last phrasing is held out.
@@ -231,7 +244,9 @@ class MovieLensOptions:
     min_zero_shot_test_positives: int | None = None
     """Refuse a conversion where a zero-shot group has fewer positives on test users (too few to measure)."""
     train_phrasings: int = 3
-    """How many training phrasings per fact (1..3); each training label uses one, drawn per user and fact."""
+    """How many training phrasings per fact (1..MAX_TRAIN_PHRASINGS; occupations and the extra families have at
+    most 3); each training label uses one, drawn per user and fact. More phrasings: the item tower learns the
+    fact, not the sentence."""
     eval_phrasing: Literal["held_out", "trained"] = "held_out"
     """held_out: validation/test labels use a phrasing no training label has; trained: the first training one
     (the protocol before wording families, kept to measure what it overstated)."""
@@ -282,8 +297,8 @@ class MovieLensOptions:
             if o not in v.occupations:
                 raise ValueError(f"zero-shot occupation {o!r} is not a MovieLens-{v.name} occupation "
                                  f"({', '.join(v.occupations)})")
-        if not 1 <= out.train_phrasings <= len(GENRE_TEMPLATES) - 1:
-            raise ValueError(f"train_phrasings must be 1..{len(GENRE_TEMPLATES) - 1}, got {out.train_phrasings}")
+        if not 1 <= out.train_phrasings <= MAX_TRAIN_PHRASINGS:
+            raise ValueError(f"train_phrasings must be 1..{MAX_TRAIN_PHRASINGS}, got {out.train_phrasings}")
         if out.max_history < 0:
             raise ValueError(f"max_history must be >= 0 (0: all history ratings), got {out.max_history}")
         if out.rating_text not in ("digit", "words"):
@@ -725,7 +740,8 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
                     dropped_zero_shot += 1
                     continue
                 rng = extra_phrasing_rng if fact.family in EXTRA_FAMILIES else phrasing_rng
-                statement = _statement(fact, int(rng.integers(options.train_phrasings)), options)
+                phrasings = min(options.train_phrasings, len(fact.phrasings) - 1)
+                statement = _statement(fact, int(rng.integers(phrasings)), options)
             else:
                 statement = _statement(fact, None, options)
             statements.setdefault(statement.statement_id, statement)
