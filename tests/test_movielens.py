@@ -267,3 +267,5 @@ def test_six_training_phrasings_add_sentences_and_keep_evaluation(tmp_path, conv
         lab.statement_id.split("#")[0] for lab in plain.labels if lab.split == "train")
     with pytest.raises(ValueError, match="train_phrasings must be 1..6"):
         MovieLensOptions(train_phrasings=7).resolved()
+    assert MovieLensOptions(variant="1m").resolved().train_phrasings == 6  # 1M's default (picked on validation)
+    assert MovieLensOptions().resolved().train_phrasings == 3
