@@ -124,9 +124,11 @@ def test_training_shows_several_phrasings_and_evaluation_uses_an_unseen_one(conv
     assert not {dataset.statements[s].text for s in evaluated} & all_train_texts
     assert summary["evaluation_phrasings_also_trained"] == 0
     assert train_texts["genre:drama"] == {"enjoys drama movies", "likes watching drama films",
-                                          "is a big fan of drama cinema"}
+                                          "is a big fan of drama cinema", "loves a good drama movie",
+                                          "is really into drama films", "has a soft spot for drama cinema"}
     assert dataset.statements["genre:drama"].text == "would happily pick a drama film to watch"
-    assert sum(len(t) == 3 for t in train_texts.values()) > 0.5 * len(train_texts)
+    assert max(len(t) for f, t in train_texts.items() if f.startswith("occupation:")) == 3  # occupations have 3
+    assert sum(len(t) >= 3 for t in train_texts.values()) > 0.5 * len(train_texts)
 
 
 def test_demographic_labels_follow_the_user_table(converted):
@@ -249,23 +251,28 @@ def test_extra_families_follow_the_ratings_and_leave_the_five_untouched(tmp_path
         MovieLensOptions(extra_families=("mood",)).resolved()
 
 
-def test_six_training_phrasings_add_sentences_and_keep_evaluation(tmp_path, converted):
-    _, _, plain, raw = converted
-    write_movielens(tmp_path, replace(OPTIONS, train_phrasings=6), progress=False, raw=raw)
-    dataset = load_dataset(tmp_path)
-    train_texts: dict[str, set[str]] = defaultdict(set)
-    for lab in dataset.labels:
-        if lab.split == "train":
-            train_texts[fact(lab.statement_id)].add(dataset.statements[lab.statement_id].text)
-    assert len(train_texts["genre:drama"]) == 6 and "has a soft spot for drama cinema" in train_texts["genre:drama"]
-    assert max(len(t) for f, t in train_texts.items() if f.startswith("occupation:")) == 3  # occupations have 3
+def test_fewer_training_phrasings_keep_evaluation_and_labels(tmp_path, converted):
+    _, _, six, raw = converted
+    write_movielens(tmp_path, replace(OPTIONS, train_phrasings=3), progress=False, raw=raw)
+    three = load_dataset(tmp_path)
+    def train_texts(dataset) -> set[str]:
+        return {dataset.statements[lab.statement_id].text for lab in dataset.labels if lab.split == "train"}
+
+    def phrasing(statement_id: str) -> int:
+        return int(statement_id.rsplit("#t", 1)[1])
+
+    # Three uses each fact's first three sentences, six its first six; the same number is the same sentence.
+    assert max(phrasing(lab.statement_id) for lab in three.labels if lab.split == "train") == 2
+    assert max(phrasing(lab.statement_id) for lab in six.labels if lab.split == "train") == 5
+    shared = three.statements.keys() & six.statements.keys()
+    assert len(shared) > 100 and all(three.statements[i].text == six.statements[i].text for i in shared)
+    assert "has a soft spot for drama cinema" in train_texts(six) - train_texts(three)
     # Evaluation is the same task: the same validation/test labels on the same held-out sentences, none trained.
-    evaluated = [lab for lab in dataset.labels if lab.split != "train"]
-    assert evaluated == [lab for lab in plain.labels if lab.split != "train"]
-    assert not {dataset.statements[lab.statement_id].text for lab in evaluated} & set().union(*train_texts.values())
-    assert Counter(lab.statement_id.split("#")[0] for lab in dataset.labels if lab.split == "train") == Counter(
-        lab.statement_id.split("#")[0] for lab in plain.labels if lab.split == "train")
+    evaluated = [lab for lab in six.labels if lab.split != "train"]
+    assert evaluated == [lab for lab in three.labels if lab.split != "train"]
+    assert not {six.statements[lab.statement_id].text for lab in evaluated} & train_texts(six)
+    assert Counter((lab.user_id, fact(lab.statement_id), lab.label) for lab in six.labels if lab.split == "train") == \
+        Counter((lab.user_id, fact(lab.statement_id), lab.label) for lab in three.labels if lab.split == "train")
+    assert MovieLensOptions().resolved().train_phrasings == 6
     with pytest.raises(ValueError, match="train_phrasings must be 1..6"):
         MovieLensOptions(train_phrasings=7).resolved()
-    assert MovieLensOptions(variant="1m").resolved().train_phrasings == 6  # 1M's default (picked on validation)
-    assert MovieLensOptions().resolved().train_phrasings == 3

