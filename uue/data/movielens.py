@@ -73,9 +73,8 @@ GENRE_WORD_PATTERN = re.compile(
 )
 MASK = "..."
 
-# Phrasings of each fact: the first ones are training phrasings (the first is the one-phrasing wording),
-# the LAST is the held-out evaluation phrasing, a template family no training label uses.
-# Phrasings: the first `train_phrasings` train (six by default), the last is held out for evaluation.
+# Phrasings of each fact: the first `train_phrasings` are training phrasings (the first is the one-phrasing
+# wording), the LAST is the held-out evaluation phrasing, a template family no training label uses.
 GENRE_TEMPLATES: tuple[str, ...] = (
     "enjoys {g} movies", "likes watching {g} films", "is a big fan of {g} cinema",
     "loves a good {g} movie", "is really into {g} films", "has a soft spot for {g} cinema",
