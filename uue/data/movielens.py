@@ -566,6 +566,14 @@ def taste_labels(categories: dict[str, list[str]], ratings: list[Rating], global
     return out
 
 
+def rating_shares(raw: MovieLensRaw, categories: dict[str, list[str]]) -> dict[str, float]:
+    """{category: its share of all ratings} for categories of films (genres, eras), those rated at least once, in
+    the order they are first rated: the overall rate a user's taste is measured against (`taste_labels`)."""
+    totals = Counter(c for rs in raw.ratings.values() for r in rs for c in categories.get(r.item, []))
+    total_ratings = sum(len(rs) for rs in raw.ratings.values())
+    return {category: count / total_ratings for category, count in totals.items()}
+
+
 def film_eras(raw: MovieLensRaw) -> dict[str, list[str]]:
     """{film: [its ERA_BUCKETS key]} for films with a year."""
     out = {}
@@ -590,9 +598,7 @@ def extra_family_labels(family: str, raw: MovieLensRaw, film_counts: Counter[str
     eras like genre tastes, popularity (mean log film count) and rating style (mean rating) at the extremes."""
     if family == "era":
         eras = film_eras(raw)
-        era_totals = Counter(e for rs in raw.ratings.values() for r in rs for e in eras.get(r.item, []))
-        total_ratings = sum(len(rs) for rs in raw.ratings.values())
-        era_share = {e: n / total_ratings for e, n in era_totals.items()}
+        era_share = rating_shares(raw, eras)
         return {uid: taste_labels(eras, rs, era_share, options) for uid, rs in raw.ratings.items()}
     if family == "popularity":
         return extreme_labels({uid: float(np.mean([np.log(film_counts[r.item]) for r in rs]))
@@ -688,9 +694,8 @@ def convert_movielens(options: MovieLensOptions | None = None, raw: MovieLensRaw
     zero_films = set(np.random.default_rng(options.seed + 1).permutation(films)[:n_zero_films].tolist())
     facts = _facts(raw, options, films, zero_films)
 
-    genre_totals = Counter(g for rs in raw.ratings.values() for r in rs for g in raw.genres.get(r.item, []))
-    total_ratings = sum(len(rs) for rs in raw.ratings.values())
-    global_share = {g: genre_totals[g] / total_ratings for g in GENRE_PHRASES if genre_totals[g]}
+    genre_share = rating_shares(raw, raw.genres)
+    global_share = {g: genre_share[g] for g in GENRE_PHRASES if g in genre_share}
     splits = assign_splits(list(raw.ratings), options)
     extra_labels = {family: extra_family_labels(family, raw, film_counts, options)
                     for family in options.extra_families}
