@@ -15,7 +15,7 @@ from uue.data.readers import load_dataset, write_dataset
 from uue.evaluation import evaluate_model
 from uue.evaluation.analysis import alignment, effective_rank, spearman, uniformity, user_similarity
 from uue.evaluation.calibration import PlattCalibrator, calibrate_model
-from uue.evaluation.metrics import best_threshold, f1_at, mean_user_auc, retrieval_metrics, roc_auc, roc_curve
+from uue.evaluation.metrics import best_threshold, f1_at, mean_auc_within, retrieval_metrics, roc_auc, roc_curve
 
 
 # ---------------------------------------------------------------------------------- metric functions
@@ -44,12 +44,25 @@ def test_roc_curve_area_is_the_auc():
     assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(scores, labels))
 
 
-def test_mean_user_auc_averages_users_with_both_classes():
-    scores = np.array([0.9, 0.1, 0.2, 0.8, 0.5, 0.4])
-    labels = np.array([1, 0, 1, 0, 1, 1])
-    users = np.array(["a", "a", "b", "b", "c", "c"])  # a: perfect, b: inverted, c: one class only
-    value, counted = mean_user_auc(scores, labels, users)
+def test_mean_auc_within_averages_keys_with_both_classes():
+    scores = np.array([0.9, 0.8, 0.2, 0.1, 0.5, 0.4])
+    labels = np.array([1, 0, 0, 1, 1, 1])
+    users = np.array(["a", "b", "a", "b", "c", "c"], dtype=object)  # a: perfect, b: inverted, c: one class only
+    value, counted = mean_auc_within(scores, labels, users)
     assert (value, counted) == (0.5, 2)
+
+
+def test_mean_statement_auc_ignores_each_statements_offset():
+    # Each statement ranks its users perfectly, but the rarely true statement scores above the mostly true one:
+    # the pooled AUC counts that against the model, the per-statement mean does not.
+    rng = np.random.default_rng(3)
+    rare = rng.random(100) < 0.2
+    common = rng.random(100) < 0.8
+    scores = np.concatenate([5.0 + rare, 0.0 + common])
+    labels = np.concatenate([rare, common]).astype(int)
+    statements = np.array(["rare"] * 100 + ["common"] * 100, dtype=object)
+    assert mean_auc_within(scores, labels, statements) == (1.0, 2)
+    assert roc_auc(scores, labels) < 0.5
 
 
 def test_best_threshold_maximises_f1_over_every_cut():

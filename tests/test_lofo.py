@@ -22,9 +22,11 @@ def test_study_holds_a_family_out_and_reports_it_beside_the_baseline(tmp_path):
     metrics = json.loads((out / "age" / "eval-validation" / "metrics.json").read_text())
     assert row["family"] == "age" and row["auc"] == metrics["groups"]["zero-shot age"]["auc"]
     assert row["baseline_auc"] == metrics["baseline"]["groups"]["zero-shot age"]["auc"]
+    assert row["statement_auc"] == metrics["groups"]["zero-shot age"]["mean_statement_auc"]
     assert "age" not in metrics["groups"]  # the family has no seen part left
     assert summary["mean_gain"] == row["auc"] - row["baseline_auc"]
     assert (out / "lofo.png").stat().st_size > 0 and "| age |" in (out / "lofo.md").read_text()
     # Run again: the family is read back, not trained again.
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert again.returncode == 0 and "already evaluated" in again.stdout
+    assert json.loads((out / "lofo.json").read_text()) == summary

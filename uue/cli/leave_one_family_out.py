@@ -35,7 +35,8 @@ def _study_key(config_path: str, overrides: Sequence[str], variant: str, split: 
 
 
 def _family_row(family: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Trained vs baseline AUC of the held-out family's group, and of the statements that were trained on."""
+    """Trained vs baseline AUC of the held-out family's group (pooled, and per statement: which users each
+    statement fits, whatever its base rate), and of the statements that were trained on."""
     group = f"zero-shot {family}"
     mine, base = metrics["groups"].get(group), metrics["baseline"]["groups"].get(group)
     if mine is None or base is None:
@@ -43,6 +44,9 @@ def _family_row(family: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {
         "family": family, "labels": mine["labels"], "positives": mine["positives"],
         "auc": mine["auc"], "baseline_auc": base["auc"],
+        # evaluations written before the per-statement AUC existed read back as NaN
+        "statement_auc": mine.get("mean_statement_auc", math.nan),
+        "baseline_statement_auc": base.get("mean_statement_auc", math.nan),
         "seen_auc": metrics["seen"]["auc"], "seen_baseline_auc": metrics["baseline"]["seen"]["auc"],
     }
 
@@ -56,11 +60,11 @@ def run_family(family: str, config_path: str, overrides: Sequence[str], variant:
     folder = out_dir / family
     eval_dir = folder / f"eval-{split}"
     done = folder / "lofo-row.json"
-    if done.is_file():
+    if done.is_file() and (eval_dir / "metrics.json").is_file():
         saved = json.loads(done.read_text())
         if saved.get("key") == key:
             print(f"[{family}] already evaluated for this config: {done}")
-            return saved["row"]
+            return _family_row(family, json.loads((eval_dir / "metrics.json").read_text()))
     data_dir = folder / "data"
     config = load_config(config_path, [*overrides, f"data.path={data_dir}", f"training.output_dir={folder}"])
     options = MovieLensOptions(variant=variant, max_chunk_length=config.model.max_chunk_length,
@@ -80,22 +84,27 @@ def run_family(family: str, config_path: str, overrides: Sequence[str], variant:
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The rows plus their mean (trained, baseline, difference) over families."""
-    aucs = [r["auc"] for r in rows if math.isfinite(r["auc"])]
-    bases = [r["baseline_auc"] for r in rows if math.isfinite(r["baseline_auc"])]
-    mean = sum(aucs) / len(aucs) if aucs else float("nan")
-    mean_base = sum(bases) / len(bases) if bases else float("nan")
-    return {"families": rows, "mean_auc": mean, "mean_baseline_auc": mean_base, "mean_gain": mean - mean_base}
+    def mean(key: str) -> float:
+        values = [r[key] for r in rows if math.isfinite(r[key])]
+        return sum(values) / len(values) if values else math.nan
+
+    return {"families": rows, "mean_auc": mean("auc"), "mean_baseline_auc": mean("baseline_auc"),
+            "mean_gain": mean("auc") - mean("baseline_auc"), "mean_statement_auc": mean("statement_auc"),
+            "mean_baseline_statement_auc": mean("baseline_statement_auc")}
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
-    lines = ["| held-out family | labels | positives | AUC trained | baseline | gain | seen AUC trained | baseline |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """The study's table: pooled AUC of each held-out family, its per-statement AUC, and the seen statements'."""
+    lines = ["| held-out family | labels | positives | AUC trained | baseline | gain | per-statement AUC trained | "
+             "baseline | seen AUC trained | baseline |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary["families"]:
         lines.append(f"| {r['family']} | {r['labels']:,} | {r['positives']:,} | {r['auc']:.3f} | "
-                     f"{r['baseline_auc']:.3f} | {r['auc'] - r['baseline_auc']:+.3f} | {r['seen_auc']:.3f} | "
-                     f"{r['seen_baseline_auc']:.3f} |")
+                     f"{r['baseline_auc']:.3f} | {r['auc'] - r['baseline_auc']:+.3f} | {r['statement_auc']:.3f} | "
+                     f"{r['baseline_statement_auc']:.3f} | {r['seen_auc']:.3f} | {r['seen_baseline_auc']:.3f} |")
     lines.append(f"| **mean** | | | **{summary['mean_auc']:.3f}** | {summary['mean_baseline_auc']:.3f} | "
-                 f"**{summary['mean_gain']:+.3f}** | | |")
+                 f"**{summary['mean_gain']:+.3f}** | **{summary['mean_statement_auc']:.3f}** | "
+                 f"{summary['mean_baseline_statement_auc']:.3f} | | |")
     return "\n".join(lines)
 
 

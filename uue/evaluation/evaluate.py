@@ -28,7 +28,7 @@ from uue.data.readers import UUEDataset, load_dataset
 from uue.data.schema import Label, Statement, UserData
 from uue.evaluation.analysis import embedding_statistics, user_similarity
 from uue.evaluation.calibration import PlattCalibrator, expected_calibration_error
-from uue.evaluation.metrics import best_threshold, f1_at, mean_user_auc, retrieval_metrics, roc_auc
+from uue.evaluation.metrics import best_threshold, f1_at, mean_auc_within, retrieval_metrics, roc_auc
 from uue.model.backbone import TextEncoder, load_backbone
 from uue.model.cache import FrozenPrefixCache, resolve_cache_dir
 from uue.model.encode import ModelEmbedder, StatementBatchEncoder, UserBatchEncoder
@@ -134,7 +134,9 @@ def subset_metrics(scored: ScoredLabels, threshold_labels: ScoredLabels, fallbac
     out: dict[str, Any] = {"labels": len(scored), "positives": int(scored.labels.sum()),
                            "users": int(len(set(scored.users)))}
     out["auc"] = roc_auc(scored.scores, scored.labels)
-    out["mean_user_auc"], out["users_with_both_classes"] = mean_user_auc(scored.scores, scored.labels, scored.users)
+    out["mean_user_auc"], out["users_with_both_classes"] = mean_auc_within(scored.scores, scored.labels, scored.users)
+    out["mean_statement_auc"], out["statements_with_both_classes"] = mean_auc_within(
+        scored.scores, scored.labels, scored.statements)
     if len(threshold_labels) and 0 < threshold_labels.labels.sum() < len(threshold_labels):
         threshold, source = best_threshold(threshold_labels.scores, threshold_labels.labels), "own"
     else:

@@ -4,6 +4,9 @@ Definitions (what metrics.json reports):
 - `auc`: ROC AUC over all scored labels pooled together (ties count one half), i.e. the probability
   that a random true (user, statement) pair scores above a random false one.
 - `mean_user_auc`: the same within each user's labels, averaged over users that have both classes.
+- `mean_statement_auc`: the same within each statement's labels (does it rank the users a statement fits above
+  those it does not), averaged over statements with both classes. Unlike the pooled `auc` it ignores each
+  statement's offset, i.e. whether the model knows how often the statement is true.
 - `f1`: F1 of `score >= threshold`, the threshold chosen elsewhere (validation labels).
 - retrieval at k, per user over a pool of statements, averaged over users with >= 1 true statement:
   `precision@k` = hits / k, `recall@k` = hits / true statements, `f1@k` = their harmonic mean (per
@@ -57,13 +60,15 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr, tpr
 
 
-def mean_user_auc(scores: np.ndarray, labels: np.ndarray, users: np.ndarray) -> tuple[float, int]:
-    """(mean of per-user AUCs, number of users that had both classes)."""
-    scores, labels, users = np.asarray(scores), np.asarray(labels), np.asarray(users)
+def mean_auc_within(scores: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> tuple[float, int]:
+    """(mean of the AUCs within each key's labels, number of keys whose labels have both classes); keys are the
+    labels' users (`mean_user_auc`) or statements (`mean_statement_auc`)."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    _, inverse = np.unique(np.asarray(keys), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
     aucs = []
-    for user in np.unique(users):
-        mask = users == user
-        auc = roc_auc(scores[mask], labels[mask])
+    for rows in np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1):
+        auc = roc_auc(scores[rows], labels[rows])
         if not math.isnan(auc):
             aucs.append(auc)
     return (float(np.mean(aucs)) if aucs else float("nan")), len(aucs)

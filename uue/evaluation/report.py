@@ -10,7 +10,8 @@ import numpy as np
 
 from uue.evaluation.metrics import roc_curve
 
-HEADLINE = ("auc", "macro_auc", "mean_user_auc", "f1", "precision@10", "recall@10", "f1@10", "ndcg@10", "mrr@10", "ece")
+HEADLINE = ("auc", "macro_auc", "mean_user_auc", "mean_statement_auc", "f1", "precision@10", "recall@10", "f1@10",
+            "ndcg@10", "mrr@10", "ece")
 
 
 def _fmt(value: Any) -> str:
@@ -149,6 +150,8 @@ def write_report(out_dir: str | Path, result: dict[str, Any], arrays: dict[str, 
         "",
         "`auc` pools every scored label; `macro_auc` (overall, seen, zero-shot) averages the groups' AUCs, so a",
         "family that is mostly true or mostly false does not decide it; `mean_user_auc` averages per-user AUCs;",
+        "`mean_statement_auc` averages per-statement AUCs over users (which users a statement fits, whatever its",
+        "base rate: a zero-shot statement's offset is a guess, its ranking of users is what transfers);",
         "retrieval metrics rank each subset's statement pool for every user with a true statement in it.",
         "",
         "## Embedding space",
