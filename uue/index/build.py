@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from uue.data.readers import SHARD_SUFFIXES, iter_file_records, resolve_filesystem, table_files
 from uue.data.schema import DataValidationError, Statement, parse_statement
 from uue.index.load import ANN_FILE, INDEX_FORMAT, INDEX_FORMAT_VERSION, MANIFEST_FILE, METRIC, VECTORS_DIR, new_ann
-from uue.model.folder import checkpoint_fingerprint, read_tower_config, resolve_item_tower
+from uue.model.folder import checkpoint_fingerprint, read_output_dim, read_tower_config, resolve_item_tower
 
 if TYPE_CHECKING:
     from uue.config import ModelConfig
@@ -445,7 +445,7 @@ def build_index(
     fingerprint = checkpoint_fingerprint(model_folder)
     files, contract, filesystem = input_files(str(input_uri), id_column, text_column)
     saved = read_tower_config(tower_folder)
-    dimension = saved.towers.embedding_dim
+    dimension = read_output_dim(tower_folder)
     encoding = index_model_config(saved, attention, compile_layers, pack_tokens)
     version = new_version(fingerprint)
     device = "cuda" if gpus_per_actor > 0 else "cpu"

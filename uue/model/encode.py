@@ -40,7 +40,7 @@ class UserBatchEncoder:
 
     @property
     def dimension(self) -> int:
-        return self.tower.embedding_dim
+        return self.tower.output_dim
 
     @torch.no_grad()
     def encode(self, users: Sequence[UserData]) -> np.ndarray:
@@ -129,7 +129,7 @@ class StatementBatchEncoder:
     def encode_batches(self, batches: Iterable[StatementBatch]) -> torch.Tensor:
         """Each batch through the item tower -> all vectors, float32 on the CPU."""
         vectors = [self.tower(b.text, b.metadata).float().cpu() for b in (batch.to(self.device) for batch in batches)]
-        return torch.cat(vectors) if vectors else torch.zeros((0, self.tower.embedding_dim))
+        return torch.cat(vectors) if vectors else torch.zeros((0, self.tower.output_dim))
 
     @torch.no_grad()
     def encode_ragged(self, token_ids: Sequence[Sequence[int] | np.ndarray], metadata: torch.Tensor | None = None

@@ -113,6 +113,10 @@ def export_sentence_transformers(model_dir: str | Path, out: str | Path) -> Path
         raise FileExistsError(f"{out} exists and is not empty: choose a new folder for the export")
     tower, _ = load_tower(tower_folder)
     assert isinstance(tower, ItemTower)
+    if tower.pretrained_path is not None:
+        raise ValueError(f"{model_dir}: the item tower has a pretrained path (a gate on each statement's novelty, "
+                         "uue.model.pretrained_path), which sentence-transformers modules cannot express; export a "
+                         "model trained with model.pretrained_path_weight=0")
     max_length = read_tower_config(tower_folder).towers.max_statement_length
     pooling = {"mean": "mean", "last_token": "lasttoken"}[meta["pooling"]]
     weight, bias = metadata_free_projection(tower)

@@ -35,6 +35,19 @@ def read_tower_config(tower_folder: str | Path) -> ModelConfig:
     return ModelConfig.from_saved(read_meta(Path(tower_folder) / "tower.json", "uue-tower")["model_config"])
 
 
+def read_output_dim(tower_folder: str | Path) -> int:
+    """Width of a saved tower's vectors without loading it: embedding_dim, plus the backbone's width when the
+    tower holds a fitted pretrained path (uue.model.pretrained_path)."""
+    from safetensors import safe_open
+
+    width = read_tower_config(tower_folder).towers.embedding_dim
+    with safe_open(str(Path(tower_folder) / "head.safetensors"), framework="pt") as head:
+        for key in ("pretrained_path.mean", "pretrained_path.bank"):
+            if key in head.keys():
+                width += head.get_slice(key).get_shape()[-1]
+    return width
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A model folder, a checkpoint folder (step_N/model) or a training output_dir (its model/)."""
     folder = Path(path)

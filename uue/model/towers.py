@@ -15,6 +15,7 @@ from uue.model.backbone import TextEncoder, cut_layer
 from uue.model.inputs import TowerInput
 from uue.model.packing import PackingOptions
 from uue.model.pooling import AttentionPooling, MeanChunkPooling
+from uue.model.pretrained_path import StatementPretrainedPath, UserPretrainedPath
 
 
 class MetadataFusion(nn.Module):
@@ -130,6 +131,13 @@ class UserTower(nn.Module):
         if config.packing.compile_backbone:
             encoder.compile_backbone()
         self.hidden_cut = _hidden_cut(encoder, config.hidden_cache_layers("user"))
+        # Fitted after training (uue.model.pretrained_path); None while training and when not configured.
+        self.pretrained_path: UserPretrainedPath | None = None
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the tower's vectors: embedding_dim, plus the backbone's width with a pretrained path."""
+        return self.embedding_dim + (self.pretrained_path.width if self.pretrained_path is not None else 0)
 
     def encode_chunks(self, chunks: TowerInput) -> torch.Tensor:
         """(N, ...) chunks -> (N, H) chunk vectors, `micro_batch` chunks at a time.
@@ -204,6 +212,7 @@ class UserTower(nn.Module):
              ) -> torch.Tensor:
         """The head: (B, C, H) chunk vectors -> (B, embedding_dim) unit user vectors (adapter, pooling, metadata,
         projection)."""
+        backbone_vectors = chunk_vectors
         if self.chunk_weight is not None:  # per chunk (padding rows are zero and stay zero)
             chunk_vectors = self.chunk_weight(chunk_vectors)
         if self.chunk_adapter is not None:  # per chunk (padding rows too: the pooling masks them out)
@@ -213,7 +222,10 @@ class UserTower(nn.Module):
             if metadata is None:
                 raise ValueError("use_user_metadata is on but the batch has no user metadata")
             pooled = self.metadata(pooled, metadata)
-        return F.normalize(self.projection(pooled), dim=-1)
+        out = F.normalize(self.projection(pooled), dim=-1)
+        if self.pretrained_path is not None:
+            out = self.pretrained_path(out, self.content(backbone_vectors, chunk_mask))
+        return out
 
 
 class ItemTower(nn.Module):
@@ -236,6 +248,13 @@ class ItemTower(nn.Module):
         if config.packing.compile_backbone:
             encoder.compile_backbone()
         self.hidden_cut = _hidden_cut(encoder, config.hidden_cache_layers("item"))
+        # Fitted after training (uue.model.pretrained_path); None while training and when not configured.
+        self.pretrained_path: StatementPretrainedPath | None = None
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the tower's vectors: embedding_dim, plus the backbone's width with a pretrained path."""
+        return self.embedding_dim + (self.pretrained_path.width if self.pretrained_path is not None else 0)
 
     def forward(self, text: TowerInput, metadata: torch.Tensor | None = None) -> torch.Tensor:
         """(N, ...) statements -> (N, embedding_dim) unit vectors."""
@@ -247,8 +266,12 @@ class ItemTower(nn.Module):
         return self._head(self.encoder.encode_ragged(statements), metadata)
 
     def _head(self, pooled: torch.Tensor, metadata: torch.Tensor | None) -> torch.Tensor:
+        backbone_vector = pooled
         if self.metadata is not None:
             if metadata is None:
                 raise ValueError("use_item_metadata is on but the batch has no item metadata")
             pooled = self.metadata(pooled, metadata)
-        return F.normalize(self.projection(pooled), dim=-1)
+        out = F.normalize(self.projection(pooled), dim=-1)
+        if self.pretrained_path is not None:
+            out = self.pretrained_path(out, backbone_vector)
+        return out

@@ -28,6 +28,7 @@ from uue.config import ModelConfig
 from uue.model.backbone import TextEncoder, freeze_backbone, load_backbone
 from uue.model.folder import FORMAT_VERSION, read_meta
 from uue.model.inputs import StatementBatch, UserBatch
+from uue.model.pretrained_path import StatementPretrainedPath, UserPretrainedPath, has_pretrained_path
 from uue.model.towers import ItemTower, UserTower
 
 
@@ -72,11 +73,11 @@ class UUEModel(nn.Module):
         return cls(config, user_tower, item_tower, user_tok, item_tok)
 
     def encode_users(self, users: UserBatch) -> torch.Tensor:
-        """(B, embedding_dim) unit user vectors."""
+        """(B, output_dim) user vectors (unit unless a pretrained path is fitted)."""
         return self.user_tower(users.chunks, users.chunk_mask, users.metadata)
 
     def encode_statements(self, statements: StatementBatch) -> torch.Tensor:
-        """(N, embedding_dim) unit statement vectors."""
+        """(N, output_dim) unit statement vectors."""
         return self.item_tower(statements.text, statements.metadata)
 
     def clamped_logit_scale(self) -> torch.Tensor:
@@ -184,6 +185,9 @@ def load_tower(
     encoder.pooling = meta["pooling"]
     tower: UserTower | ItemTower = (UserTower if meta["tower"] == "user" else ItemTower)(encoder, config)
     head = load_file(str(folder / "head.safetensors"))
+    if has_pretrained_path(head):
+        path_class = UserPretrainedPath if meta["tower"] == "user" else StatementPretrainedPath
+        tower.pretrained_path = path_class.from_state(head)
     missing, unexpected = tower.load_state_dict(head, strict=False)
     missing = [k for k in missing if not k.startswith("encoder.backbone.")]
     if missing or unexpected:

@@ -46,7 +46,7 @@ class _TowerEncoder:
 
     @property
     def dimension(self) -> int:
-        return self.config.towers.embedding_dim
+        return self.tower.output_dim
 
     def info(self) -> dict:
         return {"tower": self.tower_name, "dimension": self.dimension, "device": str(self.device),

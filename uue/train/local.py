@@ -16,6 +16,7 @@ import torch
 from uue.config import ExperimentConfig, ModelConfig
 from uue.data.featurize import Featurizer
 from uue.data.readers import UUEDataset
+from uue.model.pretrained_path import fit_configured_path, require_raw_data
 from uue.model.uue_model import UUEModel
 from uue.train.checkpoint import latest_checkpoint, prune_checkpoints, restore_checkpoint, write_checkpoint
 from uue.train.data import build_inputs, local_shards
@@ -54,6 +55,7 @@ class UUETrainer:
         self.model = (model or UUEModel.from_config(cfg.model, seed=seed)).to(self.device)
         self.featurizer = Featurizer(cfg.model, self.model.user_tokenizer, self.model.item_tokenizer)
         self.shards, self.dataset = local_shards(cfg, self.featurizer, dataset)
+        require_raw_data(cfg, self.dataset)
         self.inputs = build_inputs(cfg, self.shards, self.model, self.featurizer, self.device, seed)
         self.samplers = self.inputs.samplers
         self.objective = TrainingObjective(self.model, cfg.model, self.samplers)
@@ -103,6 +105,7 @@ class UUETrainer:
         result = TrainResult(steps=self.step, history=history, last_checkpoint=self.last_checkpoint)
         if self.step >= self.total_steps:
             result.model_dir = self.model.save_pretrained(self.output_dir / "model")
+            fit_configured_path(self.config, result.model_dir, self.dataset)
         return result
 
     def train(self, max_steps: int | None = None) -> TrainResult:

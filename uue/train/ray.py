@@ -30,8 +30,9 @@ import torch
 
 from uue.config import REPO_ROOT, ExperimentConfig
 from uue.data.featurize import Featurizer
-from uue.data.readers import UUEDataset, write_dataset
+from uue.data.readers import UUEDataset, load_dataset, write_dataset
 from uue.data.shards import Shards, is_preprocessed
+from uue.model.pretrained_path import fit_configured_path, require_raw_data
 from uue.model.uue_model import UUEModel
 from uue.train.checkpoint import MODEL_FOLDER, STATE_FILE, restore_checkpoint, write_checkpoint, zero_stage
 from uue.train.data import build_inputs, open_shards, preprocessed_target
@@ -286,6 +287,10 @@ def run_training(config: ExperimentConfig, probe: TrainProbe | None = None, resu
     featurizer = Featurizer(config.model, load_tokenizer(towers.user_model_name),
                             load_tokenizer(towers.item_model_name))
     shards = prepare_shards(config, featurizer, dataset)
+    if dataset is None and config.model.pretrained_path.pretrained_path_weight > 0 and not is_preprocessed(
+            config.data.path):
+        dataset = load_dataset(config.data.path)
+    require_raw_data(config, dataset)
     steps_per_epoch, total_steps = plan_steps(shards.train_users, dist.num_workers, optim.batch_size,
                                               optim.num_epochs, config.training.max_steps, shards.uri)
     resources = {"CPU": dist.cpus_per_worker}
@@ -322,6 +327,7 @@ def run_training(config: ExperimentConfig, probe: TrainProbe | None = None, resu
             shutil.rmtree(model_dir)
         shutil.copytree(Path(folder) / MODEL_FOLDER, model_dir)
         steps = json.loads((Path(folder) / STATE_FILE).read_text())["step"]
+    fit_configured_path(config, model_dir, dataset)
     return RayTrainResult(steps=int(steps), metrics=dict(result.metrics or {}), checkpoint_path=result.checkpoint.path,
                           model_dir=model_dir, run_dir=result.path, steps_per_epoch=steps_per_epoch,
                           shards_uri=shards.uri)
