@@ -22,6 +22,7 @@ def main(output_dir: str) -> int:
     from ray.cluster_utils import Cluster
 
     from uue.config import load_config
+    from uue.model.folder import read_output_dim
     from uue.train import TrainProbe
     from uue.train.ray import run_training
 
@@ -41,10 +42,13 @@ def main(output_dir: str) -> int:
             # the demo's CPU path: frozen backbones, chunk and statement vectors cached in each worker
             "model.freeze_user_backbone=true", "model.cache_chunk_vectors=true",
             "model.freeze_item_backbone=true", "model.cache_statement_vectors=true",
+            # and the pretrained path, fitted on the driver from the raw folder once the workers are done
+            "model.use_attention_pooling=false", "model.pretrained_path_weight=0.5",
         ])
         result = run_training(config, probe=TrainProbe(batch_log_dir=str(Path(output_dir) / "batch_log")))
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        print(json.dumps({"nodes": nodes, "steps": result.steps, "model_dir": str(result.model_dir)}))
+        print(json.dumps({"nodes": nodes, "steps": result.steps, "model_dir": str(result.model_dir),
+                          "output_dim": read_output_dim(result.model_dir / "item_tower")}))
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -24,6 +24,7 @@ import torch
 from uue.config import load_config
 from uue.data.readers import load_dataset
 from uue.data.shards import Shards
+from uue.model.backbone import TINY_HIDDEN
 from uue.model.uue_model import UUEModel, load_tower
 from uue.train import TrainProbe, UUETrainer
 from uue.train.ray import deepspeed_config, run_training
@@ -206,7 +207,7 @@ def test_zero3_export_is_the_single_process_format_and_equals_the_engine_weights
 @pytest.mark.slow
 def test_two_node_cluster_places_a_worker_on_each_node_and_sees_every_user_once(tmp_path):
     """Two nodes, one worker each, the demo's frozen-backbone chunk/statement vector caches on: one epoch sees
-    every training user exactly once across the nodes."""
+    every training user exactly once across the nodes; the pretrained path is fitted after the run."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Its own RAY_TMPDIR: `Cluster` records its address in <tmp>/ray/ray_current_cluster, which a later bare
     # `ray.init()` (a `uue` subprocess) would try to join if this run were killed before removing it.
@@ -226,6 +227,18 @@ def test_two_node_cluster_places_a_worker_on_each_node_and_sees_every_user_once(
     seen = Counter(u for entries in logs.values() for e in entries for u in e["user_ids"])
     assert seen == Counter(_train_users())  # every training user exactly once in the epoch, across both nodes
     assert summary["steps"] == 32 // 16
+    assert summary["output_dim"] == 16 + TINY_HIDDEN  # the pretrained path was fitted after the Ray run
+
+
+def test_a_pretrained_path_on_shards_alone_is_refused_before_training(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    config = _config(tmp_path, f"data.path={shards}", "model.freeze_user_backbone=true",
+                     "model.freeze_item_backbone=true", "model.use_attention_pooling=false",
+                     "model.pretrained_path_weight=0.5")
+    with pytest.raises(ValueError, match="preprocessed shards only"):
+        run_training(config)
 
 
 @pytest.mark.slow

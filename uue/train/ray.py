@@ -286,11 +286,12 @@ def run_training(config: ExperimentConfig, probe: TrainProbe | None = None, resu
     towers, optim = config.model.towers, config.model.optim
     featurizer = Featurizer(config.model, load_tokenizer(towers.user_model_name),
                             load_tokenizer(towers.item_model_name))
-    shards = prepare_shards(config, featurizer, dataset)
-    if dataset is None and config.model.pretrained_path.pretrained_path_weight > 0 and not is_preprocessed(
+    raw = dataset  # what the pretrained path is fitted on, read only when the config has one
+    if raw is None and config.model.pretrained_path.pretrained_path_weight > 0 and not is_preprocessed(
             config.data.path):
-        dataset = load_dataset(config.data.path)
-    require_raw_data(config, dataset)
+        raw = load_dataset(config.data.path)
+    require_raw_data(config, raw)
+    shards = prepare_shards(config, featurizer, dataset)
     steps_per_epoch, total_steps = plan_steps(shards.train_users, dist.num_workers, optim.batch_size,
                                               optim.num_epochs, config.training.max_steps, shards.uri)
     resources = {"CPU": dist.cpus_per_worker}
@@ -327,7 +328,7 @@ def run_training(config: ExperimentConfig, probe: TrainProbe | None = None, resu
             shutil.rmtree(model_dir)
         shutil.copytree(Path(folder) / MODEL_FOLDER, model_dir)
         steps = json.loads((Path(folder) / STATE_FILE).read_text())["step"]
-    fit_configured_path(config, model_dir, dataset)
+    fit_configured_path(config, model_dir, raw)
     return RayTrainResult(steps=int(steps), metrics=dict(result.metrics or {}), checkpoint_path=result.checkpoint.path,
                           model_dir=model_dir, run_dir=result.path, steps_per_epoch=steps_per_epoch,
                           shards_uri=shards.uri)
