@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from uue.data.readers import load_dataset
 from uue.data.schema import DataValidationError
@@ -361,3 +362,23 @@ def test_index_encoding_options_are_validated(tiny_model_dir):
         index_model_config(saved, "packed", pack_tokens=16)
     with pytest.raises(ValueError, match="use model, padded or packed"):
         index_model_config(saved, "sparse")  # type: ignore[arg-type]
+
+
+def test_a_model_with_a_pretrained_path_indexes_its_wider_statement_vectors(ray_session, tiny_model_config,
+                                                                          sample_data_dir, tmp_path):
+    from uue.model.backbone import TINY_HIDDEN
+    from uue.model.pretrained_path import StatementPretrainedPath, UserPretrainedPath
+
+    model = UUEModel.from_config(tiny_model_config, seed=0)
+    bank = torch.randn(6, TINY_HIDDEN, generator=torch.Generator().manual_seed(0))
+    model.item_tower.pretrained_path = StatementPretrainedPath(bank, threshold=0.05, sharpness=0.05)
+    model.user_tower.pretrained_path = UserPretrainedPath(torch.zeros(TINY_HIDDEN), 1.0)
+    model.save_pretrained(tmp_path / "model")
+    manifest = build_index(tmp_path / "model", sample_data_dir, tmp_path / "index", batch_size=8, **ONE_ACTOR)
+    assert manifest["dimension"] == 16 + TINY_HIDDEN
+    statements = list(load_dataset(sample_data_dir).statements.values())
+    ids, vectors = raw_vectors(tmp_path / "index")
+    expected = UUEInference(tmp_path / "model", device="cpu").encode_statements(statements)
+    by_id = dict(zip(ids, vectors, strict=True))
+    np.testing.assert_allclose(np.stack([by_id[s.statement_id] for s in statements]), expected, atol=1e-5)
+    assert np.abs(expected[:, 16:]).max() > 0.01  # the gate opened for some statements
