@@ -114,13 +114,14 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
     labels = [lab for lab in dataset.labels if lab.split == split]
     if not labels:
         raise ValueError(f"the pretrained path is fitted on '{split}' labels and the data has none")
-    model = UUEModel.from_pretrained(model_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = UUEModel.from_pretrained(model_dir, map_location=device)
     if not (model.config.towers.freeze_user_backbone and model.config.towers.freeze_item_backbone):
         raise ValueError("the pretrained path needs frozen user and item backbones (their spaces are the pretrained "
                          "ones)")
     model.user_tower.pretrained_path = None  # a refit starts from the trained towers alone
     model.item_tower.pretrained_path = None
-    embedder = ModelEmbedder(model, torch.device("cpu"), progress=progress, cache_dir=cache_dir)
+    embedder = ModelEmbedder(model, device, progress=progress, cache_dir=cache_dir)
     rng = np.random.default_rng(seed)
     sample = [labels[i] for i in rng.permutation(len(labels))[:FIT_LABELS]]
     user_ids = sorted({lab.user_id for lab in sample})
@@ -142,7 +143,7 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
     scale = weight * float(trained_scores.std()) / max(float(pretrained_scores.std()), 1e-12)
     model.user_tower.pretrained_path = UserPretrainedPath(torch.as_tensor(mean), scale)
     model.item_tower.pretrained_path = StatementPretrainedPath(torch.as_tensor(bank), threshold, sharpness)
-    model.save_pretrained(model_dir)
+    model.cpu().save_pretrained(model_dir)
     return {"scale": scale, "bank": len(bank_ids), "users": len(user_ids), "threshold": threshold,
             "sharpness": sharpness}
 
@@ -153,9 +154,10 @@ def _contents(embedder: Any, users: Sequence[Any]) -> np.ndarray:
     out = []
     with torch.no_grad():
         for vectors in embedder.user_encoder.chunk_vectors(users):
-            chunks = torch.as_tensor(vectors, dtype=torch.float32)[None]
-            mask = torch.ones(chunks.shape[:2], dtype=torch.bool)
-            out.append(tower.content(chunks.to(next(tower.parameters()).dtype), mask).float()[0].numpy())
+            parameter = next(tower.parameters())
+            chunks = torch.as_tensor(vectors)[None].to(parameter.device, parameter.dtype)
+            mask = torch.ones(chunks.shape[:2], dtype=torch.bool, device=parameter.device)
+            out.append(tower.content(chunks, mask).float()[0].cpu().numpy())
     return np.stack(out)
 
 

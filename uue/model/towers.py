@@ -210,8 +210,8 @@ class UserTower(nn.Module):
 
     def pool(self, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor, metadata: torch.Tensor | None
              ) -> torch.Tensor:
-        """The head: (B, C, H) chunk vectors -> (B, embedding_dim) unit user vectors (adapter, pooling, metadata,
-        projection)."""
+        """The head: (B, C, H) chunk vectors -> (B, output_dim) user vectors (adapter, pooling, metadata,
+        projection; unit unless a pretrained path is fitted)."""
         backbone_vectors = chunk_vectors
         if self.chunk_weight is not None:  # per chunk (padding rows are zero and stay zero)
             chunk_vectors = self.chunk_weight(chunk_vectors)
@@ -257,7 +257,7 @@ class ItemTower(nn.Module):
         return self.embedding_dim + (self.pretrained_path.width if self.pretrained_path is not None else 0)
 
     def forward(self, text: TowerInput, metadata: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, ...) statements -> (N, embedding_dim) unit vectors."""
+        """(N, ...) statements -> (N, output_dim) unit vectors."""
         return self._head(self.encoder.encode(text), metadata)
 
     def forward_ragged(self, statements: Sequence[Sequence[int] | torch.Tensor], metadata: torch.Tensor | None = None
