@@ -102,7 +102,7 @@ def test_training_fits_the_path_and_the_saved_folder_scores_what_it_says(tmp_pat
 
 
 def test_a_path_without_raw_data_is_refused_before_training(tmp_path, sample_data_dir):
-    from uue.model.pretrained_path import require_raw_data
+    from uue.train.pretrained_path import require_raw_data
 
     config = ExperimentConfig(model=load_config("configs/tiny.yaml", [*FROZEN, "model.pretrained_path_weight=1"])
                               .model, data={"path": str(tmp_path / "shards")})

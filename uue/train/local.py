@@ -16,12 +16,12 @@ import torch
 from uue.config import ExperimentConfig, ModelConfig
 from uue.data.featurize import Featurizer
 from uue.data.readers import UUEDataset
-from uue.model.pretrained_path import fit_configured_path, require_raw_data
 from uue.model.uue_model import UUEModel
 from uue.train.checkpoint import latest_checkpoint, prune_checkpoints, restore_checkpoint, write_checkpoint
 from uue.train.data import build_inputs, local_shards
 from uue.train.loop import Loop, TrainProbe, peak_flops_for
 from uue.train.objective import TrainingObjective
+from uue.train.pretrained_path import fit_configured_path, require_raw_data
 from uue.train.step import TorchOptimization
 from uue.train.stream import UserStream, plan_steps
 from uue.train.tracking import open_trackers

@@ -32,12 +32,12 @@ from uue.config import REPO_ROOT, ExperimentConfig
 from uue.data.featurize import Featurizer
 from uue.data.readers import UUEDataset, load_dataset, write_dataset
 from uue.data.shards import Shards, is_preprocessed
-from uue.model.pretrained_path import fit_configured_path, require_raw_data
 from uue.model.uue_model import UUEModel
 from uue.train.checkpoint import MODEL_FOLDER, STATE_FILE, restore_checkpoint, write_checkpoint, zero_stage
 from uue.train.data import build_inputs, open_shards, preprocessed_target
 from uue.train.loop import Loop, TrainProbe, peak_flops_for
 from uue.train.objective import TrainingObjective
+from uue.train.pretrained_path import fit_configured_path, require_raw_data
 from uue.train.step import DeepSpeedOptimization, model_of, param_groups, warmup_cosine
 from uue.train.stream import UserStream, plan_steps
 from uue.train.tracking import mlflow_uri, open_trackers

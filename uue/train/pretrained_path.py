@@ -1,0 +1,110 @@
+"""Fitting the pretrained path (uue.model.pretrained_path) on a trained model folder: the training users' mean
+content, the training statements' pretrained vectors (the gate's bank) and the scale, from the training labels.
+Both trainers call `fit_configured_path` once the final model is saved; `fit_pretrained_path` fits any folder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from uue.data.readers import UUEDataset, load_dataset
+from uue.model.encode import ModelEmbedder
+from uue.model.pretrained_path import StatementPretrainedPath, UserPretrainedPath
+from uue.model.uue_model import UUEModel
+
+FIT_LABELS = 8192
+"""Training labels sampled (seeded) to measure the two scores' spreads, and whose users give the mean content."""
+
+
+def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, threshold: float, sharpness: float,
+                        split: str = "train", seed: int = 0, cache_dir: str | None = None,
+                        progress: bool = False) -> dict[str, float]:
+    """Fit the pretrained path of a trained model folder on its training labels and save the folder again.
+
+    The bank is every statement of the `split` labels; the mean content and the scale come from up to FIT_LABELS of
+    those labels (their users). Returns what was fitted (for logs)."""
+    dataset = dataset if isinstance(dataset, UUEDataset) else load_dataset(dataset)
+    labels = [lab for lab in dataset.labels if lab.split == split]
+    if not labels:
+        raise ValueError(f"the pretrained path is fitted on '{split}' labels and the data has none")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = UUEModel.from_pretrained(model_dir, map_location=device)
+    if not (model.config.towers.freeze_user_backbone and model.config.towers.freeze_item_backbone):
+        raise ValueError("the pretrained path needs frozen user and item backbones (their spaces are the pretrained "
+                         "ones)")
+    model.user_tower.pretrained_path = None  # a refit starts from the trained towers alone
+    model.item_tower.pretrained_path = None
+    embedder = ModelEmbedder(model, device, progress=progress, cache_dir=cache_dir)
+    rng = np.random.default_rng(seed)
+    sample = [labels[i] for i in rng.permutation(len(labels))[:FIT_LABELS]]
+    user_ids = sorted({lab.user_id for lab in sample})
+    bank_ids = sorted({lab.statement_id for lab in labels})
+    users = [dataset.users[u] for u in user_ids]
+    trained_users = embedder.users(users)
+    content = _contents(embedder, users)
+    bank = _pretrained_statements(model, embedder, [dataset.statements[s] for s in bank_ids])
+    trained_bank_ids = sorted({lab.statement_id for lab in sample})
+    trained_statements = embedder.statements([dataset.statements[s] for s in trained_bank_ids])
+    user_pos = {u: i for i, u in enumerate(user_ids)}
+    bank_pos = {s: i for i, s in enumerate(bank_ids)}
+    trained_pos = {s: i for i, s in enumerate(trained_bank_ids)}
+    mean = content.mean(0)
+    rows = np.array([user_pos[lab.user_id] for lab in sample])
+    columns = [trained_pos[lab.statement_id] for lab in sample]
+    trained_scores = (trained_users[rows] * trained_statements[columns]).sum(1)
+    pretrained_scores = ((content[rows] - mean) * bank[[bank_pos[lab.statement_id] for lab in sample]]).sum(1)
+    scale = weight * float(trained_scores.std()) / max(float(pretrained_scores.std()), 1e-12)
+    model.user_tower.pretrained_path = UserPretrainedPath(torch.as_tensor(mean), scale)
+    model.item_tower.pretrained_path = StatementPretrainedPath(torch.as_tensor(bank), threshold, sharpness)
+    model.cpu().save_pretrained(model_dir)
+    return {"scale": scale, "bank": len(bank_ids), "users": len(user_ids), "threshold": threshold,
+            "sharpness": sharpness}
+
+
+def _contents(embedder: Any, users: Sequence[Any]) -> np.ndarray:
+    """Each user's `UserTower.content` (unit pooled frozen chunk vectors), from the embedder's chunk cache."""
+    tower = embedder.user_encoder.tower
+    out = []
+    with torch.no_grad():
+        for vectors in embedder.user_encoder.chunk_vectors(users):
+            parameter = next(tower.parameters())
+            chunks = torch.as_tensor(vectors)[None].to(parameter.device, parameter.dtype)
+            mask = torch.ones(chunks.shape[:2], dtype=torch.bool, device=parameter.device)
+            out.append(tower.content(chunks, mask).float()[0].cpu().numpy())
+    return np.stack(out)
+
+
+def _pretrained_statements(model: Any, embedder: Any, statements: Sequence[Any]) -> np.ndarray:
+    """Unit vectors of the frozen item backbone (the item tower's pooled text, before any head)."""
+    encoder = embedder.statement_encoder
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(statements), encoder.batch_size):
+            batch = encoder.featurize(statements[start : start + encoder.batch_size]).to(encoder.device)
+            out.append(F.normalize(model.item_tower.encoder.encode(batch.text).float(), dim=-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def fit_configured_path(config: Any, model_dir: str | Path, dataset: Any) -> dict[str, float] | None:
+    """The path `config.model.pretrained_path` asks for, fitted on `dataset` (its train labels) into the trained
+    model folder; None when the config has none. Called by both trainers once the final model is saved."""
+    options = config.model.pretrained_path
+    if options.pretrained_path_weight <= 0:
+        return None
+    require_raw_data(config, dataset)
+    return fit_pretrained_path(model_dir, dataset, options.pretrained_path_weight, options.novelty_threshold,
+                               options.novelty_sharpness, seed=config.training.seed,
+                               cache_dir=config.model.caching.cache_dir)
+
+
+def require_raw_data(config: Any, dataset: Any) -> None:
+    """Refuse, before any training, a pretrained path without the raw data it is fitted on."""
+    if config.model.pretrained_path.pretrained_path_weight > 0 and dataset is None:
+        raise ValueError("model.pretrained_path_weight > 0 fits the path on the training statements and users of a "
+                         f"data-contract folder; data.path={config.data.path} is preprocessed shards only: point "
+                         "data.path at the folder they were made from")
