@@ -106,7 +106,20 @@ def _hidden_cut(encoder: TextEncoder, trainable_layers: int | None) -> int | Non
     return cut_layer(encoder.backbone, trainable_layers) if trainable_layers else None
 
 
-class UserTower(nn.Module):
+class _OutputWidth:
+    """What both towers' vectors add up to: `embedding_dim`, plus the backbone's width once a pretrained path
+    (uue.model.pretrained_path) is fitted after training; `pretrained_path` is None while training and when the
+    config has none."""
+
+    embedding_dim: int
+    pretrained_path: UserPretrainedPath | StatementPretrainedPath | None
+
+    @property
+    def output_dim(self) -> int:
+        return self.embedding_dim + (self.pretrained_path.width if self.pretrained_path is not None else 0)
+
+
+class UserTower(_OutputWidth, nn.Module):
     """Encode each chunk, attention-pool the chunk vectors, fuse metadata, project, L2-normalise."""
 
     def __init__(self, encoder: TextEncoder, config: ModelConfig):
@@ -131,13 +144,7 @@ class UserTower(nn.Module):
         if config.packing.compile_backbone:
             encoder.compile_backbone()
         self.hidden_cut = _hidden_cut(encoder, config.hidden_cache_layers("user"))
-        # Fitted after training (uue.model.pretrained_path); None while training and when not configured.
         self.pretrained_path: UserPretrainedPath | None = None
-
-    @property
-    def output_dim(self) -> int:
-        """Width of the tower's vectors: embedding_dim, plus the backbone's width with a pretrained path."""
-        return self.embedding_dim + (self.pretrained_path.width if self.pretrained_path is not None else 0)
 
     def encode_chunks(self, chunks: TowerInput) -> torch.Tensor:
         """(N, ...) chunks -> (N, H) chunk vectors, `micro_batch` chunks at a time.
@@ -228,7 +235,7 @@ class UserTower(nn.Module):
         return out
 
 
-class ItemTower(nn.Module):
+class ItemTower(_OutputWidth, nn.Module):
     """Statement (+ context) -> pooled -> metadata fusion -> projection -> L2."""
 
     def __init__(self, encoder: TextEncoder, config: ModelConfig):
@@ -248,13 +255,7 @@ class ItemTower(nn.Module):
         if config.packing.compile_backbone:
             encoder.compile_backbone()
         self.hidden_cut = _hidden_cut(encoder, config.hidden_cache_layers("item"))
-        # Fitted after training (uue.model.pretrained_path); None while training and when not configured.
         self.pretrained_path: StatementPretrainedPath | None = None
-
-    @property
-    def output_dim(self) -> int:
-        """Width of the tower's vectors: embedding_dim, plus the backbone's width with a pretrained path."""
-        return self.embedding_dim + (self.pretrained_path.width if self.pretrained_path is not None else 0)
 
     def forward(self, text: TowerInput, metadata: torch.Tensor | None = None) -> torch.Tensor:
         """(N, ...) statements -> (N, output_dim) unit vectors."""
