@@ -69,8 +69,9 @@ class StatementPretrainedPath(nn.Module):
         """(N, H) unit pretrained statement vectors -> (N,) gate in (0, 1): near 1 for statements far from every
         training statement."""
         nearest = torch.zeros(len(pretrained), device=pretrained.device)
+        bank = self.bank.float()  # once per call, not once per slice
         for start in range(0, len(pretrained), 256):  # (256, bank) cosines at a time
-            part = pretrained[start : start + 256].float() @ self.bank.float().T
+            part = pretrained[start : start + 256].float() @ bank.T
             nearest[start : start + 256] = part.max(dim=1).values
         return torch.sigmoid((1.0 - nearest - self.threshold) / self.sharpness)
 
