@@ -88,9 +88,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in rows if math.isfinite(r[key])]
         return sum(values) / len(values) if values else math.nan
 
-    return {"families": rows, "mean_auc": mean("auc"), "mean_baseline_auc": mean("baseline_auc"),
-            "mean_gain": mean("auc") - mean("baseline_auc"), "mean_statement_auc": mean("statement_auc"),
-            "mean_baseline_statement_auc": mean("baseline_statement_auc")}
+    trained, baseline = mean("auc"), mean("baseline_auc")
+    return {"families": rows, "mean_auc": trained, "mean_baseline_auc": baseline, "mean_gain": trained - baseline,
+            "mean_statement_auc": mean("statement_auc"), "mean_baseline_statement_auc": mean("baseline_statement_auc")}
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
