@@ -371,11 +371,12 @@ def test_a_model_with_a_pretrained_path_indexes_its_wider_statement_vectors(ray_
 
     model = UUEModel.from_config(tiny_model_config, seed=0)
     bank = torch.randn(6, TINY_HIDDEN, generator=torch.Generator().manual_seed(0))
-    model.item_tower.pretrained_path = StatementPretrainedPath(bank, threshold=0.05, sharpness=0.05)
+    model.item_tower.pretrained_path = StatementPretrainedPath(bank, torch.ones(16) / 4, threshold=0.05,
+                                                               offset_threshold=0.05, sharpness=0.05)
     model.user_tower.pretrained_path = UserPretrainedPath(torch.zeros(TINY_HIDDEN), 1.0)
     model.save_pretrained(tmp_path / "model")
     manifest = build_index(tmp_path / "model", sample_data_dir, tmp_path / "index", batch_size=8, **ONE_ACTOR)
-    assert manifest["dimension"] == 16 + TINY_HIDDEN
+    assert manifest["dimension"] == 16 + TINY_HIDDEN + 1
     statements = list(load_dataset(sample_data_dir).statements.values())
     ids, vectors = raw_vectors(tmp_path / "index")
     expected = UUEInference(tmp_path / "model", device="cpu").encode_statements(statements)

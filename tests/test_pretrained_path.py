@@ -26,30 +26,44 @@ def test_config_needs_frozen_backbones_mean_pooling_and_one_backbone():
         .pretrained_path_weight == 1
 
 
-def test_gate_keeps_trained_statements_and_opens_for_new_ones():
+def test_gates_keep_trained_statements_and_open_for_new_ones():
     bank = torch.eye(4)[:2]  # two training statements
-    path = StatementPretrainedPath(bank, threshold=0.35, sharpness=0.01)
-    trained = F.normalize(torch.tensor([[1.0, 2.0], [2.0, -1.0], [0.5, 0.5]]), dim=-1)
+    trained_mean = torch.tensor([0.3, -0.1])
+    path = StatementPretrainedPath(bank, trained_mean, threshold=0.35, offset_threshold=0.5, sharpness=0.01)
+    trained = F.normalize(torch.tensor([[1.0, 2.0], [2.0, -1.0], [0.5, 0.5], [1.0, 0.0]]), dim=-1)
     pooled = torch.tensor([[3.0, 0.0, 0.0, 0.0],  # a training statement: novelty 0
                            [1.0, 1.0, 0.0, 0.0],  # between the two: novelty 1 - cos 45 degrees = 0.29
-                           [0.0, 0.0, 2.0, 0.0]])  # orthogonal to both: novelty 1
+                           [0.0, 0.0, 2.0, 0.0],  # orthogonal to both: novelty 1
+                           [1.0, 0.0, 1.0, 0.0]])  # cos 45 degrees to one: novelty 0.29
+    novelty = path.novelty(F.normalize(pooled, dim=-1))
+    torch.testing.assert_close(novelty, torch.tensor([0.0, 1 - 0.5**0.5, 1.0, 1 - 0.5**0.5]))
     gate = path.gate(F.normalize(pooled, dim=-1))
     assert gate[0] < 1e-6 and gate[1] < 0.01 and gate[2] > 1 - 1e-6
     # A wider sigmoid (novelty_sharpness) half-opens the gate for the statement between the two (0.29 vs 0.35).
     options = load_config("configs/tiny.yaml", ["model.novelty_sharpness=0.1"]).model.pretrained_path
-    sharpness = options.novelty_sharpness
-    softer = StatementPretrainedPath(bank, threshold=0.35, sharpness=sharpness).gate(F.normalize(pooled, dim=-1))
+    softer = StatementPretrainedPath(bank, trained_mean, threshold=0.35, offset_threshold=0.5,
+                                     sharpness=options.novelty_sharpness).gate(F.normalize(pooled, dim=-1))
     assert 0.3 < float(softer[1]) < 0.4 and float(softer[0]) < 0.05
     out = path(trained, pooled)
-    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))  # statement vectors stay unit
-    torch.testing.assert_close(out[0], torch.cat([trained[0], torch.zeros(4)]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[2], torch.cat([trained[2], torch.tensor([0.0, 0.0, 1.0, 0.0])]) / 2**0.5)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(4))  # statement vectors stay unit
+    # Near the training statements: the trained vector, no path, the offset kept (its column 0).
+    torch.testing.assert_close(out[0], torch.cat([trained[0], torch.zeros(5)]), atol=1e-5, rtol=0)
+    # Far from all of them: the pretrained vector beside the trained one, and the trained offset taken back.
+    offset = float(trained[2] @ trained_mean)
+    expected = torch.cat([trained[2], torch.tensor([0.0, 0.0, 1.0, 0.0, -offset])])
+    torch.testing.assert_close(out[2], expected / expected.norm())
+    # Scored against a user vector [trained, content part, 1]: the training users' mean user scores 0 on it.
+    mean_user = torch.cat([trained_mean, torch.zeros(4), torch.ones(1)])
+    assert abs(float(mean_user @ out[2])) < 1e-6 and float(mean_user @ out[3]) > 0.29  # kept: 0.3
+    # offset_novelty_threshold=2 keeps every trained offset.
+    keep = StatementPretrainedPath(bank, trained_mean, threshold=0.35, offset_threshold=2.0, sharpness=0.01)
+    assert abs(float(keep(trained, pooled)[2, -1])) < 1e-6
 
 
-def test_user_side_adds_the_centred_content_at_the_fitted_scale():
+def test_user_side_adds_the_centred_content_at_the_fitted_scale_and_a_constant():
     path = UserPretrainedPath(mean=torch.tensor([0.5, 0.5, 0.0]), scale=2.0)
     out = path(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]]))
-    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 1.0, -1.0, 0.0]]))
+    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 1.0, -1.0, 0.0, 1.0]]))
 
 
 def test_training_fits_the_path_and_the_saved_folder_scores_what_it_says(tmp_path, sample_data_dir):
@@ -62,7 +76,8 @@ def test_training_fits_the_path_and_the_saved_folder_scores_what_it_says(tmp_pat
     from uue.train import UUETrainer
 
     config = load_config("configs/tiny.yaml", [*FROZEN, "model.pretrained_path_weight=1",
-                                                "model.novelty_threshold=0.001", f"data.path={sample_data_dir}",
+                                                "model.novelty_threshold=0.001",
+                                                "model.offset_novelty_threshold=0.001", f"data.path={sample_data_dir}",
                                                 f"training.output_dir={tmp_path}", "training.max_steps=2"])
     result = UUETrainer(config).fit()
     model = UUEModel.from_pretrained(result.model_dir)
@@ -82,17 +97,29 @@ def test_training_fits_the_path_and_the_saved_folder_scores_what_it_says(tmp_pat
     users = [dataset.users[u] for u in sorted(dataset.users)[:5]]
     statements = [dataset.statements[s] for s in sorted(dataset.statements)[:7]]
     with_path_users, with_path_statements = embedder.users(users), embedder.statements(statements)
-    assert with_path_users.shape[1] == with_path_statements.shape[1] == 16 + TINY_HIDDEN
-    assert read_output_dim(result.model_dir / "item_tower") == 16 + TINY_HIDDEN
+    assert with_path_users.shape[1] == with_path_statements.shape[1] == 16 + TINY_HIDDEN + 1
+    assert read_output_dim(result.model_dir / "item_tower") == read_output_dim(result.model_dir / "user_tower") \
+        == 16 + TINY_HIDDEN + 1
     np.testing.assert_allclose(np.linalg.norm(with_path_statements, axis=1), 1.0, atol=1e-5)
     # The score is the trained score plus the gated, centred baseline score, over sqrt(1 + gate^2).
     model.user_tower.pretrained_path = model.item_tower.pretrained_path = None
     trained_users, trained_statements = embedder.users(users), embedder.statements(statements)
+    # What the fit reads of each user (one pass over the cached chunks) is the tower's vector and the baseline's.
+    pooled, content = embedder.user_encoder.pool_with_content(users)
+    np.testing.assert_allclose(pooled, trained_users, atol=1e-5)
+    np.testing.assert_allclose(content, baseline.users(users), atol=1e-5)
+    # The statement side's trained mean is the training users' mean trained vector.
+    np.testing.assert_allclose(statement_path.trained_mean.numpy(),
+                               embedder.users([dataset.users[u] for u in train_users]).mean(0), atol=1e-5)
+    # The score: the trained score plus the gated, centred baseline score, minus the gated trained offset (the
+    # thresholds are near 0 here: every statement is new), over the statement vector's norm.
     pretrained = baseline.statements(statements)
-    gate = statement_path.gate(torch.as_tensor(pretrained)).numpy()
+    novelty = statement_path.novelty(torch.as_tensor(pretrained)).numpy()
+    gate = 1 / (1 + np.exp(-(novelty - 0.001) / 0.01))
+    offset = gate * (trained_statements @ statement_path.trained_mean.numpy())
     centred = baseline.users(users) - user_path.mean.numpy()
     expected = (trained_users @ trained_statements.T + float(user_path.scale) * centred @ (pretrained * gate[:, None]).T
-                ) / np.sqrt(1 + gate**2)
+                - offset) / np.sqrt(1 + gate**2 + offset**2)
     np.testing.assert_allclose(with_path_users @ with_path_statements.T, expected, atol=1e-4)
 
     # The fitted scale is the weight times the trained score's spread over the centred baseline's.

@@ -227,7 +227,7 @@ def test_two_node_cluster_places_a_worker_on_each_node_and_sees_every_user_once(
     seen = Counter(u for entries in logs.values() for e in entries for u in e["user_ids"])
     assert seen == Counter(_train_users())  # every training user exactly once in the epoch, across both nodes
     assert summary["steps"] == 32 // 16
-    assert summary["output_dim"] == 16 + TINY_HIDDEN  # the pretrained path was fitted after the Ray run
+    assert summary["output_dim"] == 16 + TINY_HIDDEN + 1  # the pretrained path was fitted after the Ray run
 
 
 def test_a_pretrained_path_on_shards_alone_is_refused_before_training(tmp_path):

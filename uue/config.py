@@ -143,8 +143,14 @@ class PretrainedPathConfig(_Strict):
     """A statement's novelty is 1 - its highest pretrained cosine to a training statement; the gate is half open
     at this novelty (MovieLens-1M: the held-out sentences of trained genres stay below 0.29, genres no label names
     sit at 0.39-0.43; validation users chose 0.35)."""
+    offset_novelty_threshold: float = Field(0.55, gt=0, le=2)
+    """Above this novelty a statement's trained offset (its mean score over training users) is dropped: the heads
+    map a statement far from every trained one somewhere arbitrary, and its offset with it. MovieLens-1M: trained
+    statements' held-out rephrasings reach 0.45 and genres no label names 0.43 (their trained offsets help); whole
+    families held out (gender, occupation) sit at 0.59 and above. Chosen on validation users (leave-one-family-out
+    and the full model); 2 keeps every offset."""
     novelty_sharpness: float = Field(0.01, gt=0)
-    """Width of the gate's sigmoid around the threshold."""
+    """Width of the gates' sigmoid around the thresholds."""
 
 
 class NegativesConfig(_Strict):

@@ -36,16 +36,14 @@ def read_tower_config(tower_folder: str | Path) -> ModelConfig:
 
 
 def read_output_dim(tower_folder: str | Path) -> int:
-    """Width of a saved tower's vectors without loading it: embedding_dim, plus the backbone's width when the
-    tower holds a fitted pretrained path (uue.model.pretrained_path)."""
+    """Width of a saved tower's vectors without loading it: embedding_dim, plus what a fitted pretrained path adds
+    (uue.model.pretrained_path)."""
     from safetensors import safe_open
 
-    width = read_tower_config(tower_folder).towers.embedding_dim
+    from uue.model.pretrained_path import saved_width
+
     with safe_open(str(Path(tower_folder) / "head.safetensors"), framework="pt") as head:
-        for key in ("pretrained_path.mean", "pretrained_path.bank"):
-            if key in head.keys():
-                width += head.get_slice(key).get_shape()[-1]
-    return width
+        return read_tower_config(tower_folder).towers.embedding_dim + saved_width(head)
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -22,12 +22,12 @@ FIT_LABELS = 8192
 
 
 def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, threshold: float, sharpness: float,
-                        split: str = "train", seed: int = 0, cache_dir: str | None = None,
-                        progress: bool = False) -> dict[str, float]:
+                        offset_threshold: float, split: str = "train", seed: int = 0,
+                        cache_dir: str | None = None, progress: bool = False) -> dict[str, float]:
     """Fit the pretrained path of a trained model folder on its training labels and save the folder again.
 
-    The bank is every statement of the `split` labels; the mean content and the scale come from up to FIT_LABELS of
-    those labels (their users). Returns what was fitted (for logs)."""
+    The bank is every statement of the `split` labels; the mean content, the mean trained user vector and the scale
+    come from up to FIT_LABELS of those labels (their users). Returns what was fitted (for logs)."""
     dataset = dataset if isinstance(dataset, UUEDataset) else load_dataset(dataset)
     labels = [lab for lab in dataset.labels if lab.split == split]
     if not labels:
@@ -45,8 +45,7 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
     user_ids = sorted({lab.user_id for lab in sample})
     bank_ids = sorted({lab.statement_id for lab in labels})
     users = [dataset.users[u] for u in user_ids]
-    trained_users = embedder.users(users)
-    content = _contents(embedder, users)
+    trained_users, content = embedder.user_encoder.pool_with_content(users)
     bank = _pretrained_statements(model, embedder, [dataset.statements[s] for s in bank_ids])
     trained_bank_ids = sorted({lab.statement_id for lab in sample})
     trained_statements = embedder.statements([dataset.statements[s] for s in trained_bank_ids])
@@ -60,23 +59,11 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
     pretrained_scores = ((content[rows] - mean) * bank[[bank_pos[lab.statement_id] for lab in sample]]).sum(1)
     scale = weight * float(trained_scores.std()) / max(float(pretrained_scores.std()), 1e-12)
     model.user_tower.pretrained_path = UserPretrainedPath(torch.as_tensor(mean), scale)
-    model.item_tower.pretrained_path = StatementPretrainedPath(torch.as_tensor(bank), threshold, sharpness)
+    model.item_tower.pretrained_path = StatementPretrainedPath(torch.as_tensor(bank), torch.as_tensor(
+        trained_users.mean(0)), threshold, offset_threshold, sharpness)
     model.cpu().save_pretrained(model_dir)
     return {"scale": scale, "bank": len(bank_ids), "users": len(user_ids), "threshold": threshold,
-            "sharpness": sharpness}
-
-
-def _contents(embedder: Any, users: Sequence[Any]) -> np.ndarray:
-    """Each user's `UserTower.content` (unit pooled frozen chunk vectors), from the embedder's chunk cache."""
-    tower = embedder.user_encoder.tower
-    out = []
-    with torch.no_grad():
-        for vectors in embedder.user_encoder.chunk_vectors(users):
-            parameter = next(tower.parameters())
-            chunks = torch.as_tensor(vectors)[None].to(parameter.device, parameter.dtype)
-            mask = torch.ones(chunks.shape[:2], dtype=torch.bool, device=parameter.device)
-            out.append(tower.content(chunks, mask).float()[0].cpu().numpy())
-    return np.stack(out)
+            "offset_threshold": offset_threshold, "sharpness": sharpness}
 
 
 def _pretrained_statements(model: Any, embedder: Any, statements: Sequence[Any]) -> np.ndarray:
@@ -98,7 +85,7 @@ def fit_configured_path(config: Any, model_dir: str | Path, dataset: Any) -> dic
         return None
     require_raw_data(config, dataset)
     return fit_pretrained_path(model_dir, dataset, options.pretrained_path_weight, options.novelty_threshold,
-                               options.novelty_sharpness, seed=config.training.seed,
+                               options.novelty_sharpness, options.offset_novelty_threshold, seed=config.training.seed,
                                cache_dir=config.model.caching.cache_dir)
 
 
