@@ -22,6 +22,9 @@ def test_config_needs_frozen_backbones_mean_pooling_and_one_backbone():
         load_config("configs/tiny.yaml", [*FROZEN[:4], "model.pretrained_path_weight=1"])
     with pytest.raises(ConfigError, match="one backbone for both towers"):
         load_config("configs/tiny.yaml", [*FROZEN, "model.pretrained_path_weight=1", "model.item_model_name=tiny-item"])
+    with pytest.raises(ConfigError, match="user_pooling 'affinity' reads history chunks with the item head"):
+        load_config("configs/tiny.yaml", [*FROZEN, "model.pretrained_path_weight=1", "model.user_pooling=affinity",
+                                          "model.use_item_metadata=true"])
     assert load_config("configs/tiny.yaml", [*FROZEN, "model.pretrained_path_weight=1"]).model.pretrained_path \
         .pretrained_path_weight == 1
 
@@ -62,8 +65,44 @@ def test_gates_keep_trained_statements_and_open_for_new_ones():
 
 def test_user_side_adds_the_centred_content_at_the_fitted_scale_and_a_constant():
     path = UserPretrainedPath(mean=torch.tensor([0.5, 0.5, 0.0]), scale=2.0)
-    out = path(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]]))
+    # one user, two real chunks and a padding row: the content is the unit mean of the real ones
+    chunks = torch.tensor([[[2.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 9.0, 0.0]]])
+    out = path(torch.tensor([[1.0, 0.0]]), chunks, torch.tensor([[True, True, False]]))
     torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 1.0, -1.0, 0.0, 1.0]]))
+
+
+def test_affinity_pooling_weights_the_chunks_that_fit_the_trained_user():
+    """Chunk vectors read as statements (here the identity head) are scored against the trained user; the softmax of
+    the scores' z-score over the user's chunks weights the frozen chunk vectors."""
+    path = UserPretrainedPath(torch.zeros(3), 1.0, chunk_map=torch.eye(3)[:, :2], chunk_bias=torch.zeros(2))
+    chunks = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [5.0, 5.0, 5.0]]])
+    mask = torch.tensor([[True, True, True, False]])
+    trained = torch.tensor([[1.0, 0.0]])
+    fit = torch.tensor([1.0, 0.0, 0.0])  # cosines of the real chunks' mapped vectors with the trained user
+    weights = torch.softmax((fit - fit.mean()) / fit.std(unbiased=False), 0)
+    expected = F.normalize((weights[:, None] * chunks[0, :3]).sum(0), dim=-1)
+    torch.testing.assert_close(path.content(trained, chunks, mask)[0], expected)
+    assert path.content(trained, chunks, mask)[0, 0] > path.content(trained, chunks, mask)[0, 1]
+    # a user with one chunk pools to that chunk; the mean pooling of the same path is the plain mean
+    torch.testing.assert_close(path.content(trained, chunks, torch.tensor([[False, True, False, False]])),
+                               torch.tensor([[0.0, 1.0, 0.0]]))
+    plain = UserPretrainedPath(torch.zeros(3), 1.0)
+    torch.testing.assert_close(plain.content(trained, chunks, mask), F.normalize(torch.ones(1, 3), dim=-1))
+
+
+def test_the_item_head_as_a_map_matches_the_head_and_refuses_a_nonlinear_one():
+    from uue.model.pretrained_path import item_head_as_map
+    from uue.model.towers import LowRankResidualProjection
+
+    affine = LowRankResidualProjection(6, 2, "none")
+    torch.nn.init.normal_(affine.up.weight)  # zero-initialised: give it a correction to check
+    chunk_map, bias = item_head_as_map(affine, 6)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(x @ chunk_map + bias, affine(x), atol=1e-5, rtol=1e-5)
+    gelu = LowRankResidualProjection(6, 2, "gelu")
+    torch.nn.init.normal_(gelu.up.weight)
+    with pytest.raises(ValueError, match="not linear"):
+        item_head_as_map(gelu, 6)
 
 
 def test_training_fits_the_path_and_the_saved_folder_scores_what_it_says(tmp_path, sample_data_dir):
@@ -104,10 +143,6 @@ def test_training_fits_the_path_and_the_saved_folder_scores_what_it_says(tmp_pat
     # The score is the trained score plus the gated, centred baseline score, over sqrt(1 + gate^2).
     model.user_tower.pretrained_path = model.item_tower.pretrained_path = None
     trained_users, trained_statements = embedder.users(users), embedder.statements(statements)
-    # What the fit reads of each user (one pass over the cached chunks) is the tower's vector and the baseline's.
-    pooled, content = embedder.user_encoder.pool_with_content(users)
-    np.testing.assert_allclose(pooled, trained_users, atol=1e-5)
-    np.testing.assert_allclose(content, baseline.users(users), atol=1e-5)
     # The statement side's trained mean is the training users' mean trained vector.
     np.testing.assert_allclose(statement_path.trained_mean.numpy(),
                                embedder.users([dataset.users[u] for u in train_users]).mean(0), atol=1e-5)
@@ -126,6 +161,24 @@ def test_training_fits_the_path_and_the_saved_folder_scores_what_it_says(tmp_pat
     assert float(user_path.scale) > 0
     with pytest.raises(ValueError, match="pretrained path"):
         export_sentence_transformers(result.model_dir, tmp_path / "st")
+
+    # Refitted with affinity pooling, the saved folder scores users with the fitted map, centred on the same
+    # training users the fit pooled: the trained part unchanged, the content part averaging 0 over them.
+    from uue.model.pretrained_path import item_head_as_map
+    from uue.train.pretrained_path import fit_pretrained_path
+
+    fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001, user_pooling="affinity")
+    refitted = UUEModel.from_pretrained(result.model_dir)
+    chunk_map, bias = item_head_as_map(refitted.item_tower.projection, TINY_HIDDEN)
+    torch.testing.assert_close(refitted.user_tower.pretrained_path.chunk_map, chunk_map)
+    refitted_embedder = ModelEmbedder(refitted, device, progress=False)
+    train_vectors = refitted_embedder.users([dataset.users[u] for u in train_users])
+    np.testing.assert_allclose(train_vectors[:, 16 : 16 + TINY_HIDDEN].mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(refitted_embedder.users(users)[:, :16], trained_users, atol=1e-5)
+    mean_content = baseline.users(users) - user_path.mean.numpy()
+    affinity_content = refitted_embedder.users(users)[:, 16 : 16 + TINY_HIDDEN] / float(
+        refitted.user_tower.pretrained_path.scale)
+    assert not np.allclose(affinity_content, mean_content, atol=1e-3)  # the weights moved the pool
 
 
 def test_a_path_without_raw_data_is_refused_before_training(tmp_path, sample_data_dir):

@@ -151,6 +151,10 @@ class PretrainedPathConfig(_Strict):
     and the full model); 2 keeps every offset."""
     novelty_sharpness: float = Field(0.01, gt=0)
     """Width of the gates' sigmoid around the thresholds."""
+    user_pooling: Literal["mean", "affinity"] = "mean"
+    """How the path's user side pools the frozen chunk vectors: their mean (the untrained baseline's user), or
+    "affinity": weighted by how well each chunk, read as a statement by the trained item head, fits the trained
+    user (uue.model.pretrained_path.UserPretrainedPath). Needs a linear item head and no item metadata."""
 
 
 class NegativesConfig(_Strict):
@@ -310,6 +314,9 @@ class ModelConfig(_Strict):
             if towers.user_model_name != towers.item_model_name:
                 raise ValueError("pretrained_path_weight needs one backbone for both towers (user_model_name == "
                                  "item_model_name): the path compares a user's chunk vectors with a statement's")
+            if self.pretrained_path.user_pooling == "affinity" and self.heads.use_item_metadata:
+                raise ValueError("user_pooling 'affinity' reads history chunks with the item head, and chunks have no "
+                                 "item metadata: turn use_item_metadata off or use user_pooling 'mean'")
         if self.packing.compile_backbone and self.packing.attention == "packed":
             raise ValueError("compile_backbone compiles the padded Hugging Face forward; the packed path compiles "
                              "its layers (compile_layers: true)")

@@ -106,22 +106,6 @@ class UserBatchEncoder:
         batch = self._vector_batch([vectors for vectors, _ in users], [metadata for _, metadata in users])
         return self.tower.pool(batch.chunks.vectors, batch.chunk_mask, batch.metadata).float().cpu().numpy()
 
-    @torch.no_grad()
-    def pool_with_content(self, users: Sequence[UserData]) -> tuple[np.ndarray, np.ndarray]:
-        """Users -> ((N, D) tower vectors, (N, H) `UserTower.content`), both pooled from one read of the cached chunk
-        vectors (`batch_size` users at a time): what fitting the pretrained path needs of each user."""
-        cached = self.chunk_vectors(users)
-        trained, content = [], []
-        for start in range(0, len(users), self.batch_size):
-            part = users[start : start + self.batch_size]
-            batch = self._vector_batch(cached[start : start + self.batch_size], [u.metadata for u in part])
-            vectors = batch.chunks.vectors
-            trained.append(self.tower.pool(vectors, batch.chunk_mask, batch.metadata).float().cpu().numpy())
-            content.append(self.tower.content(vectors, batch.chunk_mask).float().cpu().numpy())
-        if not trained:
-            return np.zeros((0, self.dimension), np.float32), np.zeros((0, self.tower.encoder.hidden_size), np.float32)
-        return np.concatenate(trained), np.concatenate(content)
-
 
 class StatementBatchEncoder:
     """Statements -> (N, embedding_dim) unit vectors with an item tower, `batch_size` at a time.

@@ -7,8 +7,10 @@ encoder. The pretrained path adds, for such statements only, the untrained space
     score(u, x) = [ trained(u) . trained(x) + scale * gate(x) * (content(u) - mean) . e(x)
                     - offset_gate(x) * trained_mean . trained(x) ] / norm(x)
 
-- content(u): the user's pooled frozen chunk vectors (`UserTower.content`, the untrained baseline's user vector);
-  `mean` is its average over training users, so the term ranks users without moving any statement's offset.
+- content(u): the user's pooled frozen chunk vectors, their mean (`UserTower.content`, the untrained baseline's user
+  vector) or, with user_pooling "affinity", a mean weighted by the trained model's view of which chunks fit the
+  user (`UserPretrainedPath`); `mean` is its average over training users, so the term ranks users without moving
+  any statement's offset.
 - e(x): the frozen item backbone's unit vector of the statement; gate(x) = sigmoid((novelty(x) - threshold) /
   sharpness) with novelty(x) = 1 - the highest cosine between e(x) and the training statements (`bank`). Training
   statements and their rephrasings stay near 0 and keep the trained score; a new kind of statement gets the path.
@@ -40,26 +42,69 @@ PREFIX = "pretrained_path."
 
 class UserPretrainedPath(nn.Module):
     """The user side: scale * (content - mean of training users' content), and a constant 1 (the statement side's
-    offset correction)."""
+    offset correction).
 
-    def __init__(self, mean: torch.Tensor, scale: float | torch.Tensor):
+    content pools the user's frozen chunk vectors: their plain mean (the untrained baseline's user vector), or with
+    `chunk_map` (user_pooling "affinity") a mean weighted by how well each chunk, read as a statement by the trained
+    item head, fits the user's trained vector: softmax over the user's chunks of that score's z-score. The trained
+    model picks the lines of the history that say most about the user (on MovieLens, the films a user rated highly
+    among those of a genre), and the pretrained space reads what they are about, a kind of statement the heads were
+    never trained on included."""
+
+    def __init__(self, mean: torch.Tensor, scale: float | torch.Tensor, chunk_map: torch.Tensor | None = None,
+                 chunk_bias: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(-1))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(1))
+        if (chunk_map is None) != (chunk_bias is None):
+            raise ValueError("chunk_map and chunk_bias come together (the item head as a linear map)")
+        # (H, D) and (D,): the trained item head on a backbone vector, as the linear map it is (`item_head_as_map`)
+        self.chunk_map = None if chunk_map is None else nn.Buffer(torch.as_tensor(chunk_map, dtype=torch.float32))
+        self.chunk_bias = None if chunk_bias is None else nn.Buffer(torch.as_tensor(chunk_bias, dtype=torch.float32))
 
     @property
     def width(self) -> int:
         return self.mean.numel() + 1
 
-    def forward(self, trained: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
-        """(B, D) trained unit vectors, (B, H) unit content -> (B, D + H + 1)."""
-        extra = self.scale * (content.float() - self.mean)
+    def content(self, trained: torch.Tensor, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
+        """(B, D) trained unit vectors, (B, C, H) frozen chunk vectors, (B, C) mask -> (B, H) unit content."""
+        vectors, mask = chunk_vectors.float(), chunk_mask.bool()
+        if self.chunk_map is None:
+            weights = mask.float()
+        else:
+            as_statements = F.normalize(vectors @ self.chunk_map + self.chunk_bias, dim=-1)
+            fit = (as_statements * trained.float()[:, None, : self.chunk_map.shape[1]]).sum(-1)  # (B, C)
+            count = mask.sum(1, keepdim=True).clamp(min=1)
+            centred = (fit - (fit * mask).sum(1, keepdim=True) / count) * mask
+            spread = ((centred**2).sum(1, keepdim=True) / count).sqrt()
+            weights = torch.softmax((centred / spread.clamp(min=1e-6)).masked_fill(~mask, float("-inf")), dim=1)
+        pooled = (vectors * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-12)
+        return F.normalize(pooled, dim=-1)
+
+    def forward(self, trained: torch.Tensor, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
+        """(B, D) trained unit vectors, (B, C, H) frozen chunk vectors, (B, C) mask -> (B, D + H + 1)."""
+        extra = self.scale * (self.content(trained, chunk_vectors, chunk_mask) - self.mean)
         one = torch.ones_like(extra[:, :1])
         return torch.cat([trained, extra.to(trained.dtype), one.to(trained.dtype)], dim=-1)
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> UserPretrainedPath:
-        return cls(state[PREFIX + "mean"], state[PREFIX + "scale"])
+        return cls(state[PREFIX + "mean"], state[PREFIX + "scale"], state.get(PREFIX + "chunk_map"),
+                   state.get(PREFIX + "chunk_bias"))
+
+
+def item_head_as_map(projection: nn.Module, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The item tower's projection as (H, D) map and (D,) bias, checked to be linear (an affine head: a Linear, or
+    the identity plus an affine low-rank correction); a head with an activation has no such map."""
+    weight = next(projection.parameters())
+    with torch.no_grad():
+        bias = projection(weight.new_zeros(1, hidden)).reshape(-1).float()
+        chunk_map = projection(torch.eye(hidden, device=weight.device, dtype=weight.dtype)).float() - bias
+        probe = torch.randn(8, hidden, generator=torch.Generator().manual_seed(0)).to(weight.device)
+        if not torch.allclose(projection(probe.to(weight.dtype)).float(), probe @ chunk_map + bias, atol=1e-3):
+            raise ValueError("user_pooling 'affinity' reads chunks with the item head as a linear map; this item head "
+                             "is not linear (use user_pooling 'mean')")
+    return chunk_map.cpu(), bias.cpu()
 
 
 class StatementPretrainedPath(nn.Module):

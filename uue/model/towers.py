@@ -219,9 +219,9 @@ class UserTower(_OutputWidth, nn.Module):
              ) -> torch.Tensor:
         """The head: (B, C, H) chunk vectors -> (B, output_dim) user vectors (adapter, pooling, metadata,
         projection; unit unless a pretrained path is fitted)."""
-        backbone_vectors = chunk_vectors
         if self.chunk_weight is not None:  # per chunk (padding rows are zero and stay zero)
             chunk_vectors = self.chunk_weight(chunk_vectors)
+        weighted_backbone_vectors = chunk_vectors  # what `content` pools, and the pretrained path with it
         if self.chunk_adapter is not None:  # per chunk (padding rows too: the pooling masks them out)
             chunk_vectors = self.chunk_adapter(chunk_vectors)
         pooled = self.pooling(chunk_vectors, chunk_mask)
@@ -231,7 +231,7 @@ class UserTower(_OutputWidth, nn.Module):
             pooled = self.metadata(pooled, metadata)
         out = F.normalize(self.projection(pooled), dim=-1)
         if self.pretrained_path is not None:
-            out = self.pretrained_path(out, self.content(backbone_vectors, chunk_mask))
+            out = self.pretrained_path(out, weighted_backbone_vectors, chunk_mask)
         return out
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from uue.data.readers import UUEDataset, load_dataset
 from uue.model.encode import ModelEmbedder
-from uue.model.pretrained_path import StatementPretrainedPath, UserPretrainedPath
+from uue.model.pretrained_path import StatementPretrainedPath, UserPretrainedPath, item_head_as_map
 from uue.model.uue_model import UUEModel
 
 FIT_LABELS = 8192
@@ -22,12 +22,13 @@ FIT_LABELS = 8192
 
 
 def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, threshold: float, sharpness: float,
-                        offset_threshold: float, split: str = "train", seed: int = 0,
+                        offset_threshold: float, user_pooling: str = "mean", split: str = "train", seed: int = 0,
                         cache_dir: str | None = None, progress: bool = False) -> dict[str, float]:
     """Fit the pretrained path of a trained model folder on its training labels and save the folder again.
 
     The bank is every statement of the `split` labels; the mean content, the mean trained user vector and the scale
-    come from up to FIT_LABELS of those labels (their users). Returns what was fitted (for logs)."""
+    come from up to FIT_LABELS of those labels (their users). `user_pooling`: how the user side pools the frozen
+    chunk vectors (`UserPretrainedPath`: "mean" or "affinity"). Returns what was fitted (for logs)."""
     dataset = dataset if isinstance(dataset, UUEDataset) else load_dataset(dataset)
     labels = [lab for lab in dataset.labels if lab.split == split]
     if not labels:
@@ -45,7 +46,16 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
     user_ids = sorted({lab.user_id for lab in sample})
     bank_ids = sorted({lab.statement_id for lab in labels})
     users = [dataset.users[u] for u in user_ids]
-    trained_users, content = embedder.user_encoder.pool_with_content(users)
+    hidden, width = model.user_tower.encoder.hidden_size, model.user_tower.embedding_dim
+    chunk_map = item_head_as_map(model.item_tower.projection, hidden) if user_pooling == "affinity" else (None, None)
+    if user_pooling == "affinity" and model.item_tower.metadata is not None:
+        raise ValueError("user_pooling 'affinity' reads chunks as statements, which have no item metadata here")
+    # A provisional path (no centring, scale 1) makes each user vector [trained | content | 1]: one read of the
+    # cached chunks gives both.
+    model.user_tower.pretrained_path = UserPretrainedPath(torch.zeros(hidden), 1.0, *chunk_map)
+    both = embedder.user_encoder.encode(users)
+    trained_users, content = both[:, :width], both[:, width : width + hidden]
+    model.user_tower.pretrained_path = None
     bank = _pretrained_statements(model, embedder, [dataset.statements[s] for s in bank_ids])
     trained_bank_ids = sorted({lab.statement_id for lab in sample})
     trained_statements = embedder.statements([dataset.statements[s] for s in trained_bank_ids])
@@ -58,12 +68,12 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
     trained_scores = (trained_users[rows] * trained_statements[columns]).sum(1)
     pretrained_scores = ((content[rows] - mean) * bank[[bank_pos[lab.statement_id] for lab in sample]]).sum(1)
     scale = weight * float(trained_scores.std()) / max(float(pretrained_scores.std()), 1e-12)
-    model.user_tower.pretrained_path = UserPretrainedPath(torch.as_tensor(mean), scale)
+    model.user_tower.pretrained_path = UserPretrainedPath(torch.as_tensor(mean), scale, *chunk_map)
     model.item_tower.pretrained_path = StatementPretrainedPath(torch.as_tensor(bank), torch.as_tensor(
         trained_users.mean(0)), threshold, offset_threshold, sharpness)
     model.cpu().save_pretrained(model_dir)
     return {"scale": scale, "bank": len(bank_ids), "users": len(user_ids), "threshold": threshold,
-            "offset_threshold": offset_threshold, "sharpness": sharpness}
+            "offset_threshold": offset_threshold, "sharpness": sharpness, "user_pooling": user_pooling}
 
 
 def _pretrained_statements(model: Any, embedder: Any, statements: Sequence[Any]) -> np.ndarray:
@@ -85,7 +95,8 @@ def fit_configured_path(config: Any, model_dir: str | Path, dataset: Any) -> dic
         return None
     require_raw_data(config, dataset)
     return fit_pretrained_path(model_dir, dataset, options.pretrained_path_weight, options.novelty_threshold,
-                               options.novelty_sharpness, options.offset_novelty_threshold, seed=config.training.seed,
+                               options.novelty_sharpness, options.offset_novelty_threshold, options.user_pooling,
+                               seed=config.training.seed,
                                cache_dir=config.model.caching.cache_dir)
 
 
