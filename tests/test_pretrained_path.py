@@ -167,6 +167,8 @@ def test_training_fits_the_path_and_the_saved_folder_scores_what_it_says(tmp_pat
     from uue.model.pretrained_path import item_head_as_map
     from uue.train.pretrained_path import fit_pretrained_path
 
+    with pytest.raises(ValueError, match="user_pooling must be one of"):
+        fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001, user_pooling="affinty")
     fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001, user_pooling="affinity")
     refitted = UUEModel.from_pretrained(result.model_dir)
     chunk_map, bias = item_head_as_map(refitted.item_tower.projection, TINY_HIDDEN)

@@ -132,6 +132,10 @@ class LossConfig(_Strict):
     """Anchors scored against the batch's users at each step."""
 
 
+UserPooling = Literal["mean", "affinity"]
+"""How the pretrained path's user side pools the frozen chunk vectors (uue.model.pretrained_path)."""
+
+
 class PretrainedPathConfig(_Strict):
     """The pretrained path fitted after training (uue.model.pretrained_path): for statements far from every
     training statement, the untrained space's ranking of users is added to the trained score."""
@@ -151,7 +155,7 @@ class PretrainedPathConfig(_Strict):
     and the full model); 2 keeps every offset."""
     novelty_sharpness: float = Field(0.01, gt=0)
     """Width of the gates' sigmoid around the thresholds."""
-    user_pooling: Literal["mean", "affinity"] = "mean"
+    user_pooling: UserPooling = "mean"
     """How the path's user side pools the frozen chunk vectors: their mean (the untrained baseline's user), or
     "affinity": weighted by how well each chunk, read as a statement by the trained item head, fits the trained
     user (uue.model.pretrained_path.UserPretrainedPath). Needs a linear item head and no item metadata."""

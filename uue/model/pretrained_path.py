@@ -73,7 +73,7 @@ class UserPretrainedPath(nn.Module):
             weights = mask.float()
         else:
             as_statements = F.normalize(vectors @ self.chunk_map + self.chunk_bias, dim=-1)
-            fit = (as_statements * trained.float()[:, None, : self.chunk_map.shape[1]]).sum(-1)  # (B, C)
+            fit = (as_statements * trained.float()[:, None, :]).sum(-1)  # (B, C) cosines
             count = mask.sum(1, keepdim=True).clamp(min=1)
             centred = (fit - (fit * mask).sum(1, keepdim=True) / count) * mask
             spread = ((centred**2).sum(1, keepdim=True) / count).sqrt()

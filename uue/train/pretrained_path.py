@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from uue.config import UserPooling
 from uue.data.readers import UUEDataset, load_dataset
 from uue.model.encode import ModelEmbedder
 from uue.model.pretrained_path import StatementPretrainedPath, UserPretrainedPath, item_head_as_map
@@ -22,13 +23,15 @@ FIT_LABELS = 8192
 
 
 def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, threshold: float, sharpness: float,
-                        offset_threshold: float, user_pooling: str = "mean", split: str = "train", seed: int = 0,
-                        cache_dir: str | None = None, progress: bool = False) -> dict[str, float]:
+                        offset_threshold: float, user_pooling: UserPooling = "mean", split: str = "train",
+                        seed: int = 0, cache_dir: str | None = None, progress: bool = False) -> dict[str, float]:
     """Fit the pretrained path of a trained model folder on its training labels and save the folder again.
 
     The bank is every statement of the `split` labels; the mean content, the mean trained user vector and the scale
     come from up to FIT_LABELS of those labels (their users). `user_pooling`: how the user side pools the frozen
     chunk vectors (`UserPretrainedPath`: "mean" or "affinity"). Returns what was fitted (for logs)."""
+    if user_pooling not in get_args(UserPooling):
+        raise ValueError(f"user_pooling must be one of {get_args(UserPooling)}, got {user_pooling!r}")
     dataset = dataset if isinstance(dataset, UUEDataset) else load_dataset(dataset)
     labels = [lab for lab in dataset.labels if lab.split == split]
     if not labels:
@@ -47,9 +50,9 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
     bank_ids = sorted({lab.statement_id for lab in labels})
     users = [dataset.users[u] for u in user_ids]
     hidden, width = model.user_tower.encoder.hidden_size, model.user_tower.embedding_dim
-    chunk_map = item_head_as_map(model.item_tower.projection, hidden) if user_pooling == "affinity" else (None, None)
     if user_pooling == "affinity" and model.item_tower.metadata is not None:
         raise ValueError("user_pooling 'affinity' reads chunks as statements, which have no item metadata here")
+    chunk_map = item_head_as_map(model.item_tower.projection, hidden) if user_pooling == "affinity" else (None, None)
     # A provisional path (no centring, scale 1) makes each user vector [trained | content | 1]: one read of the
     # cached chunks gives both.
     model.user_tower.pretrained_path = UserPretrainedPath(torch.zeros(hidden), 1.0, *chunk_map)
