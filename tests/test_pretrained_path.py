@@ -27,6 +27,10 @@ def test_config_needs_frozen_backbones_mean_pooling_and_one_backbone():
                                           "model.use_item_metadata=true"])
     assert load_config("configs/tiny.yaml", [*FROZEN, "model.pretrained_path_weight=1"]).model.pretrained_path \
         .pretrained_path_weight == 1
+    assert load_config("configs/tiny.yaml", ["model.novel_trained_share=0.5"]).model.pretrained_path \
+        .novel_trained_share == 0.5
+    with pytest.raises(ConfigError, match="novel_trained_share"):
+        load_config("configs/tiny.yaml", ["model.novel_trained_share=1.5"])
 
 
 def test_gates_keep_trained_statements_and_open_for_new_ones():
@@ -61,6 +65,13 @@ def test_gates_keep_trained_statements_and_open_for_new_ones():
     # offset_novelty_threshold=2 keeps every trained offset.
     keep = StatementPretrainedPath(bank, trained_mean, threshold=0.35, offset_threshold=2.0, sharpness=0.01)
     assert abs(float(keep(trained, pooled)[2, -1])) < 1e-6
+    # trained_share 0.5: the new statement keeps half its trained ranking, the path and the offset columns and the
+    # divisor as at share 1; the training statement keeps all of it.
+    half = StatementPretrainedPath(bank, trained_mean, threshold=0.35, offset_threshold=0.5, sharpness=0.01,
+                                   trained_share=0.5)(trained, pooled)
+    torch.testing.assert_close(half[2], torch.cat([0.5 * out[2, :2], out[2, 2:]]))
+    torch.testing.assert_close(half[0], out[0])
+    assert float(half[2].norm()) < 1.0
 
 
 def test_user_side_adds_the_centred_content_at_the_fitted_scale_and_a_constant():
@@ -181,6 +192,23 @@ def test_training_fits_the_path_and_the_saved_folder_scores_what_it_says(tmp_pat
     affinity_content = refitted_embedder.users(users)[:, 16 : 16 + TINY_HIDDEN] / float(
         refitted.user_tower.pretrained_path.scale)
     assert not np.allclose(affinity_content, mean_content, atol=1e-3)  # the weights moved the pool
+
+    # A share of the trained ranking is saved with the folder; a folder saved before the share existed loads with
+    # all of it (share 1), and scores as it did.
+    from safetensors.torch import load_file, save_file
+
+    fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001, trained_share=0.25)
+    assert float(UUEModel.from_pretrained(result.model_dir).item_tower.pretrained_path.trained_share) == 0.25
+    with pytest.raises(ValueError, match="trained_share"):
+        fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001, trained_share=1.5)
+    fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001)
+    head_file = result.model_dir / "item_tower" / "head.safetensors"
+    head = load_file(str(head_file))
+    save_file({k: v for k, v in head.items() if k != "pretrained_path.trained_share"}, str(head_file))
+    older = UUEModel.from_pretrained(result.model_dir)
+    assert float(older.item_tower.pretrained_path.trained_share) == 1.0
+    np.testing.assert_allclose(ModelEmbedder(older, device, progress=False).statements(statements),
+                               with_path_statements, atol=1e-5)
 
 
 def test_a_path_without_raw_data_is_refused_before_training(tmp_path, sample_data_dir):

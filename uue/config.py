@@ -155,6 +155,10 @@ class PretrainedPathConfig(_Strict):
     and the full model); 2 keeps every offset."""
     novelty_sharpness: float = Field(0.01, gt=0)
     """Width of the gates' sigmoid around the thresholds."""
+    novel_trained_share: float = Field(1.0, ge=0, le=1)
+    """How much of its trained ranking a statement beyond novelty_threshold keeps (the gate interpolates to 1 near
+    the trained statements): the heads rank users on a new kind of statement by the trained ones it lands near.
+    1: all of it; 0: the pretrained ranking alone (plus the trained offset below offset_novelty_threshold)."""
     user_pooling: UserPooling = "mean"
     """How the path's user side pools the frozen chunk vectors: their mean (the untrained baseline's user), or
     "affinity": weighted by how well each chunk, read as a statement by the trained item head, fits the trained

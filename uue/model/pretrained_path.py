@@ -4,7 +4,7 @@ Training teaches the heads the statement families it has labels for; a statement
 no label names) is answered by wherever the heads happen to map it, which can rank users worse than the untrained
 encoder. The pretrained path adds, for such statements only, the untrained space's ranking of users:
 
-    score(u, x) = [ trained(u) . trained(x) + scale * gate(x) * (content(u) - mean) . e(x)
+    score(u, x) = [ share(x) * trained(u) . trained(x) + scale * gate(x) * (content(u) - mean) . e(x)
                     - offset_gate(x) * trained_mean . trained(x) ] / norm(x)
 
 - content(u): the user's pooled frozen chunk vectors, their mean (`UserTower.content`, the untrained baseline's user
@@ -22,11 +22,16 @@ encoder. The pretrained path adds, for such statements only, the untrained space
   far from all of them, whose trained offset is wherever the heads happened to map it (MovieLens-1M with gender
   held out: "is a man or boy" below "is a woman or girl" for nearly everyone). Its mean score is then zero: the
   model ranks users on it without claiming to know how common it is.
+- share(x) = 1 - (1 - trained_share) * gate(x): how much of the trained ranking a new statement keeps. The heads
+  rank users on a genre no label names by the trained genres it lands near (MovieLens-1M: Sci-Fi inherits the fans
+  of dramas), so a new statement may weigh the pretrained ranking against part of it (`novel_trained_share`, 1
+  unless set); statements near the trained ones keep all of it. norm(x) is the norm at share 1, so a statement's
+  scale does not change with it.
 
 It stays one dot product: the user vector gains `scale * (content - mean)` and a constant 1, the statement vector
-`gate * e(x)` and `-offset_gate * trained_mean . trained(x)`, and the statement vector is renormalised (unit, as
-before; the user vector is no longer unit). Both backbones must be frozen (their spaces are the pretrained ones).
-`uue.train.pretrained_path` fits it on a trained model folder.
+`gate * e(x)` and `-offset_gate * trained_mean . trained(x)` and its trained part is multiplied by share(x); the
+statement vector is divided by norm(x) (unit at share 1; the user vector is no longer unit). Both backbones must
+be frozen (their spaces are the pretrained ones). `uue.train.pretrained_path` fits it on a trained model folder.
 """
 
 from __future__ import annotations
@@ -108,11 +113,13 @@ def item_head_as_map(projection: nn.Module, hidden: int) -> tuple[torch.Tensor, 
 
 
 class StatementPretrainedPath(nn.Module):
-    """The statement side: the gates of the statement's novelty against the training statements (`bank`), and the
-    training users' mean trained vector (`trained_mean`) whose dot product with the statement is its offset."""
+    """The statement side: the gates of the statement's novelty against the training statements (`bank`), the
+    training users' mean trained vector (`trained_mean`) whose dot product with the statement is its offset, and
+    the share of the trained ranking a new statement keeps (`trained_share`)."""
 
     def __init__(self, bank: torch.Tensor, trained_mean: torch.Tensor, threshold: float | torch.Tensor,
-                 offset_threshold: float | torch.Tensor, sharpness: float | torch.Tensor):
+                 offset_threshold: float | torch.Tensor, sharpness: float | torch.Tensor,
+                 trained_share: float | torch.Tensor = 1.0):
         super().__init__()
         # float16 on disk and in memory: 20,000 training statements of 384 floats are 15 MB
         self.register_buffer("bank", F.normalize(torch.as_tensor(bank).float(), dim=-1).half())
@@ -120,6 +127,7 @@ class StatementPretrainedPath(nn.Module):
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).reshape(1))
         self.register_buffer("offset_threshold", torch.as_tensor(offset_threshold, dtype=torch.float32).reshape(1))
         self.register_buffer("sharpness", torch.as_tensor(sharpness, dtype=torch.float32).reshape(1))
+        self.register_buffer("trained_share", torch.as_tensor(trained_share, dtype=torch.float32).reshape(1))
 
     @property
     def width(self) -> int:
@@ -147,7 +155,10 @@ class StatementPretrainedPath(nn.Module):
         offset_gate = torch.sigmoid((novelty - self.offset_threshold) / self.sharpness)[:, None]
         offset = trained.float() @ self.trained_mean[:, None]
         out = torch.cat([trained.float(), gate * pretrained, -offset_gate * offset], dim=-1)
-        return F.normalize(out, dim=-1).to(trained.dtype)
+        norm = out.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # at share 1: a statement's scale stays as it was
+        share = 1.0 - (1.0 - self.trained_share) * gate
+        out = torch.cat([share * trained.float(), gate * pretrained, -offset_gate * offset], dim=-1)
+        return (out / norm).to(trained.dtype)
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> StatementPretrainedPath:
@@ -156,7 +167,8 @@ class StatementPretrainedPath(nn.Module):
         if missing:
             raise ValueError(f"the saved pretrained path lacks {missing} (fitted before the offset gate): refit it "
                              "with uue.train.pretrained_path.fit_pretrained_path")
-        return cls(*(state[PREFIX + key] for key in keys))
+        # A path saved before trained_share existed kept the whole trained ranking.
+        return cls(*(state[PREFIX + key] for key in keys), state.get(PREFIX + "trained_share", 1.0))
 
 
 def has_pretrained_path(state: dict[str, torch.Tensor]) -> bool:

@@ -28,6 +28,7 @@ from uue.config import ModelConfig
 from uue.model.backbone import TextEncoder, freeze_backbone, load_backbone
 from uue.model.folder import FORMAT_VERSION, read_meta
 from uue.model.inputs import StatementBatch, UserBatch
+from uue.model.pretrained_path import PREFIX as PATH_PREFIX
 from uue.model.pretrained_path import StatementPretrainedPath, UserPretrainedPath, has_pretrained_path
 from uue.model.towers import ItemTower, UserTower
 
@@ -188,6 +189,9 @@ def load_tower(
     if has_pretrained_path(head):
         path_class = UserPretrainedPath if meta["tower"] == "user" else StatementPretrainedPath
         tower.pretrained_path = path_class.from_state(head)
+        # A buffer newer than the saved path (from_state gave it its default) is not missing.
+        defaults = tower.pretrained_path.state_dict()
+        head |= {PATH_PREFIX + k: v for k, v in defaults.items() if PATH_PREFIX + k not in head}
     missing, unexpected = tower.load_state_dict(head, strict=False)
     missing = [k for k in missing if not k.startswith("encoder.backbone.")]
     if missing or unexpected:

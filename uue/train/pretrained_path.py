@@ -23,15 +23,19 @@ FIT_LABELS = 8192
 
 
 def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, threshold: float, sharpness: float,
-                        offset_threshold: float, user_pooling: UserPooling = "mean", split: str = "train",
-                        seed: int = 0, cache_dir: str | None = None, progress: bool = False) -> dict[str, float]:
+                        offset_threshold: float, user_pooling: UserPooling = "mean", trained_share: float = 1.0,
+                        split: str = "train", seed: int = 0, cache_dir: str | None = None,
+                        progress: bool = False) -> dict[str, float]:
     """Fit the pretrained path of a trained model folder on its training labels and save the folder again.
 
     The bank is every statement of the `split` labels; the mean content, the mean trained user vector and the scale
     come from up to FIT_LABELS of those labels (their users). `user_pooling`: how the user side pools the frozen
-    chunk vectors (`UserPretrainedPath`: "mean" or "affinity"). Returns what was fitted (for logs)."""
+    chunk vectors (`UserPretrainedPath`: "mean" or "affinity"); `trained_share`: how much of its trained ranking a new
+    statement keeps (`StatementPretrainedPath`). Returns what was fitted (for logs)."""
     if user_pooling not in get_args(UserPooling):
         raise ValueError(f"user_pooling must be one of {get_args(UserPooling)}, got {user_pooling!r}")
+    if not 0.0 <= trained_share <= 1.0:
+        raise ValueError(f"trained_share is a share of the trained ranking, in [0, 1]; got {trained_share}")
     dataset = dataset if isinstance(dataset, UUEDataset) else load_dataset(dataset)
     labels = [lab for lab in dataset.labels if lab.split == split]
     if not labels:
@@ -73,10 +77,11 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
     scale = weight * float(trained_scores.std()) / max(float(pretrained_scores.std()), 1e-12)
     model.user_tower.pretrained_path = UserPretrainedPath(torch.as_tensor(mean), scale, *chunk_map)
     model.item_tower.pretrained_path = StatementPretrainedPath(torch.as_tensor(bank), torch.as_tensor(
-        trained_users.mean(0)), threshold, offset_threshold, sharpness)
+        trained_users.mean(0)), threshold, offset_threshold, sharpness, trained_share)
     model.cpu().save_pretrained(model_dir)
     return {"scale": scale, "bank": len(bank_ids), "users": len(user_ids), "threshold": threshold,
-            "offset_threshold": offset_threshold, "sharpness": sharpness, "user_pooling": user_pooling}
+            "offset_threshold": offset_threshold, "sharpness": sharpness, "user_pooling": user_pooling,
+            "trained_share": trained_share}
 
 
 def _pretrained_statements(model: Any, embedder: Any, statements: Sequence[Any]) -> np.ndarray:
@@ -99,7 +104,7 @@ def fit_configured_path(config: Any, model_dir: str | Path, dataset: Any) -> dic
     require_raw_data(config, dataset)
     return fit_pretrained_path(model_dir, dataset, options.pretrained_path_weight, options.novelty_threshold,
                                options.novelty_sharpness, options.offset_novelty_threshold, options.user_pooling,
-                               seed=config.training.seed,
+                               options.novel_trained_share, seed=config.training.seed,
                                cache_dir=config.model.caching.cache_dir)
 
 
