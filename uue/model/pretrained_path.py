@@ -148,17 +148,16 @@ class StatementPretrainedPath(nn.Module):
         return torch.sigmoid((self.novelty(pretrained) - self.threshold) / self.sharpness)
 
     def forward(self, trained: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """(N, D) trained unit vectors, (N, H) backbone pooled vectors -> (N, D + H + 1) unit vectors."""
+        """(N, D) trained unit vectors, (N, H) backbone pooled vectors -> (N, D + H + 1) vectors (unit at share 1)."""
         pretrained = F.normalize(pooled.float(), dim=-1)
         novelty = self.novelty(pretrained)
         gate = torch.sigmoid((novelty - self.threshold) / self.sharpness)[:, None]
         offset_gate = torch.sigmoid((novelty - self.offset_threshold) / self.sharpness)[:, None]
-        offset = trained.float() @ self.trained_mean[:, None]
-        out = torch.cat([trained.float(), gate * pretrained, -offset_gate * offset], dim=-1)
-        norm = out.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # at share 1: a statement's scale stays as it was
-        share = 1.0 - (1.0 - self.trained_share) * gate
-        out = torch.cat([share * trained.float(), gate * pretrained, -offset_gate * offset], dim=-1)
-        return (out / norm).to(trained.dtype)
+        parts = [trained.float(), gate * pretrained, -offset_gate * (trained.float() @ self.trained_mean[:, None])]
+        # divided by the norm at share 1, so a statement's scale does not change with its share
+        norm = torch.cat(parts, dim=-1).norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        parts[0] = parts[0] * (1.0 - (1.0 - self.trained_share) * gate)
+        return (torch.cat(parts, dim=-1) / norm).to(trained.dtype)
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> StatementPretrainedPath:
