@@ -29,6 +29,10 @@ def test_config_needs_frozen_backbones_mean_pooling_and_one_backbone():
         .pretrained_path_weight == 1
     assert load_config("configs/tiny.yaml", ["model.novel_trained_share=0.5"]).model.pretrained_path \
         .novel_trained_share == 0.5
+    assert load_config("configs/tiny.yaml", ["model.predicted_content_weight=2"]).model.pretrained_path \
+        .predicted_content_weight == 2
+    with pytest.raises(ConfigError, match="predicted_content_weight"):
+        load_config("configs/tiny.yaml", ["model.predicted_content_weight=-1"])
     with pytest.raises(ConfigError, match="novel_trained_share"):
         load_config("configs/tiny.yaml", ["model.novel_trained_share=1.5"])
 
@@ -80,6 +84,11 @@ def test_user_side_adds_the_centred_content_at_the_fitted_scale_and_a_constant()
     chunks = torch.tensor([[[2.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 9.0, 0.0]]])
     out = path(torch.tensor([[1.0, 0.0]]), chunks, torch.tensor([[True, True, False]]))
     torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 1.0, -1.0, 0.0, 1.0]]))
+    # A content map adds the centred content the trained vector predicts: [1, 0] @ map = [0, 0.5, 0] here.
+    mapped = UserPretrainedPath(mean=torch.tensor([0.5, 0.5, 0.0]), scale=2.0,
+                                content_map=torch.tensor([[0.0, 0.5, 0.0], [1.0, 1.0, 1.0]]))
+    out = mapped(torch.tensor([[1.0, 0.0]]), chunks, torch.tensor([[True, True, False]]))
+    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0, 1.0]]))
 
 
 def test_affinity_pooling_weights_the_chunks_that_fit_the_trained_user():
@@ -209,6 +218,40 @@ def test_training_fits_the_path_and_the_saved_folder_scores_what_it_says(tmp_pat
     assert float(older.item_tower.pretrained_path.trained_share) == 1.0
     np.testing.assert_allclose(ModelEmbedder(older, device, progress=False).statements(statements),
                                with_path_statements, atol=1e-5)
+
+    # With a predicted-content weight the user side adds the centred content its trained vector predicts (a ridge
+    # map fitted on the training users, the weight folded in): it predicts the training users' content better than
+    # none does, the user vector's path part is scale x (content - mean + trained @ map), and weight 0 fits no map.
+    with pytest.raises(ValueError, match="predicted_content_weight"):
+        fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001, predicted_content_weight=-1.0)
+    fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001, predicted_content_weight=2.0)
+    predicting = UUEModel.from_pretrained(result.model_dir)
+    path = predicting.user_tower.pretrained_path
+    content_map = path.content_map.numpy()
+    assert content_map.shape == (16, TINY_HIDDEN)
+    train_embedded = ModelEmbedder(predicting, device, progress=False).users([dataset.users[u] for u in train_users])
+    train_centred = baseline.users([dataset.users[u] for u in train_users]) - path.mean.numpy()
+    train_predicted = train_embedded[:, :16] @ content_map / 2.0
+    assert ((train_centred - train_predicted) ** 2).sum() < (train_centred**2).sum()
+    embedded = ModelEmbedder(predicting, device, progress=False).users(users)
+    np.testing.assert_allclose(embedded[:, :16], trained_users, atol=1e-5)
+    np.testing.assert_allclose(embedded[:, 16 : 16 + TINY_HIDDEN], float(path.scale) * (
+        baseline.users(users) - path.mean.numpy() + trained_users @ content_map), atol=1e-4)
+    fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001)
+    assert UUEModel.from_pretrained(result.model_dir).user_tower.pretrained_path.content_map is None
+
+
+def test_ridge_map_shrinks_the_least_squares_fit_and_predicts_held_out_rows():
+    from uue.train.pretrained_path import ridge_map
+
+    rng = np.random.default_rng(0)
+    inputs, true_map = rng.normal(size=(400, 8)), rng.normal(size=(8, 5))
+    targets = inputs @ true_map + 0.5 * rng.normal(size=(400, 5))
+    fitted = ridge_map(inputs[:300], targets[:300]).numpy()
+    least_squares = np.linalg.lstsq(inputs[:300], targets[:300], rcond=None)[0]
+    assert np.linalg.norm(fitted) < np.linalg.norm(least_squares)  # the penalty shrinks it
+    held_out_error = ((targets[300:] - inputs[300:] @ fitted) ** 2).mean()
+    assert held_out_error < 0.5 * (targets[300:] ** 2).mean()
 
 
 def test_a_path_without_raw_data_is_refused_before_training(tmp_path, sample_data_dir):

@@ -159,6 +159,11 @@ class PretrainedPathConfig(_Strict):
     """How much of its trained ranking a statement beyond novelty_threshold keeps (the gate interpolates to 1 near
     the trained statements): the heads rank users on a new kind of statement by the trained ones it lands near.
     1: all of it; 0: the pretrained ranking alone (plus the trained offset below offset_novelty_threshold)."""
+    predicted_content_weight: float = Field(0.0, ge=0)
+    """p > 0: the path's user side adds p times the centred content its trained vector predicts (a ridge map from
+    trained user vectors to pooled frozen chunk vectors, fitted on the training users) to the pooled content: the
+    trained model's reading of the user (which films they rated highly), said in the pretrained space where a new
+    statement is read. 0: no map (the path as before)."""
     user_pooling: UserPooling = "mean"
     """How the path's user side pools the frozen chunk vectors: their mean (the untrained baseline's user), or
     "affinity": weighted by how well each chunk, read as a statement by the trained item head, fits the trained

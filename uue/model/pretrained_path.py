@@ -4,13 +4,18 @@ Training teaches the heads the statement families it has labels for; a statement
 no label names) is answered by wherever the heads happen to map it, which can rank users worse than the untrained
 encoder. The pretrained path adds, for such statements only, the untrained space's ranking of users:
 
-    score(u, x) = [ share(x) * trained(u) . trained(x) + scale * gate(x) * (content(u) - mean) . e(x)
+    score(u, x) = [ share(x) * trained(u) . trained(x)
+                    + scale * gate(x) * (content(u) - mean + trained(u) @ content_map) . e(x)
                     - offset_gate(x) * trained_mean . trained(x) ] / norm(x)
 
 - content(u): the user's pooled frozen chunk vectors, their mean (`UserTower.content`, the untrained baseline's user
   vector) or, with user_pooling "affinity", a mean weighted by the trained model's view of which chunks fit the
   user (`UserPretrainedPath`); `mean` is its average over training users, so the term ranks users without moving
-  any statement's offset.
+  any statement's offset. With `predicted_content_weight` p > 0 it gains trained(u) @ content_map: p times the
+  centred content the trained user vector predicts (a ridge map fitted on the training users; no map when p = 0).
+  The pooled content counts every line of a history alike; the prediction reads the user as the trained model
+  does (which films they rated highly, not only which they rated) and says it in the pretrained space, where a
+  new statement can be read.
 - e(x): the frozen item backbone's unit vector of the statement; gate(x) = sigmoid((novelty(x) - threshold) /
   sharpness) with novelty(x) = 1 - the highest cosine between e(x) and the training statements (`bank`). Training
   statements and their rephrasings stay near 0 and keep the trained score; a new kind of statement gets the path.
@@ -28,10 +33,11 @@ encoder. The pretrained path adds, for such statements only, the untrained space
   unless set); statements near the trained ones keep all of it. norm(x) is the norm at share 1, so a statement's
   scale does not change with it.
 
-It stays one dot product: the user vector gains `scale * (content - mean)` and a constant 1, the statement vector
-`gate * e(x)` and `-offset_gate * trained_mean . trained(x)` and its trained part is multiplied by share(x); the
-statement vector is divided by norm(x) (unit at share 1; the user vector is no longer unit). Both backbones must
-be frozen (their spaces are the pretrained ones). `uue.train.pretrained_path` fits it on a trained model folder.
+It stays one dot product: the user vector gains `scale * (content - mean + trained @ content_map)` and a constant
+1, the statement vector `gate * e(x)` and `-offset_gate * trained_mean . trained(x)` and its trained part is
+multiplied by share(x); the statement vector is divided by norm(x) (unit at share 1; the user vector is no longer
+unit). Both backbones must be frozen (their spaces are the pretrained ones). `uue.train.pretrained_path` fits it on
+a trained model folder.
 """
 
 from __future__ import annotations
@@ -46,18 +52,21 @@ PREFIX = "pretrained_path."
 
 
 class UserPretrainedPath(nn.Module):
-    """The user side: scale * (content - mean of training users' content), and a constant 1 (the statement side's
-    offset correction).
+    """The user side: scale * (content - mean of training users' content [+ trained @ content_map]), and a constant
+    1 (the statement side's offset correction).
 
     content pools the user's frozen chunk vectors: their plain mean (the untrained baseline's user vector), or with
     `chunk_map` (user_pooling "affinity") a mean weighted by how well each chunk, read as a statement by the trained
     item head, fits the user's trained vector: softmax over the user's chunks of that score's z-score. The trained
     model picks the lines of the history that say most about the user (on MovieLens, the films a user rated highly
     among those of a genre), and the pretrained space reads what they are about, a kind of statement the heads were
-    never trained on included."""
+    never trained on included.
+
+    `content_map` (D, H), when fitted (`predicted_content_weight` > 0), maps the trained user vector to the centred
+    content it predicts, the weight folded in; its product is added to the centred content."""
 
     def __init__(self, mean: torch.Tensor, scale: float | torch.Tensor, chunk_map: torch.Tensor | None = None,
-                 chunk_bias: torch.Tensor | None = None):
+                 chunk_bias: torch.Tensor | None = None, content_map: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(-1))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(1))
@@ -66,6 +75,9 @@ class UserPretrainedPath(nn.Module):
         # (H, D) and (D,): the trained item head on a backbone vector, as the linear map it is (`item_head_as_map`)
         self.chunk_map = None if chunk_map is None else nn.Buffer(torch.as_tensor(chunk_map, dtype=torch.float32))
         self.chunk_bias = None if chunk_bias is None else nn.Buffer(torch.as_tensor(chunk_bias, dtype=torch.float32))
+        # (D, H): trained user vector -> the centred content it predicts, x predicted_content_weight
+        self.content_map = None if content_map is None else nn.Buffer(torch.as_tensor(content_map,
+                                                                                     dtype=torch.float32))
 
     @property
     def width(self) -> int:
@@ -88,14 +100,17 @@ class UserPretrainedPath(nn.Module):
 
     def forward(self, trained: torch.Tensor, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
         """(B, D) trained unit vectors, (B, C, H) frozen chunk vectors, (B, C) mask -> (B, D + H + 1)."""
-        extra = self.scale * (self.content(trained, chunk_vectors, chunk_mask) - self.mean)
+        centred = self.content(trained, chunk_vectors, chunk_mask) - self.mean
+        if self.content_map is not None:
+            centred = centred + trained.float() @ self.content_map
+        extra = self.scale * centred
         one = torch.ones_like(extra[:, :1])
         return torch.cat([trained, extra.to(trained.dtype), one.to(trained.dtype)], dim=-1)
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> UserPretrainedPath:
         return cls(state[PREFIX + "mean"], state[PREFIX + "scale"], state.get(PREFIX + "chunk_map"),
-                   state.get(PREFIX + "chunk_bias"))
+                   state.get(PREFIX + "chunk_bias"), state.get(PREFIX + "content_map"))
 
 
 def item_head_as_map(projection: nn.Module, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
