@@ -37,6 +37,8 @@ def test_demo_trains_past_its_baseline_and_reports_this_run(sample_data_dir, tmp
     assert json.loads((tmp_path / "eval" / "timing.json").read_text())["steps"] == 6
     overall = next(line for line in out.splitlines() if line.strip().startswith("overall"))
     assert f"{metrics['overall']['auc']:.3f}" in overall and f"{metrics['baseline']['overall']['auc']:.3f}" in overall
+    gap = metrics["auc_versus_baseline"]["overall"]
+    assert f"{gap['difference']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}]" in overall
     # Step 3's probabilities are this run's calibration (fitted on the validation users) of the printed scores.
     calibration = json.loads((tmp_path / "model" / "calibration.json").read_text())
     printed = re.findall(r"^\s+([+-]\d\.\d{3}) p=(\d\.\d\d) ", out, flags=re.M)

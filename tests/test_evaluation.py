@@ -15,7 +15,16 @@ from uue.data.readers import load_dataset, write_dataset
 from uue.evaluation import evaluate_model
 from uue.evaluation.analysis import alignment, effective_rank, spearman, uniformity, user_similarity
 from uue.evaluation.calibration import PlattCalibrator, calibrate_model
-from uue.evaluation.metrics import best_threshold, f1_at, mean_auc_within, retrieval_metrics, roc_auc, roc_curve
+from uue.evaluation.metrics import (
+    best_threshold,
+    f1_at,
+    mean_auc_within,
+    paired_auc_difference,
+    retrieval_metrics,
+    roc_auc,
+    roc_curve,
+    weighted_roc_auc,
+)
 
 
 # ---------------------------------------------------------------------------------- metric functions
@@ -42,6 +51,59 @@ def test_roc_curve_area_is_the_auc():
     fpr, tpr = roc_curve(scores, labels)
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
     assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(scores, labels))
+
+
+def test_weighted_auc_is_the_auc_of_the_labels_repeated():
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        scores = rng.integers(0, 5, size=60).astype(float)  # ties across repeated and distinct labels
+        labels = rng.integers(0, 2, size=60)
+        weights = rng.integers(0, 4, size=60)
+        repeated = np.repeat(np.arange(60), weights)
+        assert weighted_roc_auc(scores, labels, weights) == pytest.approx(roc_auc(scores[repeated], labels[repeated]))
+        assert weighted_roc_auc(scores, labels, np.ones(60)) == pytest.approx(roc_auc(scores, labels))
+    assert math.isnan(weighted_roc_auc([0.3, 0.1], [1, 0], [1, 0]))  # the negative drawn zero times
+
+
+def _users_with_two_scorers(n_users: int, seed: int = 0):
+    """Ten labels per user; `better` separates the classes more than `worse` does, and each user shifts all of
+    their scores alike (what makes one user's labels move together)."""
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(n_users), 10)
+    labels = rng.integers(0, 2, size=users.size)
+    shift = rng.normal(size=n_users)[users]
+    better = labels * 1.0 + shift + rng.normal(size=users.size)
+    worse = labels * 0.5 + shift + rng.normal(size=users.size)
+    return better, worse, labels, users
+
+
+def test_paired_auc_difference_brackets_a_real_gain_and_narrows_with_more_users():
+    better, worse, labels, users = _users_with_two_scorers(400)
+    gap = paired_auc_difference(better, worse, labels, users, resamples=300)
+    assert gap["difference"] == pytest.approx(roc_auc(better, labels) - roc_auc(worse, labels))
+    assert 0 < gap["low"] <= gap["difference"] <= gap["high"]
+    assert (gap["users"], gap["resamples"], gap["level"]) == (400, 300, 0.95)
+    few = paired_auc_difference(*_users_with_two_scorers(40), resamples=300)
+    assert few["high"] - few["low"] > gap["high"] - gap["low"]
+    same = paired_auc_difference(worse, worse, labels, users, resamples=50)
+    assert (same["difference"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+
+
+def test_paired_auc_difference_resamples_users_not_labels():
+    """Copying every label of every user three times changes no user's evidence: the same interval. Taking each
+    label as its own user pretends the copies are independent: a narrower one."""
+    better, worse, labels, users = _users_with_two_scorers(60, seed=1)
+    copies = np.tile(np.arange(len(labels)), 3)
+    once = paired_auc_difference(better, worse, labels, users, resamples=200)
+    thrice = paired_auc_difference(better[copies], worse[copies], labels[copies], users[copies], resamples=200)
+    assert (thrice["low"], thrice["high"]) == pytest.approx((once["low"], once["high"]))
+    per_label = paired_auc_difference(better[copies], worse[copies], labels[copies], np.arange(len(copies)),
+                                      resamples=200)
+    assert per_label["high"] - per_label["low"] < 0.7 * (once["high"] - once["low"])
+    with pytest.raises(ValueError, match="one entry per label"):
+        paired_auc_difference(better, worse[:-1], labels, users)
+    with pytest.raises(ValueError, match="level"):
+        paired_auc_difference(better, worse, labels, users, level=95)
 
 
 def test_mean_auc_within_averages_keys_with_both_classes():
@@ -147,8 +209,23 @@ def test_evaluate_model_writes_metrics_report_and_plots(tiny_model_dir, sample_d
         assert set(block["embedding_statistics"]) >= {"alignment", "uniformity_users", "effective_rank_users"}
         assert block["user_similarity"]["pairs"] == math.comb(block["overall"]["users"], 2)
     assert result["threshold"]["source"] == "'validation' labels"
+    gaps = result["auc_versus_baseline"]
+    subsets = [(result[n], result["baseline"][n], gaps[n]) for n in ("overall", "seen", "zero_shot") if n in result]
+    subsets += [(result["groups"][g], result["baseline"]["groups"][g], gaps["groups"][g]) for g in result["groups"]]
+    assert len(subsets) >= 3
+    for block, base, gap in subsets:
+        if block["auc"] is None or base["auc"] is None:
+            assert gap["difference"] is None
+            continue
+        assert gap["difference"] == pytest.approx(block["auc"] - base["auc"])
+        assert gap["low"] <= gap["difference"] <= gap["high"]
+        assert gap["users"] == block["users"]
     report = (tmp_path / "report.md").read_text()
     assert "| overall |" in report
+    assert "AUC - baseline [95%]" in report
+    overall = gaps["overall"]
+    overall_gap = f"{overall['difference']:+.3f} [{overall['low']:+.3f}, {overall['high']:+.3f}]"
+    assert overall_gap in next(line for line in report.splitlines() if line.startswith("| overall |"))
     for png in ("score_distributions.png", "roc.png", "user_map.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
@@ -222,6 +299,7 @@ def test_evaluate_cli_prints_model_and_baseline(tiny_model_dir, sample_data_dir,
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     overall = next(line for line in out.splitlines() if line.startswith("overall"))
     assert f"{metrics['overall']['auc']:.3f} / {metrics['baseline']['overall']['auc']:.3f}" in overall
+    assert f"{metrics['auc_versus_baseline']['overall']['difference']:+.3f} [" in overall
 
 
 

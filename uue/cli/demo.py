@@ -25,7 +25,7 @@ from uue.data.movielens import MovieLensOptions, write_movielens
 from uue.data.schema import Statement
 from uue.evaluation import evaluate_model
 from uue.evaluation.calibration import calibrate_model
-from uue.evaluation.report import comparison_rows
+from uue.evaluation.report import auc_gap, comparison_rows
 from uue.model.encode import ModelEmbedder
 from uue.train import UUETrainer
 
@@ -79,13 +79,13 @@ def ensure_movielens(data_dir: Path, max_chunk_length: int, tokenizer: str, vari
 
 def print_comparison(result: dict, k: int = 10) -> None:
     print(f"      {'test subset':26s} {'labels':>7s}   {'AUC trained':>11s} {'baseline':>9s}   "
-          f"{f'NDCG@{k} trained':>15s} {'baseline':>9s}")
+          f"{'AUC gap [95%, users resampled]':>30s}   {f'NDCG@{k} trained':>15s} {'baseline':>9s}")
     for name, model, base in comparison_rows(result):
         def cell(block: dict | None, key: str) -> str:
             value = None if block is None else block.get(key)
             return "-" if value is None else f"{value:.3f}"
         print(f"      {name:26s} {model['labels']:7d}   {cell(model, 'auc'):>11s} {cell(base, 'auc'):>9s}   "
-              f"{cell(model, f'ndcg@{k}'):>15s} {cell(base, f'ndcg@{k}'):>9s}")
+              f"{auc_gap(result, name):>30s}   {cell(model, f'ndcg@{k}'):>15s} {cell(base, f'ndcg@{k}'):>9s}")
 
 
 def run_demo(config_path: str | None = None, overrides: list[str] | None = None, variant: str = "100k",

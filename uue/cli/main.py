@@ -61,19 +61,21 @@ def cmd_data_movielens(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from uue.evaluation import evaluate_model
-    from uue.evaluation.report import comparison_rows
+    from uue.evaluation.report import auc_gap, comparison_rows
 
     model_dir = resolve_model_dir(args.checkpoint)
     result = evaluate_model(model_dir, args.data, args.out, split=args.split, k=args.k,
                             baseline=not args.no_baseline)
     k = args.k
-    print(f"{'subset':28s} {'AUC':>16s} {f'NDCG@{k}':>16s} {'F1':>16s}   (model / baseline)")
+    gap = "AUC - baseline [95%]" if result.get("auc_versus_baseline") else ""
+    print(f"{'subset':28s} {'AUC':>16s} {f'NDCG@{k}':>16s} {'F1':>16s}  {gap:>25s}   (model / baseline)")
     for name, model, base in comparison_rows(result):
         def pair(key: str, model=model, base=base) -> str:
             mine = "-" if model.get(key) is None else f"{model[key]:.3f}"
             theirs = "" if not base or base.get(key) is None else f" / {base[key]:.3f}"
             return f"{mine}{theirs}"
-        print(f"{name:28s} {pair('auc'):>16s} {pair(f'ndcg@{k}'):>16s} {pair('f1'):>16s}")
+        print(f"{name:28s} {pair('auc'):>16s} {pair(f'ndcg@{k}'):>16s} {pair('f1'):>16s}  "
+              f"{auc_gap(result, name):>25s}")
     print(f"metrics: {args.out}/metrics.json, report: {args.out}/report.md")
     return 0
 

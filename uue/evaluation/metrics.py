@@ -11,6 +11,8 @@ Definitions (what metrics.json reports):
 - retrieval at k, per user over a pool of statements, averaged over users with >= 1 true statement:
   `precision@k` = hits / k, `recall@k` = hits / true statements, `f1@k` = their harmonic mean (per
   user, then averaged), `ndcg@k` with binary gains, `mrr@k` = 1 / rank of the first hit (0 if none).
+- `auc_versus_baseline`: the model's pooled AUC minus the baseline's on the same labels, with a 95% interval from
+  resampling users with replacement (each draw scores both on the same users, so what they share cancels).
 """
 
 from __future__ import annotations
@@ -97,6 +99,64 @@ def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     predicted = last_of_tie + 1
     f1 = 2 * tp / (predicted + y.sum())
     return float(s[last_of_tie[int(np.argmax(f1))]])
+
+
+def _tie_groups(scores: np.ndarray) -> np.ndarray:
+    """Each score's index among the sorted distinct scores (tied scores share one)."""
+    return np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)[1].reshape(-1)
+
+
+def _weighted_auc(tie_group: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
+    """ROC AUC with a weight per label (a label drawn k times counts k times); ties count one half."""
+    groups = int(tie_group.max()) + 1 if tie_group.size else 0
+    positive = np.bincount(tie_group, weights * labels, minlength=groups)
+    negative = np.bincount(tie_group, weights * (1 - labels), minlength=groups)
+    total_pos, total_neg = positive.sum(), negative.sum()
+    if total_pos <= 0 or total_neg <= 0:
+        return float("nan")
+    below = np.cumsum(negative) - negative
+    return float((positive * (below + 0.5 * negative)).sum() / (total_pos * total_neg))
+
+
+def weighted_roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
+                     weights: Sequence[float] | np.ndarray) -> float:
+    """ROC AUC where label i counts weights[i] times (NaN when a class has no weight); equal weights give
+    `roc_auc`."""
+    labels = np.asarray(labels).reshape(-1).astype(np.float64)
+    return _weighted_auc(_tie_groups(scores), labels, np.asarray(weights, dtype=np.float64).reshape(-1))
+
+
+def paired_auc_difference(scores: np.ndarray, reference_scores: np.ndarray, labels: np.ndarray,
+                          clusters: np.ndarray, resamples: int = 1000, level: float = 0.95,
+                          seed: int = 0) -> dict[str, float | int]:
+    """AUC(scores) - AUC(reference_scores) on the same labels, with a percentile interval from resampling
+    clusters (users) with replacement.
+
+    Why users and not labels: one user's labels share a history and rise or fall together, so resampling
+    labels would call a gain on a few hundred users surer than it is. Both scorers see the same draw.
+    """
+    labels = np.asarray(labels).reshape(-1).astype(np.float64)
+    if not len(scores) == len(reference_scores) == len(labels) == len(clusters):
+        raise ValueError("scores, reference_scores, labels and clusters need one entry per label")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    mine, theirs = _tie_groups(scores), _tie_groups(reference_scores)
+    _, cluster = np.unique(np.asarray(clusters), return_inverse=True)
+    cluster = cluster.reshape(-1)
+    n_clusters = int(cluster.max()) + 1 if cluster.size else 0
+    ones = np.ones(len(labels))
+    difference = _weighted_auc(mine, labels, ones) - _weighted_auc(theirs, labels, ones)
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for i in range(resamples):
+        weights = np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters)[cluster].astype(
+            np.float64)
+        draws[i] = _weighted_auc(mine, labels, weights) - _weighted_auc(theirs, labels, weights)
+    draws = draws[np.isfinite(draws)]
+    tail = (1 - level) / 2 * 100
+    low, high = (np.percentile(draws, [tail, 100 - tail]) if draws.size else (float("nan"), float("nan")))
+    return {"difference": float(difference), "low": float(low), "high": float(high), "level": level,
+            "resamples": int(draws.size), "users": n_clusters}
 
 
 def retrieval_metrics(score_matrix: np.ndarray, relevant: np.ndarray, k: int = 10) -> dict[str, float]:

@@ -34,12 +34,28 @@ def comparison_rows(result: dict[str, Any]) -> list[tuple[str, dict[str, Any], d
     return rows
 
 
+def auc_gap(result: dict[str, Any], row_name: str) -> str:
+    """'+0.031 [-0.004, +0.066]': the model's AUC minus the baseline's on one `comparison_rows` row, with its 95%
+    interval over resampled users; '' without a baseline."""
+    gaps = result.get("auc_versus_baseline")
+    if not gaps:
+        return ""
+    gap = gaps["groups"].get(row_name.removeprefix("group: ")) if row_name.startswith("group: ") else gaps.get(row_name)
+    if not gap or gap.get("difference") is None:
+        return "-"
+    low, high = gap.get("low"), gap.get("high")
+    interval = f" [{low:+.3f}, {high:+.3f}]" if low is not None and high is not None else ""
+    return f"{gap['difference']:+.3f}{interval}"
+
+
 def _table(result: dict[str, Any], k: int) -> str:
     keys = [key.replace("@10", f"@{k}") for key in HEADLINE]
-    header = "| subset | labels | " + " | ".join(keys) + " |"
-    lines = [header, "|" + " --- |" * (len(keys) + 2)]
+    gap_column = ["AUC - baseline [95%]"] if result.get("auc_versus_baseline") else []
+    header = "| subset | labels | " + " | ".join(keys + gap_column) + " |"
+    lines = [header, "|" + " --- |" * (len(keys) + len(gap_column) + 2)]
     for name, model, base in comparison_rows(result):
         cells = [f"{_fmt(model.get(key))}" + (f" ({_fmt(base.get(key))})" if base else "") for key in keys]
+        cells += [auc_gap(result, name)] if gap_column else []
         lines.append(f"| {name} | {model.get('labels')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -153,6 +169,8 @@ def write_report(out_dir: str | Path, result: dict[str, Any], arrays: dict[str, 
         "`mean_statement_auc` averages per-statement AUCs over users (which users a statement fits, whatever its",
         "base rate: a zero-shot statement's offset is a guess, its ranking of users is what transfers);",
         "retrieval metrics rank each subset's statement pool for every user with a true statement in it.",
+        "`AUC - baseline [95%]`: the gap in pooled AUC with a 95% interval from resampling the scored users (both",
+        "scored on each draw); an interval that spans 0 means these users cannot tell the two apart.",
         "",
         "## Embedding space",
         "",
