@@ -35,6 +35,10 @@ def test_config_needs_frozen_backbones_mean_pooling_and_one_backbone():
         load_config("configs/tiny.yaml", ["model.predicted_content_weight=-1"])
     with pytest.raises(ConfigError, match="novel_trained_share"):
         load_config("configs/tiny.yaml", ["model.novel_trained_share=1.5"])
+    assert load_config("configs/tiny.yaml", ["model.user_fallback_threshold=0.4"]).model.pretrained_path \
+        .user_fallback_threshold == 0.4
+    with pytest.raises(ConfigError, match="user_fallback_threshold"):
+        load_config("configs/tiny.yaml", ["model.user_fallback_threshold=2"])
 
 
 def test_gates_keep_trained_statements_and_open_for_new_ones():
@@ -89,6 +93,39 @@ def test_user_side_adds_the_centred_content_at_the_fitted_scale_and_a_constant()
                                 content_map=torch.tensor([[0.0, 0.5, 0.0], [1.0, 1.0, 1.0]]))
     out = mapped(torch.tensor([[1.0, 0.0]]), chunks, torch.tensor([[True, True, False]]))
     torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0, 1.0]]))
+
+
+def test_users_unlike_every_training_user_are_scored_by_the_untrained_baseline():
+    """The user gate: a user whose mean content is near the training users' mean keeps the path's vector (and a
+    zero block); one far from it gets only scale x its mean content, which the statement side's unscaled e(x) turns
+    into the untrained baseline's score, for a statement near the trained ones as much as for a new one."""
+    mean, scale = torch.tensor([1.0, 0.0, 0.0]), 2.0
+    plain = UserPretrainedPath(mean, scale)
+    gated = UserPretrainedPath(mean, scale, fallback_threshold=0.4, fallback_sharpness=0.01)
+    assert (plain.width, gated.width) == (4, 7)
+    chunks = torch.tensor([[[1.0, 0.1, 0.0], [1.0, -0.1, 0.0]],  # a training-like user: novelty 0
+                           [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # unlike them: novelty 1
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    trained = F.normalize(torch.tensor([[1.0, 1.0], [1.0, -2.0]]), dim=-1)
+    torch.testing.assert_close(gated.user_novelty(chunks, mask), torch.tensor([0.0, 1.0]))
+    near, far = gated(trained, chunks, mask)
+    torch.testing.assert_close(near, torch.cat([plain(trained, chunks, mask)[0], torch.zeros(3)]))
+    torch.testing.assert_close(far, torch.cat([torch.zeros(2 + 4), scale * F.normalize(chunks[1].mean(0), dim=0)]))
+
+    bank = torch.tensor([[0.0, 1.0, 0.0]])
+    statements = StatementPretrainedPath(bank, torch.tensor([0.3, -0.1]), 0.35, 0.5, 0.01)
+    with_fallback = StatementPretrainedPath(bank, torch.tensor([0.3, -0.1]), 0.35, 0.5, 0.01, fallback=True)
+    assert (statements.width, with_fallback.width) == (4, 7)
+    pooled = torch.tensor([[0.0, 2.0, 0.1], [1.0, 0.0, 1.0]])  # near the training statement; a new one
+    item_trained = F.normalize(torch.tensor([[0.5, 1.0], [-1.0, 0.2]]), dim=-1)
+    vectors = with_fallback(item_trained, pooled)
+    torch.testing.assert_close(vectors[:, :6], statements(item_trained, pooled))
+    torch.testing.assert_close(vectors[:, 6:], F.normalize(pooled, dim=-1))
+    torch.testing.assert_close(near @ vectors.T, plain(trained, chunks, mask)[0] @ statements(item_trained, pooled).T)
+    baseline = F.normalize(chunks[1].mean(0), dim=0) @ F.normalize(pooled, dim=-1).T
+    torch.testing.assert_close(far @ vectors.T, scale * baseline)
+    with pytest.raises(ValueError, match="come together"):
+        UserPretrainedPath(mean, scale, fallback_threshold=0.4)
 
 
 def test_affinity_pooling_weights_the_chunks_that_fit_the_trained_user():
@@ -239,6 +276,28 @@ def test_training_fits_the_path_and_the_saved_folder_scores_what_it_says(tmp_pat
         baseline.users(users) - path.mean.numpy() + trained_users @ content_map), atol=1e-4)
     fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001)
     assert UUEModel.from_pretrained(result.model_dir).user_tower.pretrained_path.content_map is None
+
+    # With the fallback each user is (1 - g) x the path's vector and g x scale x their baseline vector, g the
+    # sigmoid of their novelty (1 - cosine to the training users' mean content); the statements gain e(x). The
+    # threshold at the training users' median novelty puts users on both sides of it here.
+    with pytest.raises(ValueError, match="fallback_threshold"):
+        fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001, fallback_threshold=2.5)
+    novelty = 1.0 - baseline.users(users) @ F.normalize(path.mean, dim=0).numpy()
+    threshold = float(np.median(novelty))
+    fitted = fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001, fallback_threshold=threshold)
+    train_content = baseline.users([dataset.users[u] for u in train_users])
+    train_novelty = 1.0 - train_content @ F.normalize(path.mean, dim=0).numpy()
+    assert fitted["training_user_novelty_max"] == pytest.approx(float(train_novelty.max()), abs=1e-5)
+    assert read_output_dim(result.model_dir / "item_tower") == read_output_dim(result.model_dir / "user_tower") \
+        == 16 + 2 * TINY_HIDDEN + 1
+    falling_back = UUEModel.from_pretrained(result.model_dir)
+    fallback_embedder = ModelEmbedder(falling_back, device, progress=False)
+    g = 1 / (1 + np.exp(-(novelty - threshold) / 0.01))
+    assert g.min() < 0.5 < g.max()
+    expected = (1 - g)[:, None] * (with_path_users @ with_path_statements.T) + g[:, None] * float(
+        falling_back.user_tower.pretrained_path.scale) * (baseline.users(users) @ pretrained.T)
+    np.testing.assert_allclose(fallback_embedder.users(users) @ fallback_embedder.statements(statements).T, expected,
+                               atol=1e-4)
 
 
 def test_ridge_map_shrinks_the_least_squares_fit_and_predicts_held_out_rows():

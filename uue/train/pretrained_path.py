@@ -27,21 +27,27 @@ does not depend on how many users the fit sees); MovieLens-1M validation users s
 
 def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, threshold: float, sharpness: float,
                         offset_threshold: float, user_pooling: UserPooling = "mean", trained_share: float = 1.0,
-                        predicted_content_weight: float = 0.0, split: str = "train", seed: int = 0,
-                        cache_dir: str | None = None, progress: bool = False) -> dict[str, float]:
+                        predicted_content_weight: float = 0.0, fallback_threshold: float | None = None,
+                        split: str = "train", seed: int = 0, cache_dir: str | None = None,
+                        progress: bool = False) -> dict[str, float]:
     """Fit the pretrained path of a trained model folder on its training labels and save the folder again.
 
     The bank is every statement of the `split` labels; the mean content, the mean trained user vector and the scale
     come from up to FIT_LABELS of those labels (their users). `user_pooling`: how the user side pools the frozen
     chunk vectors (`UserPretrainedPath`: "mean" or "affinity"); `trained_share`: how much of its trained ranking a new
     statement keeps (`StatementPretrainedPath`); `predicted_content_weight`: the weight of the content the trained
-    user vector predicts (`UserPretrainedPath.content_map`, 0: none). Returns what was fitted (for logs)."""
+    user vector predicts (`UserPretrainedPath.content_map`, 0: none); `fallback_threshold`: the user novelty (1 -
+    cosine of the user's mean content to the training users' mean) at which a user is half blended to the untrained
+    baseline (None: no fallback). Returns what was fitted (for logs), with the highest novelty of the training
+    users it saw."""
     if user_pooling not in get_args(UserPooling):
         raise ValueError(f"user_pooling must be one of {get_args(UserPooling)}, got {user_pooling!r}")
     if not 0.0 <= trained_share <= 1.0:
         raise ValueError(f"trained_share is a share of the trained ranking, in [0, 1]; got {trained_share}")
     if not predicted_content_weight >= 0.0:
         raise ValueError(f"predicted_content_weight is a weight, >= 0; got {predicted_content_weight}")
+    if fallback_threshold is not None and not 0.0 < fallback_threshold < 2.0:
+        raise ValueError(f"fallback_threshold is a novelty (1 - a cosine), in (0, 2); got {fallback_threshold}")
     dataset = dataset if isinstance(dataset, UUEDataset) else load_dataset(dataset)
     labels = [lab for lab in dataset.labels if lab.split == split]
     if not labels:
@@ -83,14 +89,26 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
     scale = weight * float(trained_scores.std()) / max(float(pretrained_scores.std()), 1e-12)
     content_map = (predicted_content_weight * ridge_map(trained_users, content - mean)
                    if predicted_content_weight > 0 else None)
+    fallback = {} if fallback_threshold is None else {"fallback_threshold": fallback_threshold,
+                                                       "fallback_sharpness": sharpness}
     model.user_tower.pretrained_path = UserPretrainedPath(torch.as_tensor(mean), scale, *chunk_map,
-                                                          content_map=content_map)
+                                                          content_map=content_map, **fallback)
     model.item_tower.pretrained_path = StatementPretrainedPath(torch.as_tensor(bank), torch.as_tensor(
-        trained_users.mean(0)), threshold, offset_threshold, sharpness, trained_share)
+        trained_users.mean(0)), threshold, offset_threshold, sharpness, trained_share, fallback=bool(fallback))
     model.cpu().save_pretrained(model_dir)
     return {"scale": scale, "bank": len(bank_ids), "users": len(user_ids), "threshold": threshold,
             "offset_threshold": offset_threshold, "sharpness": sharpness, "user_pooling": user_pooling,
-            "trained_share": trained_share, "predicted_content_weight": predicted_content_weight}
+            "trained_share": trained_share, "predicted_content_weight": predicted_content_weight,
+            "fallback_threshold": fallback_threshold,
+            "training_user_novelty_max": highest_user_novelty(content if user_pooling == "mean" else None, mean)}
+
+
+def highest_user_novelty(content: np.ndarray | None, mean: np.ndarray) -> float:
+    """The highest novelty (1 - cosine to `mean`) among the unit rows of `content` (NaN when None: affinity pooling's
+    content is not the plain mean the fallback compares)."""
+    if content is None:
+        return float("nan")
+    return float((1.0 - content @ (mean / max(float(np.linalg.norm(mean)), 1e-12))).max())
 
 
 def ridge_map(inputs: np.ndarray, targets: np.ndarray) -> torch.Tensor:
@@ -123,7 +141,7 @@ def fit_configured_path(config: Any, model_dir: str | Path, dataset: Any) -> dic
     return fit_pretrained_path(model_dir, dataset, options.pretrained_path_weight, options.novelty_threshold,
                                options.novelty_sharpness, options.offset_novelty_threshold, options.user_pooling,
                                options.novel_trained_share, options.predicted_content_weight,
-                               seed=config.training.seed,
+                               options.user_fallback_threshold, seed=config.training.seed,
                                cache_dir=config.model.caching.cache_dir)
 
 
