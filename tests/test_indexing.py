@@ -366,20 +366,24 @@ def test_index_encoding_options_are_validated(tiny_model_dir):
 
 def test_a_model_with_a_pretrained_path_indexes_its_wider_statement_vectors(ray_session, tiny_model_config,
                                                                           sample_data_dir, tmp_path):
+    """The path and the user fallback make statement vectors wider and not unit (the fallback's e(x) follows the
+    unit part): the index keeps them as the model writes them, so it scores what the model scores."""
     from uue.model.backbone import TINY_HIDDEN
     from uue.model.pretrained_path import StatementPretrainedPath, UserPretrainedPath
 
     model = UUEModel.from_config(tiny_model_config, seed=0)
     bank = torch.randn(6, TINY_HIDDEN, generator=torch.Generator().manual_seed(0))
     model.item_tower.pretrained_path = StatementPretrainedPath(bank, torch.ones(16) / 4, threshold=0.05,
-                                                               offset_threshold=0.05, sharpness=0.05)
-    model.user_tower.pretrained_path = UserPretrainedPath(torch.zeros(TINY_HIDDEN), 1.0)
+                                                               offset_threshold=0.05, sharpness=0.05, fallback=True)
+    model.user_tower.pretrained_path = UserPretrainedPath(torch.zeros(TINY_HIDDEN), 1.0, fallback_threshold=0.4,
+                                                          fallback_sharpness=0.01)
     model.save_pretrained(tmp_path / "model")
     manifest = build_index(tmp_path / "model", sample_data_dir, tmp_path / "index", batch_size=8, **ONE_ACTOR)
-    assert manifest["dimension"] == 16 + TINY_HIDDEN + 1
+    assert manifest["dimension"] == 16 + 2 * TINY_HIDDEN + 1
     statements = list(load_dataset(sample_data_dir).statements.values())
     ids, vectors = raw_vectors(tmp_path / "index")
     expected = UUEInference(tmp_path / "model", device="cpu").encode_statements(statements)
     by_id = dict(zip(ids, vectors, strict=True))
     np.testing.assert_allclose(np.stack([by_id[s.statement_id] for s in statements]), expected, atol=1e-5)
-    assert np.abs(expected[:, 16:]).max() > 0.01  # the gate opened for some statements
+    assert np.abs(expected[:, 16 : 16 + TINY_HIDDEN]).max() > 0.01  # the gate opened for some statements
+    np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 2**0.5, atol=1e-5)  # unit part + unit e(x)

@@ -247,8 +247,12 @@ class ItemTowerEncoder:
                                                  metadata)
         else:
             vectors = self.encoder.encode_batches([self.encoder.featurize(_batch_statements(batch))])
-        # Re-normalise in float32: a bf16 unit vector is only unit to ~1e-2.
-        vectors = torch.nn.functional.normalize(vectors, dim=-1).numpy()
+        # Re-normalise in float32: a bf16 unit vector is only unit to ~1e-2. A fitted pretrained path's statement
+        # vectors are not unit by design (a share of the trained part, the fallback's e(x)): kept as they are, so the
+        # index scores what the model scores.
+        vectors = vectors.float() if self.tower.pretrained_path is not None else torch.nn.functional.normalize(
+            vectors.float(), dim=-1)
+        vectors = vectors.numpy()
         return {"statement_id": batch["statement_id"], "text": batch["text"], "source": batch["source"],
                 "vector": vectors.astype(np.float32)}
 
