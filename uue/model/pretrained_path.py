@@ -114,7 +114,10 @@ class UserPretrainedPath(nn.Module):
     def user_novelty(self, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
         """(B, C, H) frozen chunk vectors, (B, C) mask -> (B,) 1 - cosine of the plain mean content to the training
         users' mean content."""
-        return 1.0 - F.normalize(self._mean_content(chunk_vectors, chunk_mask), dim=-1) @ F.normalize(self.mean, dim=0)
+        return self._novelty(self._mean_content(chunk_vectors, chunk_mask))
+
+    def _novelty(self, mean_content: torch.Tensor) -> torch.Tensor:
+        return 1.0 - mean_content @ F.normalize(self.mean, dim=0)
 
     @staticmethod
     def _mean_content(chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
@@ -125,31 +128,32 @@ class UserPretrainedPath(nn.Module):
 
     def content(self, trained: torch.Tensor, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
         """(B, D) trained unit vectors, (B, C, H) frozen chunk vectors, (B, C) mask -> (B, H) unit content."""
-        vectors, mask = chunk_vectors.float(), chunk_mask.bool()
         if self.chunk_map is None:
-            weights = mask.float()
-        else:
-            as_statements = F.normalize(vectors @ self.chunk_map + self.chunk_bias, dim=-1)
-            fit = (as_statements * trained.float()[:, None, :]).sum(-1)  # (B, C) cosines
-            count = mask.sum(1, keepdim=True).clamp(min=1)
-            centred = (fit - (fit * mask).sum(1, keepdim=True) / count) * mask
-            spread = ((centred**2).sum(1, keepdim=True) / count).sqrt()
-            weights = torch.softmax((centred / spread.clamp(min=1e-6)).masked_fill(~mask, float("-inf")), dim=1)
+            return self._mean_content(chunk_vectors, chunk_mask)
+        vectors, mask = chunk_vectors.float(), chunk_mask.bool()
+        as_statements = F.normalize(vectors @ self.chunk_map + self.chunk_bias, dim=-1)
+        fit = (as_statements * trained.float()[:, None, :]).sum(-1)  # (B, C) cosines
+        count = mask.sum(1, keepdim=True).clamp(min=1)
+        centred = (fit - (fit * mask).sum(1, keepdim=True) / count) * mask
+        spread = ((centred**2).sum(1, keepdim=True) / count).sqrt()
+        weights = torch.softmax((centred / spread.clamp(min=1e-6)).masked_fill(~mask, float("-inf")), dim=1)
         pooled = (vectors * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-12)
         return F.normalize(pooled, dim=-1)
 
     def forward(self, trained: torch.Tensor, chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
         """(B, D) trained unit vectors, (B, C, H) frozen chunk vectors, (B, C) mask -> (B, D + H + 1)."""
-        centred = self.content(trained, chunk_vectors, chunk_mask) - self.mean
+        mean_content = self._mean_content(chunk_vectors, chunk_mask)  # the baseline's user: pooled once, used thrice
+        content = mean_content if self.chunk_map is None else self.content(trained, chunk_vectors, chunk_mask)
+        centred = content - self.mean
         if self.content_map is not None:
             centred = centred + trained.float() @ self.content_map
         extra = self.scale * centred
         one = torch.ones_like(extra[:, :1])
         out = torch.cat([trained.float(), extra, one], dim=-1)
         if self.has_fallback:
-            novelty = self.user_novelty(chunk_vectors, chunk_mask)
+            novelty = self._novelty(mean_content)
             far = torch.sigmoid((novelty - self.fallback_threshold) / self.fallback_sharpness)[:, None]
-            baseline = self.scale * self._mean_content(chunk_vectors, chunk_mask)
+            baseline = self.scale * mean_content
             out = torch.cat([(1.0 - far) * out, far * baseline], dim=-1)
         return out.to(trained.dtype)
 
