@@ -299,6 +299,20 @@ def test_training_fits_the_path_and_the_saved_folder_scores_what_it_says(tmp_pat
     np.testing.assert_allclose(fallback_embedder.users(users) @ fallback_embedder.statements(statements).T, expected,
                                atol=1e-4)
 
+    # With affinity pooling the path centres on the weighted pools' mean, and the fallback still compares each
+    # user's plain mean content with the training users' plain mean (saved as baseline_mean): the same novelty,
+    # the same gate, and a user far from them scored as the baseline scores them.
+    affinity = fit_pretrained_path(result.model_dir, dataset, 1.0, 0.001, 0.01, 0.001, user_pooling="affinity",
+                                   predicted_content_weight=2.0, fallback_threshold=threshold)
+    assert affinity["training_user_novelty_max"] == pytest.approx(float(train_novelty.max()), abs=1e-5)
+    affinity_path = UUEModel.from_pretrained(result.model_dir).user_tower.pretrained_path
+    assert not torch.allclose(affinity_path.mean, affinity_path.baseline_mean, atol=1e-3)
+    torch.testing.assert_close(affinity_path.baseline_mean, path.mean, atol=1e-5, rtol=0)
+    chunk_vectors = ModelEmbedder(falling_back, device, progress=False).user_encoder.chunk_vectors(users)
+    affinity_novelty = [float(affinity_path.user_novelty(torch.as_tensor(v)[None], torch.ones(1, len(v), dtype=bool)))
+                        for v in chunk_vectors]
+    np.testing.assert_allclose(affinity_novelty, novelty, atol=1e-5)
+
 
 def test_ridge_map_shrinks_the_least_squares_fit_and_predicts_held_out_rows():
     from uue.train.pretrained_path import ridge_map

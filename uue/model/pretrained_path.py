@@ -79,12 +79,15 @@ class UserPretrainedPath(nn.Module):
     content it predicts, the weight folded in; its product is added to the centred content.
 
     `fallback_threshold` (with `fallback_sharpness`), when fitted: users whose plain mean content is far from the
-    training users' mean are blended to the untrained baseline (the module docstring), one more block of width H."""
+    training users' mean are blended to the untrained baseline (the module docstring), one more block of width H.
+    `baseline_mean` is the training users' plain mean content the novelty compares with; None: `mean`, which is that
+    mean when the path pools the plain mean (with "affinity" `mean` averages the weighted pools)."""
 
     def __init__(self, mean: torch.Tensor, scale: float | torch.Tensor, chunk_map: torch.Tensor | None = None,
                  chunk_bias: torch.Tensor | None = None, content_map: torch.Tensor | None = None,
                  fallback_threshold: float | torch.Tensor | None = None,
-                 fallback_sharpness: float | torch.Tensor | None = None):
+                 fallback_sharpness: float | torch.Tensor | None = None,
+                 baseline_mean: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(-1))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(1))
@@ -102,6 +105,11 @@ class UserPretrainedPath(nn.Module):
             torch.as_tensor(fallback_threshold, dtype=torch.float32).reshape(1))
         self.fallback_sharpness = None if fallback_sharpness is None else nn.Buffer(
             torch.as_tensor(fallback_sharpness, dtype=torch.float32).reshape(1))
+        if baseline_mean is not None and fallback_threshold is None:
+            raise ValueError("baseline_mean is what the fallback's user novelty compares with: it needs "
+                             "fallback_threshold")
+        self.baseline_mean = None if baseline_mean is None else nn.Buffer(
+            torch.as_tensor(baseline_mean, dtype=torch.float32).reshape(-1))
 
     @property
     def has_fallback(self) -> bool:
@@ -117,7 +125,8 @@ class UserPretrainedPath(nn.Module):
         return self._novelty(self._mean_content(chunk_vectors, chunk_mask))
 
     def _novelty(self, mean_content: torch.Tensor) -> torch.Tensor:
-        return 1.0 - mean_content @ F.normalize(self.mean, dim=0)
+        reference = self.mean if self.baseline_mean is None else self.baseline_mean
+        return 1.0 - mean_content @ F.normalize(reference, dim=0)
 
     @staticmethod
     def _mean_content(chunk_vectors: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
@@ -161,7 +170,8 @@ class UserPretrainedPath(nn.Module):
     def from_state(cls, state: dict[str, torch.Tensor]) -> UserPretrainedPath:
         return cls(state[PREFIX + "mean"], state[PREFIX + "scale"], state.get(PREFIX + "chunk_map"),
                    state.get(PREFIX + "chunk_bias"), state.get(PREFIX + "content_map"),
-                   state.get(PREFIX + "fallback_threshold"), state.get(PREFIX + "fallback_sharpness"))
+                   state.get(PREFIX + "fallback_threshold"), state.get(PREFIX + "fallback_sharpness"),
+                   state.get(PREFIX + "baseline_mean"))
 
 
 def item_head_as_map(projection: nn.Module, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:

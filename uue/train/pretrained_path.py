@@ -74,6 +74,10 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
     model.user_tower.pretrained_path = UserPretrainedPath(torch.zeros(hidden), 1.0, *chunk_map)
     both = embedder.user_encoder.encode(users)
     trained_users, content = both[:, :width], both[:, width : width + hidden]
+    plain_content = content
+    if user_pooling == "affinity":  # the fallback compares users' plain mean content (the cached chunks, read again)
+        model.user_tower.pretrained_path = UserPretrainedPath(torch.zeros(hidden), 1.0)
+        plain_content = embedder.user_encoder.encode(users)[:, width : width + hidden]
     model.user_tower.pretrained_path = None
     bank = _pretrained_statements(model, embedder, [dataset.statements[s] for s in bank_ids])
     trained_bank_ids = sorted({lab.statement_id for lab in sample})
@@ -89,8 +93,10 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
     scale = weight * float(trained_scores.std()) / max(float(pretrained_scores.std()), 1e-12)
     content_map = (predicted_content_weight * ridge_map(trained_users, content - mean)
                    if predicted_content_weight > 0 else None)
-    fallback = {} if fallback_threshold is None else {"fallback_threshold": fallback_threshold,
-                                                       "fallback_sharpness": sharpness}
+    plain_mean = plain_content.mean(0)
+    fallback = {} if fallback_threshold is None else {
+        "fallback_threshold": fallback_threshold, "fallback_sharpness": sharpness,
+        "baseline_mean": None if user_pooling == "mean" else torch.as_tensor(plain_mean)}
     model.user_tower.pretrained_path = UserPretrainedPath(torch.as_tensor(mean), scale, *chunk_map,
                                                           content_map=content_map, **fallback)
     model.item_tower.pretrained_path = StatementPretrainedPath(torch.as_tensor(bank), torch.as_tensor(
@@ -100,14 +106,12 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
             "offset_threshold": offset_threshold, "sharpness": sharpness, "user_pooling": user_pooling,
             "trained_share": trained_share, "predicted_content_weight": predicted_content_weight,
             "fallback_threshold": fallback_threshold,
-            "training_user_novelty_max": highest_user_novelty(content if user_pooling == "mean" else None, mean)}
+            "training_user_novelty_max": highest_user_novelty(plain_content, plain_mean)}
 
 
-def highest_user_novelty(content: np.ndarray | None, mean: np.ndarray) -> float:
-    """The highest novelty (1 - cosine to `mean`) among the unit rows of `content` (NaN when None: affinity pooling's
-    content is not the plain mean the fallback compares)."""
-    if content is None:
-        return float("nan")
+def highest_user_novelty(content: np.ndarray, mean: np.ndarray) -> float:
+    """The highest novelty (1 - cosine to `mean`) among the unit rows of `content` (the users' plain mean content,
+    which the fallback compares)."""
     return float((1.0 - content @ (mean / max(float(np.linalg.norm(mean)), 1e-12))).max())
 
 
