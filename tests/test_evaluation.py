@@ -87,6 +87,9 @@ def test_paired_auc_difference_brackets_a_real_gain_and_narrows_with_more_users(
     assert few["high"] - few["low"] > gap["high"] - gap["low"]
     same = paired_auc_difference(worse, worse, labels, users, resamples=50)
     assert (same["difference"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    for resamples in (0, -5, 2.5):  # no draws gives no interval: refused with the reason, not NaN bounds
+        with pytest.raises(ValueError, match="resamples is how many user draws"):
+            paired_auc_difference(better, worse, labels, users, resamples=resamples)
 
 
 def test_paired_auc_difference_resamples_users_not_labels():

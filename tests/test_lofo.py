@@ -26,6 +26,8 @@ def test_study_holds_a_family_out_and_reports_it_beside_the_baseline(tmp_path):
     assert "age" not in metrics["groups"]  # the family has no seen part left
     assert summary["mean_gain"] == row["auc"] - row["baseline_auc"]
     assert (out / "lofo.png").stat().st_size > 0 and "| age |" in (out / "lofo.md").read_text()
+    # The config as read at the start, which every family trained on.
+    assert (out / "config.yaml").read_text() == (REPO / "configs" / "tiny.yaml").read_text()
     # Run again: the family is read back, not trained again.
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert again.returncode == 0 and "already evaluated" in again.stdout

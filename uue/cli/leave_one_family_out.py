@@ -9,8 +9,10 @@ from it.
 
 `uue study leave-one-family-out --variant 1m --config configs/movielens-1m-minilm.yaml --split validation
 --out runs/lofo` writes, under OUT: one folder per family (data/, model/, eval-<split>/), `lofo.json`, `lofo.md`
-(the table) and `lofo.png` (trained vs baseline per family). A family whose evaluation is already there for the
-same config and overrides is read back, not trained again, so a stopped study continues where it stopped.
+(the table), `lofo.png` (trained vs baseline per family) and `config.yaml`, the config as read when the study
+started, which every family trains on (an edit to the file while the study runs changes nothing). A family whose
+evaluation is already there for the same config and overrides is read back, not trained again, so a stopped study
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -142,8 +144,12 @@ def run_leave_one_family_out(config_path: str, overrides: Sequence[str] = (), va
         raise ValueError(f"families must be some of {', '.join(FAMILIES)}; got {list(families)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = _study_key(config_path, overrides, variant, split)
-    rows = [run_family(f, config_path, overrides, variant, split, out_dir, key) for f in families]
+    # Read once: every family trains on the config as it was when the study started (a study runs for hours, and
+    # an edit to the file meanwhile would otherwise mix configs or stop it at the next family).
+    snapshot = out_dir / "config.yaml"
+    snapshot.write_text(Path(config_path).read_text())
+    key = _study_key(str(snapshot), overrides, variant, split)
+    rows = [run_family(f, str(snapshot), overrides, variant, split, out_dir, key) for f in families]
     summary = {"config": str(config_path), "overrides": list(overrides), "variant": variant, "split": split,
                **summarize(rows)}
     (out_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2))

@@ -140,6 +140,8 @@ def paired_auc_difference(scores: np.ndarray, reference_scores: np.ndarray, labe
         raise ValueError("scores, reference_scores, labels and clusters need one entry per label")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    if not (isinstance(resamples, int) and resamples >= 1):
+        raise ValueError(f"resamples is how many user draws the interval takes, >= 1; got {resamples!r}")
     mine, theirs = _tie_groups(scores), _tie_groups(reference_scores)
     _, cluster = np.unique(np.asarray(clusters), return_inverse=True)
     cluster = cluster.reshape(-1)
