@@ -10,8 +10,8 @@ from uue.config import ConfigError, ExperimentConfig, ModelConfig, TrainingConfi
 from uue.data.featurize import Featurizer, collate
 from uue.data.readers import load_dataset
 from uue.data.schema import UserChunk, UserData
-from uue.model.cache import FrozenPrefixCache, backbone_fingerprint
-from uue.model.encode import UserBatchEncoder
+from uue.model.cache import FrozenPrefixCache, backbone_fingerprint, sequence_key
+from uue.model.encode import ModelEmbedder, UserBatchEncoder
 from uue.model.inputs import UserBatch
 from uue.model.uue_model import UUEModel
 from uue.train import UUETrainer
@@ -94,6 +94,38 @@ def test_training_on_the_cache_matches_training_on_tokens(tiny_model_config, sam
         # atol 1e-4: Adam turns the ~0 gradients of the attention key bias (softmax ignores it) into steps of
         # noise, so float differences of the two encoding orders show there and nowhere else.
         torch.testing.assert_close(state_cached[name], value, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_statements_and_chunks_training_encoded_are_not_encoded_again_after_it(tiny_model_config, sample_data_dir,
+                                                                                tmp_path):
+    """The local trainer's caches join the process's tables: the path's fit, calibration and evaluation after it
+    read statements and chunks as training encoded them, and read through the cache they equal the towers' own."""
+    model_config = _frozen(tiny_model_config, True).model_copy(update={
+        "freeze_item_backbone": True, "cache_statement_vectors": True, "max_chunk_length": 512})
+    config = ExperimentConfig(model=model_config, training=TrainingConfig(output_dir=str(tmp_path), max_steps=2,
+                                                                          progress_bar=False))
+    config.data.path = str(sample_data_dir)
+    trainer = UUETrainer(config)
+    trainer.fit()
+    statements = [trainer.dataset.statements[statement_id] for statement_id in trainer.inputs.statements.ids]
+    users = [trainer.dataset.users[user_id] for user_id in trainer.inputs.collate.chunk_cache.users]
+    embedder = ModelEmbedder(trainer.model, "cpu", progress=False)
+    cached_statements, cached_users = embedder.statements(statements), embedder.users(users)
+    assert embedder.statement_encoder.cache.encoded == 0
+    # Training splits a chunk longer than max_chunk_length into pieces, evaluation truncates it: only chunks read
+    # alike are shared (MovieLens lines all are; here, bytes of the tiny tokenizer, those below 512).
+    trained = [tokens for batch in trainer.shards.iter_train_users() for row in batch
+               if row["user_id"] in trainer.inputs.collate.chunk_cache.users for tokens in row["chunk_tokens"]]
+    read = {sequence_key(tokens) for user in users for tokens in embedder.featurizer.user_tokens(user)}
+    not_trained = read - {sequence_key(tokens) for tokens in trained}
+    assert len(not_trained) < len(read)
+    assert embedder.user_encoder.cache.encoded == len(not_trained)
+    uncached = ModelEmbedder(trainer.model, "cpu", progress=False, cache_frozen=False)
+    assert uncached.statement_encoder.cache is None and uncached.user_encoder.cache is None
+    np.testing.assert_allclose(cached_statements, uncached.statements(statements), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cached_users, uncached.users(users), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(embedder.statement_encoder.backbone_vectors(statements),
+                               uncached.statement_encoder.backbone_vectors(statements), rtol=1e-5, atol=1e-5)
 
 
 def test_fingerprint_follows_the_weights(tiny_model_config):

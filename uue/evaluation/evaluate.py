@@ -69,12 +69,17 @@ class BaselineEmbedder:
     def __init__(self, model: UUEModel, device: torch.device, batch_size: int = 32, progress: bool = True,
                  cache_dir: str | None = None):
         user_tower, item_tower, featurizer = _baseline_towers(model, device)
-        cache = FrozenPrefixCache(user_tower.encoder, featurizer.user_tokenizer, device=device,
-                                  micro_batch=model.config.towers.encode_micro_batch,
-                                  cache_dir=resolve_cache_dir(cache_dir), shared=True)
-        cache.progress = "baseline chunk vectors" if progress else None
-        self.user_encoder = UserBatchEncoder(user_tower, featurizer, device, batch_size, cache)
-        self.statement_encoder = StatementBatchEncoder(item_tower, device, batch_size, featurizer)
+        def frozen(tower: UserTower | ItemTower, tokenizer: Any, label: str) -> FrozenPrefixCache:
+            cache = FrozenPrefixCache(tower.encoder, tokenizer, device=device,
+                                      micro_batch=model.config.towers.encode_micro_batch,
+                                      cache_dir=resolve_cache_dir(cache_dir), shared=True)
+            cache.progress = label if progress else None
+            return cache
+
+        chunks = frozen(user_tower, featurizer.user_tokenizer, "baseline chunk vectors")
+        statements = frozen(item_tower, featurizer.item_tokenizer, "baseline statement vectors")
+        self.user_encoder = UserBatchEncoder(user_tower, featurizer, device, batch_size, chunks)
+        self.statement_encoder = StatementBatchEncoder(item_tower, device, batch_size, featurizer, statements)
 
     def users(self, users: Sequence[UserData]) -> np.ndarray:
         means = np.stack([vectors.mean(0) for vectors in self.user_encoder.chunk_vectors(users)])

@@ -45,14 +45,23 @@ class UserBatchEncoder:
     @torch.no_grad()
     def encode(self, users: Sequence[UserData]) -> np.ndarray:
         """Users -> unit vectors, `batch_size` users at a time (from their chunk tokens, or cached vectors)."""
-        cached = self.chunk_vectors(users) if self.cache is not None else None
+        if self.cache is not None:
+            return self.encode_vectors(self.chunk_vectors(users), [u.metadata for u in users])
         vectors = []
         for start in range(0, len(users), self.batch_size):
-            part = users[start : start + self.batch_size]
-            if cached is None:
-                batch = self._token_batch(part)
-            else:
-                batch = self._vector_batch(cached[start : start + self.batch_size], [u.metadata for u in part])
+            batch = self._token_batch(users[start : start + self.batch_size])
+            vectors.append(self.tower(batch.chunks, batch.chunk_mask, batch.metadata).float().cpu().numpy())
+        return np.concatenate(vectors) if vectors else np.zeros((0, self.dimension), np.float32)
+
+    @torch.no_grad()
+    def encode_vectors(self, chunk_vectors: Sequence[np.ndarray], metadata: Sequence[dict | None]) -> np.ndarray:
+        """Each user's (C, H) chunk vectors (`chunk_vectors`) and metadata -> unit vectors, `batch_size` users at a
+        time: the tower above the backbone, for callers that read users' chunk vectors once and pool them
+        more than one way (the pretrained path's fit)."""
+        vectors = []
+        for start in range(0, len(chunk_vectors), self.batch_size):
+            end = start + self.batch_size
+            batch = self._vector_batch(chunk_vectors[start:end], metadata[start:end])
             vectors.append(self.tower(batch.chunks, batch.chunk_mask, batch.metadata).float().cpu().numpy())
         return np.concatenate(vectors) if vectors else np.zeros((0, self.dimension), np.float32)
 
@@ -103,21 +112,25 @@ class UserBatchEncoder:
         if longest > limit:
             raise ValueError(f"{longest} chunk vectors for one user; the model reads at most {limit} (select them "
                              "first)")
-        batch = self._vector_batch([vectors for vectors, _ in users], [metadata for _, metadata in users])
-        return self.tower.pool(batch.chunks.vectors, batch.chunk_mask, batch.metadata).float().cpu().numpy()
+        return self.encode_vectors([vectors for vectors, _ in users], [metadata for _, metadata in users])
 
 
 class StatementBatchEncoder:
     """Statements -> (N, embedding_dim) unit vectors with an item tower, `batch_size` at a time.
 
-    `featurizer` is needed to encode texts (`encode`, `featurize`); a statement pool's rows need none."""
+    `featurizer` is needed to encode texts (`encode`, `featurize`); a statement pool's rows need none. `cache`
+    (a frozen item backbone's frozen-prefix cache): texts are read as their cached backbone vectors, each distinct
+    text encoded once in the process (training's statement table, evaluation, the path's fit share them)."""
 
     def __init__(self, tower: ItemTower, device: torch.device | str = "cpu", batch_size: int = 32,
-                 featurizer: Featurizer | None = None):
+                 featurizer: Featurizer | None = None, cache: FrozenPrefixCache | None = None):
+        if cache is not None and not cache.keeps_vectors:
+            raise ValueError("a statement encoder reads whole-backbone vectors from its cache, not hidden states")
         self.tower = tower
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.featurizer = featurizer
+        self.cache = cache
 
     def featurize(self, statements: Sequence[Statement | str]) -> StatementBatch:
         """Statements -> their batch, without the token columns none of them uses."""
@@ -141,10 +154,43 @@ class StatementBatchEncoder:
         return self.tower.forward_ragged(token_ids, metadata).float().cpu()
 
     def encode(self, statements: Sequence[Statement | str]) -> np.ndarray:
-        """Statement texts (+ context, metadata) -> unit vectors, featurized `batch_size` at a time."""
+        """Statement texts (+ context, metadata) -> unit vectors, featurized `batch_size` at a time (with a cache:
+        the item tower above its backbone, on each text's cached vector)."""
         size = self.batch_size
-        batches = (self.featurize(statements[start : start + size]) for start in range(0, len(statements), size))
+        if self.cache is None:
+            batches = (self.featurize(statements[start : start + size]) for start in range(0, len(statements), size))
+        else:
+            pooled = torch.as_tensor(self.backbone_vectors(statements)).to(_dtype_of(self.tower))
+            metadata = self._metadata(statements)
+            batches = (StatementBatch(TowerInput(vectors=pooled[start : start + size]),
+                                      None if metadata is None else metadata[start : start + size])
+                       for start in range(0, len(statements), size))
         return self.encode_batches(batches).numpy()
+
+    def backbone_vectors(self, statements: Sequence[Statement | str]) -> np.ndarray:
+        """(N, H) float32 vectors of the item backbone alone (the tower's pooled text, before any head): from the
+        cache when there is one, else `batch_size` texts at a time through the backbone."""
+        if self.featurizer is None:
+            raise ValueError("encoding statement texts needs the tower's featurizer")
+        if not statements:
+            return np.zeros((0, self.tower.encoder.hidden_size), np.float32)
+        if self.cache is not None:
+            vectors = np.stack(self.cache.lookup(self.featurizer.statement_tokens(statements)))
+            self.cache.save()
+            return vectors.astype(np.float32, copy=False)
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(statements), self.batch_size):
+                batch = self.featurize(statements[start : start + self.batch_size]).to(self.device)
+                out.append(self.tower.encoder.encode(batch.text).float().cpu().numpy())
+        return np.concatenate(out)
+
+    def _metadata(self, statements: Sequence[Statement | str]) -> torch.Tensor | None:
+        """The statements' hashed metadata when the tower fuses it (None otherwise)."""
+        if self.tower.metadata is None:
+            return None
+        assert self.featurizer is not None
+        return torch.as_tensor(self.featurizer.statement_features(statements)["item_metadata"])
 
     def encode_pool(self, pool: StatementPool) -> torch.Tensor:
         """Every statement of a pool, `batch_size` rows at a time (the training loop's negative refresh)."""
@@ -156,26 +202,32 @@ class StatementBatchEncoder:
 class ModelEmbedder:
     """A UUE model's users and statements -> unit vectors (numpy): evaluation, calibration, inference, the demo.
 
-    `cache_chunks` (default: when the user backbone is frozen) reads each distinct chunk's vector from the
-    frozen-prefix cache the process shares (and `cache_dir` keeps on disk), so the chunks training encoded,
-    or another split, are not encoded again."""
+    `cache_frozen` (default: when a tower's backbone is frozen) reads each distinct chunk's or statement's
+    backbone vector from the frozen-prefix cache the process shares (and `cache_dir` keeps on disk), so the texts
+    training encoded, or another split, are not encoded again; False: never (serving, whose texts do not repeat)."""
 
     name = "model"
 
     def __init__(self, model: UUEModel, device: torch.device | str, batch_size: int = 32, progress: bool = True,
-                 cache_chunks: bool | None = None, cache_dir: str | None = None):
+                 cache_frozen: bool | None = None, cache_dir: str | None = None):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         config = model.config
         self.featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
-        cache = None
-        if config.towers.freeze_user_backbone if cache_chunks is None else cache_chunks:
-            cache = FrozenPrefixCache(model.user_tower.encoder, model.user_tokenizer, device=self.device,
-                                      micro_batch=config.towers.encode_micro_batch,
-                                      cache_dir=resolve_cache_dir(cache_dir), shared=True)
-            cache.progress = "user chunk vectors" if progress else None
-        self.user_encoder = UserBatchEncoder(model.user_tower, self.featurizer, self.device, batch_size, cache)
-        self.statement_encoder = StatementBatchEncoder(model.item_tower, self.device, batch_size, self.featurizer)
+        chunk_cache = statement_cache = None
+        if config.towers.freeze_user_backbone if cache_frozen is None else cache_frozen:
+            chunk_cache = FrozenPrefixCache(model.user_tower.encoder, model.user_tokenizer, device=self.device,
+                                            micro_batch=config.towers.encode_micro_batch,
+                                            cache_dir=resolve_cache_dir(cache_dir), shared=True)
+            chunk_cache.progress = "user chunk vectors" if progress else None
+        if config.towers.freeze_item_backbone and cache_frozen is not False:
+            statement_cache = FrozenPrefixCache(model.item_tower.encoder, model.item_tokenizer, device=self.device,
+                                                micro_batch=config.towers.encode_micro_batch,
+                                                cache_dir=resolve_cache_dir(cache_dir), shared=True)
+            statement_cache.progress = "statement vectors" if progress else None
+        self.user_encoder = UserBatchEncoder(model.user_tower, self.featurizer, self.device, batch_size, chunk_cache)
+        self.statement_encoder = StatementBatchEncoder(model.item_tower, self.device, batch_size, self.featurizer,
+                                                       statement_cache)
 
     def users(self, users: Sequence[UserData]) -> np.ndarray:
         return self.user_encoder.encode(users)

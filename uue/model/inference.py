@@ -42,7 +42,7 @@ class UUEInference:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = (model if isinstance(model, UUEModel) else UUEModel.from_pretrained(model)).to(self.device).eval()
         # Users from their tokens: a frozen backbone's vectors are the same, and no cache outlives a call.
-        self.embedder = ModelEmbedder(self.model, self.device, batch_size, progress=False, cache_chunks=False)
+        self.embedder = ModelEmbedder(self.model, self.device, batch_size, progress=False, cache_frozen=False)
         self.featurizer = self.embedder.featurizer
         self.batch_size = batch_size
 

@@ -54,12 +54,14 @@ class Inputs:
 
 
 def build_inputs(config: ExperimentConfig, shards: Shards, model: UUEModel, featurizer: Featurizer,
-                 device: torch.device, sampler_seed: int) -> Inputs:
+                 device: torch.device, sampler_seed: int, share_tables: bool = False) -> Inputs:
     """The statement table, the collator and the samplers of one process. A frozen item backbone
     (cache_statement_vectors) or a frozen bottom below the item tower's cut (cache_hidden_states) puts what the
     frozen-prefix cache computes for each statement in the table; the collator reads users' chunks from the
     user backbone's cache likewise. The caches run the frozen part once per process, outside any engine's
-    forward."""
+    forward. `share_tables`: the caches join the process's shared table of their backbone (the local trainer,
+    after which the pretrained path's fit, calibration and evaluation read what training encoded; a Ray worker
+    has no one to share with and skips the backbone's fingerprint)."""
     cfg = config.model
     caching = cfg.caching
     hidden_dtype = getattr(torch, caching.hidden_cache_dtype)
@@ -72,7 +74,7 @@ def build_inputs(config: ExperimentConfig, shards: Shards, model: UUEModel, feat
             return None
         return FrozenPrefixCache(tower.encoder, tokenizer, None if whole else tower.hidden_cut, device=device,
                                  micro_batch=cfg.towers.encode_micro_batch, hidden_dtype=hidden_dtype,
-                                 cache_dir=cache_dir)
+                                 cache_dir=cache_dir, shared=share_tables)
 
     table = StatementTable(shards.statements(), featurizer,
                            frozen_prefix(model.item_tower, model.item_tokenizer, caching.cache_statement_vectors))

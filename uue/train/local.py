@@ -56,7 +56,8 @@ class UUETrainer:
         self.featurizer = Featurizer(cfg.model, self.model.user_tokenizer, self.model.item_tokenizer)
         self.shards, self.dataset = local_shards(cfg, self.featurizer, dataset)
         require_raw_data(cfg, self.dataset)
-        self.inputs = build_inputs(cfg, self.shards, self.model, self.featurizer, self.device, seed)
+        self.inputs = build_inputs(cfg, self.shards, self.model, self.featurizer, self.device, seed,
+                                   share_tables=True)
         self.samplers = self.inputs.samplers
         self.objective = TrainingObjective(self.model, cfg.model, self.samplers)
         optim = cfg.model.optim

@@ -91,6 +91,7 @@ class StatementTable:
         self.vectors: np.ndarray | None = None
         self.hidden: list[np.ndarray] | None = None
         self.layer: int | None = None
+        self.cache = cache  # held: a shared table lives while someone holds it (what evaluation after training reads)
         if cache is not None:  # the table's order, 64 at a time: how the statement pool has always been encoded
             entries = cache.lookup(self.tokens, by_length=False, micro_batch=64)
             cache.save()
