@@ -4,13 +4,11 @@ Both trainers call `fit_configured_path` once the final model is saved; `fit_pre
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from uue.config import UserPooling
 from uue.data.readers import UUEDataset, load_dataset
@@ -69,17 +67,22 @@ def fit_pretrained_path(model_dir: str | Path, dataset: Any, weight: float, thre
     if user_pooling == "affinity" and model.item_tower.metadata is not None:
         raise ValueError("user_pooling 'affinity' reads chunks as statements, which have no item metadata here")
     chunk_map = item_head_as_map(model.item_tower.projection, hidden) if user_pooling == "affinity" else (None, None)
-    # A provisional path (no centring, scale 1) makes each user vector [trained | content | 1]: one read of the
-    # cached chunks gives both.
+    # A provisional path (no centring, scale 1) makes each user vector [trained | content | 1]: one pass of the
+    # tower over the users' cached chunk vectors gives both.
+    chunk_vectors = embedder.user_encoder.chunk_vectors(users)
+    metadata = [user.metadata for user in users]
     model.user_tower.pretrained_path = UserPretrainedPath(torch.zeros(hidden), 1.0, *chunk_map)
-    both = embedder.user_encoder.encode(users)
+    both = embedder.user_encoder.encode_vectors(chunk_vectors, metadata)
     trained_users, content = both[:, :width], both[:, width : width + hidden]
     plain_content = content
-    if user_pooling == "affinity":  # the fallback compares users' plain mean content (the cached chunks, read again)
+    if user_pooling == "affinity":  # the fallback compares users' plain mean content: the same vectors, mean-pooled
         model.user_tower.pretrained_path = UserPretrainedPath(torch.zeros(hidden), 1.0)
-        plain_content = embedder.user_encoder.encode(users)[:, width : width + hidden]
+        plain_content = embedder.user_encoder.encode_vectors(chunk_vectors, metadata)[:, width : width + hidden]
     model.user_tower.pretrained_path = None
-    bank = _pretrained_statements(model, embedder, [dataset.statements[s] for s in bank_ids])
+    # The bank (the frozen item backbone's unit vectors) and the trained statements: one read of the backbone.
+    bank_statements = [dataset.statements[s] for s in bank_ids]
+    bank = embedder.statement_encoder.backbone_vectors(bank_statements)
+    bank /= np.clip(np.linalg.norm(bank, axis=1, keepdims=True), 1e-12, None)
     trained_bank_ids = sorted({lab.statement_id for lab in sample})
     trained_statements = embedder.statements([dataset.statements[s] for s in trained_bank_ids])
     user_pos = {u: i for i, u in enumerate(user_ids)}
@@ -122,17 +125,6 @@ def ridge_map(inputs: np.ndarray, targets: np.ndarray) -> torch.Tensor:
     gram = x.T @ x
     penalty = CONTENT_MAP_RIDGE * np.trace(gram) / len(gram)
     return torch.as_tensor(np.linalg.solve(gram + penalty * np.eye(len(gram)), x.T @ y), dtype=torch.float32)
-
-
-def _pretrained_statements(model: Any, embedder: Any, statements: Sequence[Any]) -> np.ndarray:
-    """Unit vectors of the frozen item backbone (the item tower's pooled text, before any head)."""
-    encoder = embedder.statement_encoder
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(statements), encoder.batch_size):
-            batch = encoder.featurize(statements[start : start + encoder.batch_size]).to(encoder.device)
-            out.append(F.normalize(model.item_tower.encoder.encode(batch.text).float(), dim=-1).cpu().numpy())
-    return np.concatenate(out)
 
 
 def fit_configured_path(config: Any, model_dir: str | Path, dataset: Any) -> dict[str, float] | None:
