@@ -283,3 +283,37 @@ def test_chunk_weight_starts_as_the_identity_and_only_rescales_each_chunk(tiny_m
     model.save_pretrained(tmp_path / "m")
     reloaded = UUEModel.from_pretrained(tmp_path / "m").user_tower
     torch.testing.assert_close(reloaded.content(vectors, mask), tower.content(vectors, mask))
+
+
+def test_a_line_many_users_share_runs_the_per_chunk_modules_once_with_the_same_vectors_and_gradients(
+        tiny_model_config):
+    """Cached chunk vectors repeat (a film and its rating in many MovieLens histories): the chunk weight and the
+    chunk adapter run once per distinct row, and the user vectors and every gradient equal running them per row."""
+    cfg = tiny_model_config.model_copy(update={"use_attention_pooling": False, "chunk_adapter_rank": 8,
+                                               "chunk_weight_rank": 4})
+    tower = _model(cfg).user_tower
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # trained-looking modules: the zero-initialised output layers made non-zero
+        for layer in (tower.chunk_adapter.up, tower.chunk_weight.up):
+            layer.weight.normal_(0.0, 0.3, generator=generator)
+    lines = torch.randn(5, tower.encoder.hidden_size, generator=generator)
+    picks = torch.randint(0, 5, (4, 9), generator=generator)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[3, 6:] = False
+    vectors = lines[picks] * mask[..., None]  # padding rows are zero, as the collator pads
+    seen: list[int] = []
+    hook = tower.chunk_adapter.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1].numel()))
+    results = []
+    for given in (vectors, vectors.clone().requires_grad_(True)):  # an input with a gradient is read row by row
+        tower.zero_grad()
+        out = tower.pool(given, mask, None)
+        out.pow(2).mul(torch.arange(out.size(-1))).sum().backward()
+        results.append((out.detach(), {name: p.grad.clone() for name, p in tower.named_parameters()
+                                       if p.grad is not None}))
+    hook.remove()
+    assert seen == [6, 36]  # 5 lines and the padding row, against every slot
+    (distinct_out, distinct_grads), (row_out, row_grads) = results
+    torch.testing.assert_close(distinct_out, row_out)
+    assert distinct_grads.keys() == row_grads.keys() and any(".up." in name for name in row_grads)
+    for name, grad in row_grads.items():
+        torch.testing.assert_close(distinct_grads[name], grad, msg=name)
