@@ -64,6 +64,11 @@ class DistinctRows:
     def __init__(self, vectors: torch.Tensor):
         self.shape = vectors.shape
         self.rows, self.index = vectors, None
+        self._found = False  # the distinct rows are found by the first `apply` (none without per-chunk modules)
+
+    def _find(self) -> None:
+        self._found = True
+        vectors = self.rows
         if vectors.requires_grad or vectors.device.type != "cpu" or vectors.dim() != 3:
             return
         flat = vectors.reshape(-1, vectors.size(-1))
@@ -86,6 +91,8 @@ class DistinctRows:
 
     def apply(self, module: nn.Module) -> torch.Tensor:
         """module(rows) -> (B, C, H'), and the rows the next module reads."""
+        if not self._found:
+            self._find()
         self.rows = module(self.rows)
         if self.index is None:
             return self.rows
