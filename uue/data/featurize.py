@@ -192,10 +192,19 @@ class Featurizer:
             f"{prefix}_input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
             f"{prefix}_attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64),
         }
-        if cfg.heads.use_item_metadata:
-            dim = cfg.heads.item_metadata_dim
-            features[f"{prefix}_metadata"] = np.stack([hash_metadata(s.metadata, dim) for s in items])
+        metadata = self.statement_metadata(items)
+        if metadata is not None:
+            features[f"{prefix}_metadata"] = metadata
         return features
+
+    def statement_metadata(self, statements: Sequence[Statement | str]) -> np.ndarray | None:
+        """(N, item_metadata_dim) hashed metadata of the statements when the item tower fuses it, else None
+        (without tokenizing: statements read as cached vectors need only this)."""
+        if not self.config.heads.use_item_metadata:
+            return None
+        dim = self.config.heads.item_metadata_dim
+        rows = [hash_metadata(s.metadata, dim) for s in _checked_statements(statements)]
+        return np.stack(rows) if rows else np.zeros((0, dim), np.float32)
 
 
 def _used_columns(mask: torch.Tensor) -> slice:

@@ -37,8 +37,7 @@ from uue.evaluation.metrics import (
     roc_auc,
 )
 from uue.model.backbone import TextEncoder, load_backbone
-from uue.model.cache import FrozenPrefixCache, resolve_cache_dir
-from uue.model.encode import ModelEmbedder, StatementBatchEncoder, UserBatchEncoder
+from uue.model.encode import ModelEmbedder, StatementBatchEncoder, UserBatchEncoder, shared_cache
 from uue.model.towers import ItemTower, UserTower
 from uue.model.uue_model import UUEModel
 
@@ -69,15 +68,11 @@ class BaselineEmbedder:
     def __init__(self, model: UUEModel, device: torch.device, batch_size: int = 32, progress: bool = True,
                  cache_dir: str | None = None):
         user_tower, item_tower, featurizer = _baseline_towers(model, device)
-        def frozen(tower: UserTower | ItemTower, tokenizer: Any, label: str) -> FrozenPrefixCache:
-            cache = FrozenPrefixCache(tower.encoder, tokenizer, device=device,
-                                      micro_batch=model.config.towers.encode_micro_batch,
-                                      cache_dir=resolve_cache_dir(cache_dir), shared=True)
-            cache.progress = label if progress else None
-            return cache
-
-        chunks = frozen(user_tower, featurizer.user_tokenizer, "baseline chunk vectors")
-        statements = frozen(item_tower, featurizer.item_tokenizer, "baseline statement vectors")
+        micro_batch = model.config.towers.encode_micro_batch
+        chunks = shared_cache(user_tower.encoder, featurizer.user_tokenizer, device, micro_batch, cache_dir,
+                              "baseline chunk vectors" if progress else None)
+        statements = shared_cache(item_tower.encoder, featurizer.item_tokenizer, device, micro_batch, cache_dir,
+                                  "baseline statement vectors" if progress else None)
         self.user_encoder = UserBatchEncoder(user_tower, featurizer, device, batch_size, chunks)
         self.statement_encoder = StatementBatchEncoder(item_tower, device, batch_size, featurizer, statements)
 

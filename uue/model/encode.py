@@ -10,6 +10,7 @@ Statements: featurized texts (or a statement pool's rows) -> the item tower, `ba
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,22 +48,21 @@ class UserBatchEncoder:
         """Users -> unit vectors, `batch_size` users at a time (from their chunk tokens, or cached vectors)."""
         if self.cache is not None:
             return self.encode_vectors(self.chunk_vectors(users), [u.metadata for u in users])
-        vectors = []
-        for start in range(0, len(users), self.batch_size):
-            batch = self._token_batch(users[start : start + self.batch_size])
-            vectors.append(self.tower(batch.chunks, batch.chunk_mask, batch.metadata).float().cpu().numpy())
-        return np.concatenate(vectors) if vectors else np.zeros((0, self.dimension), np.float32)
+        return self._run(self._token_batch(users[start : start + self.batch_size])
+                         for start in range(0, len(users), self.batch_size))
 
     @torch.no_grad()
     def encode_vectors(self, chunk_vectors: Sequence[np.ndarray], metadata: Sequence[dict | None]) -> np.ndarray:
         """Each user's (C, H) chunk vectors (`chunk_vectors`) and metadata -> unit vectors, `batch_size` users at a
         time: the tower above the backbone, for callers that read users' chunk vectors once and pool them
         more than one way (the pretrained path's fit)."""
-        vectors = []
-        for start in range(0, len(chunk_vectors), self.batch_size):
-            end = start + self.batch_size
-            batch = self._vector_batch(chunk_vectors[start:end], metadata[start:end])
-            vectors.append(self.tower(batch.chunks, batch.chunk_mask, batch.metadata).float().cpu().numpy())
+        size = self.batch_size
+        return self._run(self._vector_batch(chunk_vectors[start : start + size], metadata[start : start + size])
+                         for start in range(0, len(chunk_vectors), size))
+
+    def _run(self, batches: Iterable[UserBatch]) -> np.ndarray:
+        """Each batch through the user tower -> (N, D) float32 vectors."""
+        vectors = [self.tower(b.chunks, b.chunk_mask, b.metadata).float().cpu().numpy() for b in batches]
         return np.concatenate(vectors) if vectors else np.zeros((0, self.dimension), np.float32)
 
     def _token_batch(self, users: Sequence[UserData]) -> UserBatch:
@@ -161,7 +161,8 @@ class StatementBatchEncoder:
             batches = (self.featurize(statements[start : start + size]) for start in range(0, len(statements), size))
         else:
             pooled = torch.as_tensor(self.backbone_vectors(statements)).to(_dtype_of(self.tower))
-            metadata = self._metadata(statements)
+            metadata = self.featurizer.statement_metadata(statements)
+            metadata = None if metadata is None or self.tower.metadata is None else torch.as_tensor(metadata)
             batches = (StatementBatch(TowerInput(vectors=pooled[start : start + size]),
                                       None if metadata is None else metadata[start : start + size])
                        for start in range(0, len(statements), size))
@@ -185,18 +186,21 @@ class StatementBatchEncoder:
                 out.append(self.tower.encoder.encode(batch.text).float().cpu().numpy())
         return np.concatenate(out)
 
-    def _metadata(self, statements: Sequence[Statement | str]) -> torch.Tensor | None:
-        """The statements' hashed metadata when the tower fuses it (None otherwise)."""
-        if self.tower.metadata is None:
-            return None
-        assert self.featurizer is not None
-        return torch.as_tensor(self.featurizer.statement_features(statements)["item_metadata"])
-
     def encode_pool(self, pool: StatementPool) -> torch.Tensor:
         """Every statement of a pool, `batch_size` rows at a time (the training loop's negative refresh)."""
         size, total = self.batch_size, len(pool)
         return self.encode_batches(pool.gather(range(start, min(start + size, total)))
                                    for start in range(0, total, size))
+
+
+def shared_cache(encoder: Any, tokenizer: Any, device: torch.device | str, micro_batch: int, cache_dir: str | None,
+                 label: str | None) -> FrozenPrefixCache:
+    """A frozen backbone's cache on the process's shared table (and the cache folder, if any): evaluation's, the
+    demo's and the path's fit; `label`: its progress bar's (None: no bar)."""
+    cache = FrozenPrefixCache(encoder, tokenizer, device=device, micro_batch=micro_batch,
+                              cache_dir=resolve_cache_dir(cache_dir), shared=True)
+    cache.progress = label
+    return cache
 
 
 class ModelEmbedder:
@@ -215,16 +219,13 @@ class ModelEmbedder:
         config = model.config
         self.featurizer = Featurizer(config, model.user_tokenizer, model.item_tokenizer)
         chunk_cache = statement_cache = None
+        micro_batch = config.towers.encode_micro_batch
         if config.towers.freeze_user_backbone if cache_frozen is None else cache_frozen:
-            chunk_cache = FrozenPrefixCache(model.user_tower.encoder, model.user_tokenizer, device=self.device,
-                                            micro_batch=config.towers.encode_micro_batch,
-                                            cache_dir=resolve_cache_dir(cache_dir), shared=True)
-            chunk_cache.progress = "user chunk vectors" if progress else None
+            chunk_cache = shared_cache(model.user_tower.encoder, model.user_tokenizer, self.device, micro_batch,
+                                       cache_dir, "user chunk vectors" if progress else None)
         if config.towers.freeze_item_backbone and cache_frozen is not False:
-            statement_cache = FrozenPrefixCache(model.item_tower.encoder, model.item_tokenizer, device=self.device,
-                                                micro_batch=config.towers.encode_micro_batch,
-                                                cache_dir=resolve_cache_dir(cache_dir), shared=True)
-            statement_cache.progress = "statement vectors" if progress else None
+            statement_cache = shared_cache(model.item_tower.encoder, model.item_tokenizer, self.device, micro_batch,
+                                           cache_dir, "statement vectors" if progress else None)
         self.user_encoder = UserBatchEncoder(model.user_tower, self.featurizer, self.device, batch_size, chunk_cache)
         self.statement_encoder = StatementBatchEncoder(model.item_tower, self.device, batch_size, self.featurizer,
                                                        statement_cache)

@@ -59,7 +59,7 @@ class DistinctRows:
     inputs (the frozen-prefix cache's, no gradient of their own) on the CPU: on a GPU the check would stall the
     step and the compute is cheap anyway; elsewhere `apply` is the module on every row."""
 
-    _probes: dict[tuple[int, str], torch.Tensor] = {}
+    _probes: dict[int, torch.Tensor] = {}
 
     def __init__(self, vectors: torch.Tensor):
         self.shape = vectors.shape
@@ -72,7 +72,7 @@ class DistinctRows:
         if vectors.requires_grad or vectors.device.type != "cpu" or vectors.dim() != 3:
             return
         flat = vectors.reshape(-1, vectors.size(-1))
-        keys = flat.double() @ self._probe(flat.size(-1), flat.device)
+        keys = flat.double() @ self._probe(flat.size(-1))
         distinct, index = torch.unique(keys, return_inverse=True)
         if len(distinct) > 0.9 * len(flat):
             return  # few repeats: not worth the gather
@@ -82,12 +82,11 @@ class DistinctRows:
             self.rows, self.index = rows, index
 
     @classmethod
-    def _probe(cls, width: int, device: torch.device) -> torch.Tensor:
-        key = (width, str(device))
-        if key not in cls._probes:
-            generator = torch.Generator().manual_seed(width)
-            cls._probes[key] = torch.randn(width, generator=generator, dtype=torch.float64).to(device)
-        return cls._probes[key]
+    def _probe(cls, width: int) -> torch.Tensor:
+        """A fixed random float64 direction per width (the CPU's: only CPU vectors are grouped)."""
+        if width not in cls._probes:
+            cls._probes[width] = torch.randn(width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+        return cls._probes[width]
 
     def apply(self, module: nn.Module) -> torch.Tensor:
         """module(rows) -> (B, C, H'), and the rows the next module reads."""

@@ -98,7 +98,6 @@ def distillation_anchors(config: ExperimentConfig, shards: Shards, featurizer: F
     vectors = torch.as_tensor(np.stack(cache.lookup(featurizer.statement_tokens(texts), by_length=False,
                                                     micro_batch=64)))
     cache.save()
-    features = featurizer.statement_features(texts)
-    metadata = torch.as_tensor(features["item_metadata"]) if "item_metadata" in features else None
-    statements = StatementBatch(TowerInput(vectors=vectors), metadata)
+    metadata = featurizer.statement_metadata(texts)
+    statements = StatementBatch(TowerInput(vectors=vectors), None if metadata is None else torch.as_tensor(metadata))
     return AnchorSampler(statements, vectors, loss.distill_anchors_per_step, seed=seed + 104729)
